@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make test` (set up + run the offline test suite) and `make demo` (set up + run
+# the main job). Both create/refresh .venv and install with the pinned constraints (torch 2.13.0 CPU here; listing
+# torch in the same pip command keeps pip from pulling a CUDA build).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0
+DEMO_DIR ?= outputs/demo
+
+.PHONY: test demo bench test-slow clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-dev: $(PY) setup.py constraints.txt
+	$(PIP_INSTALL) -e ".[dev,bench]"
+	touch $@
+
+$(VENV)/.installed-demo: $(PY) setup.py constraints.txt
+	$(PIP_INSTALL) -e ".[demo]"
+	touch $@
+
+test: $(VENV)/.installed-dev
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m slow
+
+demo: $(VENV)/.installed-demo
+	$(PY) scripts/demo.py --output-dir $(DEMO_DIR)
+
+bench: $(VENV)/.installed-dev
+	$(PY) benchmarks/quantizer.py --chunk-sizes auto,256 --json benchmarks/quantizer_cpu.json
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,1 @@
+from .image_processing_evotok import EvoTokImageProcessor, EvoTokImageProcessorPil

@@ -1,0 +1,172 @@
+"""Image processor for EvoTok (PIL/NumPy backend, no torchvision).
+
+Any PIL mode becomes RGB (transparency composited on white, 16-bit and float greys rescaled rather than clipped),
+the image is resized to the tokenizer's square input either by shortest side + centre crop (default: the ImageNet
+evaluation convention) or by squashing to the square (what the official VLM does), and values are mapped to [-1, 1]
+(mean = std = 0.5, the SigLIP convention). `postprocess` maps model outputs back to PIL / NumPy / torch images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import convert_to_rgb
+from transformers.image_utils import PILImageResampling, SizeDict
+from transformers.processing_utils import ImagesKwargs, Unpack
+
+RESIZE_MODES = ("center_crop", "squash")
+
+
+class EvoTokImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    resize_mode (`str`, *optional*, defaults to `self.resize_mode`):
+        "center_crop": resize the shortest side to the target size, then crop the centre (tokenizer evaluation);
+        "squash": resize both sides to the target size, ignoring the aspect ratio (the official VLM).
+    """
+
+    resize_mode: str
+
+
+def _high_bit_depth_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """I;16 / I / F greys -> 8-bit RGB by rescaling the value range (PIL's own convert clips them to 255)."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        peak = 1.0 if array.size and array.max() <= 1.0 else 255.0
+    else:
+        peak = 65535.0 if image.mode.startswith("I;16") or (array.size and array.max() > 255) else 255.0
+    grey = np.clip(np.rint(array / peak * 255.0), 0, 255).astype(np.uint8)
+    return PIL.Image.fromarray(grey).convert("RGB")
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any PIL image -> RGB: alpha (RGBA, LA, PA, P with transparency) over white, CMYK/YCbCr/L/1 converted, 16-bit
+    and float greys rescaled. Raises ValueError on empty or unreadable (truncated, corrupt) images."""
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"EvoTokImageProcessor: got an empty image of size {image.size}.")
+    try:
+        image.load()
+        if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+            return _high_bit_depth_to_rgb(image)
+        return PIL.Image.fromarray(convert_to_rgb(image, return_numpy=True)) if image.mode != "RGB" else image
+    except (OSError, SyntaxError) as err:  # PIL reports truncated / corrupt data as OSError (SyntaxError for some)
+        raise ValueError(f"EvoTokImageProcessor: could not read image data ({err}); the file is corrupt or truncated.") from err
+
+
+class EvoTokImageProcessor(PilBackend):
+    r"""Constructs an EvoTok image processor: RGB, resize (centre crop or squash) to `size`, scale to [-1, 1].
+
+    Args:
+        size (`dict`, defaults to `{"height": 256, "width": 256}`): the tokenizer's input size.
+        resize_mode (`str`, defaults to `"center_crop"`): `"center_crop"` or `"squash"` (see
+            [`EvoTokImageProcessorKwargs`]).
+        resample (`PILImageResampling`, defaults to BICUBIC), image_mean / image_std (0.5): as in SigLIP.
+    """
+
+    valid_kwargs = EvoTokImageProcessorKwargs
+    model_input_names = ["pixel_values"]
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    size = {"height": 256, "width": 256}
+    default_to_square = True
+    do_resize = True
+    do_center_crop = False
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    resize_mode = "center_crop"
+
+    def __init__(self, **kwargs: Unpack[EvoTokImageProcessorKwargs]):
+        super().__init__(**kwargs)
+        self._check_resize_mode(self.resize_mode)
+
+    @staticmethod
+    def _check_resize_mode(mode) -> None:
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"EvoTokImageProcessor: resize_mode must be one of {RESIZE_MODES}, got {mode!r}.")
+
+    def _prepare_images_structure(self, images, expected_ndims: int = 3):
+        if images is None or (isinstance(images, (list, tuple)) and len(images) == 0):
+            raise ValueError("EvoTokImageProcessor: no images were given.")
+        try:
+            return super()._prepare_images_structure(images, expected_ndims=expected_ndims)
+        except (OSError, SyntaxError) as err:
+            raise ValueError(f"EvoTokImageProcessor: could not open image ({err}).") from err
+
+    def process_image(self, image, do_convert_rgb: bool | None = None, input_data_format=None, **kwargs) -> np.ndarray:
+        if isinstance(image, PIL.Image.Image):
+            image = to_rgb(image) if do_convert_rgb is not False else image
+        elif isinstance(image, (np.ndarray, torch.Tensor)):
+            if image.size == 0 if isinstance(image, np.ndarray) else image.numel() == 0:
+                raise ValueError(f"EvoTokImageProcessor: got an empty array of shape {tuple(image.shape)}.")
+            if image.ndim not in (2, 3):
+                raise ValueError(
+                    f"EvoTokImageProcessor: an image array must be (H, W), (H, W, C) or (C, H, W), got shape "
+                    f"{tuple(image.shape)}."
+                )
+        return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs)
+
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        do_resize: bool,
+        size: SizeDict,
+        resample,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean,
+        image_std,
+        return_tensors=None,
+        resize_mode: str | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        resize_mode = resize_mode or self.resize_mode
+        self._check_resize_mode(resize_mode)
+        processed = []
+        for image in images:
+            if image.shape[0] != 3:
+                raise ValueError(f"EvoTokImageProcessor: expected 3 channels after RGB conversion, got {image.shape[0]}.")
+            if do_resize:
+                if resize_mode == "center_crop":
+                    shortest = min(size.height, size.width)
+                    image = self.resize(image, SizeDict(shortest_edge=shortest), resample=resample)
+                    image = self.center_crop(image, size)
+                else:
+                    image = self.resize(image, SizeDict(height=size.height, width=size.width), resample=resample)
+            if do_rescale:
+                image = self.rescale(image, rescale_factor)
+            if do_normalize:
+                image = self.normalize(image, image_mean, image_std)
+            processed.append(image.astype(np.float32))
+        return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
+
+    def postprocess(self, pixel_values, return_tensors: str = "PIL.Image.Image"):
+        """Model-space images (batch, 3, H, W) or (3, H, W), normalised with this processor's mean/std (so [-1, 1])
+        -> `"PIL.Image.Image"` (list of RGB images), `"np"` (float32 (batch, H, W, 3) in [0, 1]) or `"pt"` (float32
+        (batch, 3, H, W) in [0, 1])."""
+        if return_tensors not in ("PIL.Image.Image", "pil", "np", "pt"):
+            raise ValueError(f"postprocess: return_tensors must be 'PIL.Image.Image', 'np' or 'pt', got {return_tensors!r}.")
+        images = torch.as_tensor(pixel_values).detach().float().cpu()
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"postprocess: expected (batch, 3, H, W) pixel values, got shape {tuple(images.shape)}.")
+        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        images = (images * std + mean).clamp(0.0, 1.0)
+        if return_tensors == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).numpy()
+        if return_tensors == "np":
+            return array
+        return [PIL.Image.fromarray(np.rint(a * 255.0).astype(np.uint8)) for a in array]
+
+
+EvoTokImageProcessorPil = EvoTokImageProcessor
+
+__all__ = ["EvoTokImageProcessor", "EvoTokImageProcessorPil", "EvoTokImageProcessorKwargs", "to_rgb"]

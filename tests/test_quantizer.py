@@ -1,0 +1,220 @@
+"""The residual quantizer against independent float64 references."""
+
+import pytest
+import torch
+
+from evotok_hf.modeling.quantizer import EvoTokResidualQuantizer
+
+
+def make_quantizer(size=64, dim=8, pixel=2, semantic=4, **kwargs):
+    torch.manual_seed(0)
+    return EvoTokResidualQuantizer(size, dim, pixel, semantic, **kwargs)
+
+
+def brute_force_codes(codebook: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """float64, full distance tensor (no matmul trick), first index on ties."""
+    cb = codebook.double()
+    residual = x.double().clone()
+    codes = []
+    for depth in range(cb.shape[0]):
+        distances = ((residual[:, None, :] - cb[depth][None, :, :]) ** 2).sum(-1)
+        idx = distances.argmin(dim=1)
+        residual = residual - cb[depth][idx]
+        codes.append(idx)
+    return torch.stack(codes, dim=-1)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
+def test_codes_equal_float64_brute_force_at_every_depth(chunk):
+    q = make_quantizer(size=128, dim=8, semantic=6, search_chunk_size=chunk).eval()
+    x = torch.randn(300, 8)
+    out = q(x)
+    expected = brute_force_codes(q.codebook, x)
+    assert out.codes.shape == (300, 6)
+    assert out.codes.dtype == torch.int64
+    assert torch.equal(out.codes, expected)
+
+
+def test_partial_sums_and_commitment_loss_match_independent_computation():
+    q = make_quantizer(semantic=5, pixel=3).eval()
+    x = torch.randn(4, 3, 3, 8)
+    out = q(x)
+    codes = brute_force_codes(q.codebook, x.reshape(-1, 8))
+    embeds = torch.stack([q.codebook[d].double()[codes[:, d]] for d in range(5)], dim=1)  # (N, D, dim)
+    partial = embeds.cumsum(dim=1)
+    torch.testing.assert_close(out.pixel_latents.reshape(-1, 8).double(), partial[:, 2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.semantic_latents.reshape(-1, 8).double(), partial[:, 4], rtol=1e-5, atol=1e-5)
+    xd = x.reshape(-1, 1, 8).double()
+    expected_commit = ((xd - partial) ** 2).mean(dim=(0, 2)).mean()
+    torch.testing.assert_close(out.commitment_loss.double(), expected_commit, rtol=1e-5, atol=1e-7)
+
+
+def test_straight_through_gradients_for_both_sums():
+    q = make_quantizer().eval()
+    x = torch.randn(10, 8, requires_grad=True)
+    out = q(x)
+    w_pix, w_sem = torch.randn(10, 8), torch.randn(10, 8)
+    (out.pixel_latents * w_pix).sum().backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, w_pix)  # identity gradient through the pixel sum
+    x.grad = None
+    (out.semantic_latents * w_sem).sum().backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, w_sem)
+    x.grad = None
+    out.commitment_loss.backward()
+    # d/dx mean_d mean((x - p_d)^2) = 2 (x - mean_d p_d) / numel
+    codes = brute_force_codes(q.codebook, x.detach())
+    partial = torch.stack([q.codebook[d][codes[:, d]] for d in range(4)], 1).cumsum(1)
+    expected = 2 * (x.detach() - partial.mean(1)) / x.numel()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-6)
+    assert q.codebook.grad is None
+
+
+def test_usage_and_perplexity_match_histograms():
+    q = make_quantizer(size=16, semantic=3).eval()
+    x = torch.randn(50, 8)
+    out = q(x)
+    for d in range(3):
+        counts = torch.bincount(out.codes[:, d], minlength=16).double()
+        p = counts / counts.sum()
+        nz = p[p > 0]
+        assert out.codebook_usage[d].item() == pytest.approx((counts > 0).double().mean().item())
+        assert out.perplexity[d].item() == pytest.approx(torch.exp(-(nz * nz.log()).sum()).item(), rel=1e-5)
+
+
+def reference_ema(codebook, cluster, embed_sum, x, decay, eps, warming_up):
+    """Straightforward float64 EMA step of every depth (no restart), following the residual of the pre-update codebooks."""
+    cb, cs, es = codebook.double().clone(), cluster.double().clone(), embed_sum.double().clone()
+    residual = x.double().clone()
+    size = cb.shape[1]
+    for d in range(cb.shape[0]):
+        idx = ((residual[:, None] - cb[d][None]) ** 2).sum(-1).argmin(1)
+        onehot = torch.zeros(residual.shape[0], size, dtype=torch.float64)
+        onehot[torch.arange(residual.shape[0]), idx] = 1
+        chosen = cb[d][idx].clone()
+        cs[d] = decay * cs[d] + (1 - decay) * onehot.sum(0)
+        n = cs[d].sum()
+        smoothed = torch.clamp(n * (cs[d] + eps) / (n + size * eps), min=1.0)
+        if warming_up:
+            es[d] = cb[d] * smoothed[:, None]
+        else:
+            es[d] = decay * es[d] + (1 - decay) * onehot.t() @ residual
+            cb[d] = es[d] / smoothed[:, None]
+        residual = residual - chosen
+    return cb, cs, es
+
+
+def test_ema_update_matches_reference():
+    q = make_quantizer(size=32, dim=4, pixel=1, semantic=3, restart_unused_codes=False).train()
+    x = torch.randn(200, 4)
+    for _ in range(3):
+        expected = reference_ema(q.codebook, q.cluster_size_ema, q.embed_ema, x, 0.99, 1e-5, warming_up=False)
+        q(x)
+        for got, want in zip((q.codebook, q.cluster_size_ema, q.embed_ema), expected):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert int(q.ema_step) == 3
+
+
+def test_ema_warmup_keeps_codebook_then_starts_updating():
+    q = make_quantizer(size=32, dim=4, pixel=1, semantic=2, restart_unused_codes=False, ema_warmup_steps=2).train()
+    x = torch.randn(100, 4)
+    initial = q.codebook.detach().clone()
+    for step in range(2):
+        expected = reference_ema(q.codebook, q.cluster_size_ema, q.embed_ema, x, 0.99, 1e-5, warming_up=True)
+        q(x)
+        assert torch.equal(q.codebook, initial), "codebook moved during warm-up"
+        torch.testing.assert_close(q.cluster_size_ema.double(), expected[1])
+        torch.testing.assert_close(q.embed_ema.double(), expected[2], rtol=1e-5, atol=1e-6)
+    expected = reference_ema(q.codebook, q.cluster_size_ema, q.embed_ema, x, 0.99, 1e-5, warming_up=False)
+    q(x)
+    assert not torch.equal(q.codebook, initial)
+    torch.testing.assert_close(q.codebook.double(), expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_dead_code_restart_replaces_unused_entries_with_batch_vectors():
+    q = make_quantizer(size=64, dim=4, pixel=1, semantic=1).train()
+    x = torch.randn(20, 4) * 0.1 + 5.0  # far from every entry: few entries win, the rest die
+    before = q.codebook.detach().clone()
+    counts = torch.bincount(brute_force_codes(before, x)[:, 0], minlength=64)
+    q(x)
+    # After one step from zero, every EMA count is 0.01 * count < 1: every entry restarts with count 1.
+    assert torch.equal(q.cluster_size_ema[0], torch.ones(64))
+    assert counts.sum() == 20
+    # Restarted entries are vectors of this batch (the residual at depth 0 is x itself); 64 entries from 20 vectors
+    # means the batch is tiled with uniform noise of at most 0.01 / sqrt(dim) per coordinate.
+    distances = torch.cdist(q.codebook[0].double(), x.double())
+    assert distances.min(dim=1).values.max() < 0.011
+    assert len(torch.unique(q.codebook[0], dim=0)) == 64
+    # Without restart the dead entries would keep moving toward zero, not onto the data.
+    q2 = make_quantizer(size=64, dim=4, pixel=1, semantic=1, restart_unused_codes=False).train()
+    q2(x)
+    assert torch.cdist(q2.codebook[0].double(), x.double()).min(dim=1).values.max() > 1.0
+
+
+def test_restart_only_touches_dead_entries():
+    q = make_quantizer(size=8, dim=4, pixel=1, semantic=1).train()
+    with torch.no_grad():
+        q.cluster_size_ema.fill_(50.0)
+        q.cluster_size_ema[0, 3] = 0.5  # the only dead entry (it will get no assignment below)
+    x = q.codebook[0, [0, 1, 2]].detach().repeat(10, 1)  # all vectors land exactly on entries 0, 1, 2
+    q(x)
+    assert q.cluster_size_ema[0, 3] == 1.0
+    assert torch.cdist(q.codebook[0, 3:4].double(), x.double()).min() < 1e-3
+    assert (q.cluster_size_ema[0, [4, 5, 6, 7]] > 1).all()
+
+
+def test_quantizer_is_fp32_and_identical_under_bf16_autocast():
+    q = make_quantizer(size=256, dim=8, semantic=4).eval()
+    x = torch.randn(500, 8)
+    reference = q(x).codes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(x)
+        out_bf16_input = q(x.bfloat16())
+    assert torch.equal(out.codes, reference)
+    assert torch.equal(out_bf16_input.codes, brute_force_codes(q.codebook, x.bfloat16().float()))
+    assert out_bf16_input.pixel_latents.dtype == torch.bfloat16
+
+
+def test_embed_codes_any_prefix_and_cumulative():
+    q = make_quantizer(semantic=4).eval()
+    codes = torch.randint(0, 64, (2, 3, 4))
+    for k in range(1, 5):
+        expected = sum(q.codebook[d][codes[..., d]] for d in range(k))
+        torch.testing.assert_close(q.embed_codes(codes[..., :k]), expected)
+    cumulative = q.embed_codes(codes, return_cumulative=True)
+    assert cumulative.shape == (2, 3, 4, 8)
+    torch.testing.assert_close(cumulative[..., 1, :], q.codebook[0][codes[..., 0]] + q.codebook[1][codes[..., 1]])
+
+
+@pytest.mark.parametrize(
+    "codes, message",
+    [
+        (torch.zeros(2, 3, dtype=torch.int32), "int64"),
+        (torch.zeros(2, 3), "int64"),
+        (torch.zeros(2, 5, dtype=torch.long), "1 <= k <= 4"),
+        (torch.zeros(2, 0, dtype=torch.long), "1 <= k <= 4"),
+        (torch.full((2, 3), 64, dtype=torch.long), r"\[0, 64\)"),
+        (torch.full((2, 3), -1, dtype=torch.long), r"\[0, 64\)"),
+        ([[1, 2]], "torch.Tensor"),
+    ],
+)
+def test_embed_codes_rejects_bad_codes(codes, message):
+    with pytest.raises(ValueError, match=message):
+        make_quantizer().embed_codes(codes)
+
+
+def test_forward_rejects_bad_latents():
+    q = make_quantizer()
+    with pytest.raises(ValueError, match="codebook_dim=8"):
+        q(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="floating point"):
+        q(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="pixel_depth <= semantic_depth"):
+        EvoTokResidualQuantizer(8, 4, 3, 2)
+
+
+def test_eval_mode_does_not_update():
+    q = make_quantizer().eval()
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    q(torch.randn(30, 8))
+    for k, v in q.state_dict().items():
+        assert torch.equal(v, state[k]), k

@@ -1,0 +1,49 @@
+"""The main job and the benchmark run end to end (small sizes) and produce what they promise."""
+
+import json
+import pathlib
+import runpy
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_main(path):
+    return runpy.run_path(str(ROOT / path), run_name="not_main")["main"]
+
+
+def test_demo_writes_grid_and_json(tmp_path):
+    main = load_main("scripts/demo.py")
+    report = main(["--preset", "evotok-tiny", "--output-dir", str(tmp_path), "--photos", "astronaut", "logo", "camera"])
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert data == json.loads(json.dumps(report))
+    assert data["codes_shape"] == [3, 4, 4, 4] and data["codes_dtype"] == "torch.int64"
+    assert len(data["per_depth_codebook_usage"]) == 4
+    grid = PIL.Image.open(tmp_path / "reconstructions.png")
+    # 1 input row + pixel_depth (2) reconstruction rows, 3 photos of 32 px with 2 px padding
+    assert grid.size == (3 * 34 + 2, 3 * 34 + 2)
+    # the first row shows the processed inputs: the astronaut tile is not blank
+    tile = np.asarray(grid)[2:34, 2:34]
+    assert tile.std() > 10
+
+
+def test_quantizer_benchmark_small_identical_codes(tmp_path):
+    main = load_main("benchmarks/quantizer.py")
+    results = main(["--vectors", "64", "--depth", "3", "--codebook-size", "512", "--dim", "8", "--repeats", "1",
+                    "--chunk-sizes", "auto,5", "--autocast", "bf16", "--json", str(tmp_path / "b.json")])
+    assert results["a_chunkauto(2048)_vs_b"] == {"vectors_differing": 0}  # 4 MiB / (4 B x 512 codes) rows
+    assert results["a_chunk5_vs_b"] == {"vectors_differing": 0}
+    assert results["a_chunk5_bf16_autocast_identical"] is True
+    assert json.loads((tmp_path / "b.json").read_text())["b_official_ms"] > 0
+
+
+@pytest.mark.slow
+def test_quantizer_benchmark_paper_size():
+    main = load_main("benchmarks/quantizer.py")
+    results = main(["--repeats", "3"])
+    key = next(k for k in results if k.startswith("a_chunkauto") and k.endswith("_vs_b"))
+    assert results[key]["vectors_differing"] == 0
