@@ -31,7 +31,7 @@ demo: $(VENV)/.installed-demo
 	$(PY) scripts/demo.py --output-dir $(DEMO_DIR)
 
 bench: $(VENV)/.installed-dev
-	$(PY) benchmarks/quantizer.py --chunk-sizes auto,256 --json benchmarks/quantizer_cpu.json
+	$(PY) benchmarks/quantizer.py --chunk-sizes auto,16,256,1024 --repeats 7 --autocast bf16 --memory --json benchmarks/quantizer_cpu.json
 
 clean:
 	rm -rf $(VENV) outputs

@@ -6,17 +6,20 @@ Paper sizes by default: 16 depths x 32,768 codes x 32 dims, on 1,024 vectors. In
     ||r||^2 + ||c||^2 - 2 r.c by `addmm`, `argmin`, and the official code's extra `mean(sum(distances**2))` per depth,
 (c) `vector_quantize_pytorch.ResidualVQ` with the same codebooks, when it is installed,
 and checks that all give identical codes (counting any differences and, for each, which code is truly nearer in
-float64). Prints ms, codes/s, the ratio to (b) and peak extra memory.
+float64). Prints ms, codes/s, the ratio to (b), the largest distance block each holds and (CUDA, or CPU with
+--memory) the measured peak extra memory.
 
-    python benchmarks/quantizer.py [--device cuda] [--vectors 1024] [--repeats 5] [--chunk-sizes 64,256,1024]
+    python benchmarks/quantizer.py [--device cuda] [--vectors 1024] [--repeats 5] [--chunk-sizes auto,256,1024]
+                                   [--autocast bf16] [--memory] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import resource
 import time
-import tracemalloc
 
 import torch
 
@@ -34,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk-sizes", default="auto", help="comma-separated search block sizes for (a); auto = the default")
     p.add_argument("--autocast", choices=["none", "bf16"], default="none", help="run (a) under autocast too")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--memory", action="store_true",
+                   help="on CPU, measure each implementation's peak RSS increase in a fresh process")
     return p.parse_args(argv)
 
 
@@ -62,32 +67,67 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time(fn, device, repeats):
-    fn()  # warm-up
-    _sync(device)
-    times = []
+def _time_round_robin(candidates, device, repeats):
+    """Time every candidate `repeats` times, interleaved (one call of each per round), after one warm-up call each,
+    so drifting machine load affects all alike. Returns {name: (last output, best s, median s)}."""
+    outputs = {name: fn() for name, fn in candidates.items()}
+    times = {name: [] for name in candidates}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return out, min(times), sorted(times)[len(times) // 2]
+        for name, fn in candidates.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: (outputs[name], min(ts), sorted(ts)[len(ts) // 2]) for name, ts in times.items()}
 
 
-def _peak(fn, device):
-    """Peak extra memory (bytes) of one call: CUDA allocator peak, or tracemalloc on CPU (torch CPU allocations
-    are not traced by tracemalloc, so on CPU we report the analytic size of the largest distance block)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    tracemalloc.start()
+def _cuda_peak(fn):
+    """Peak extra CUDA memory (bytes) of one call."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     fn()
-    tracemalloc.stop()
-    return None
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _rss_child(which, vectors, depth, size, dim, queue):
+    """In a fresh process: build the inputs, then report how far one call raises the peak RSS above the setup's."""
+    torch.manual_seed(0)
+    quantizer = EvoTokResidualQuantizer(size, dim, min(4, depth), depth).eval()
+    x = torch.randn(vectors, dim)
+    codebooks = quantizer.codebook.detach()
+    with torch.no_grad():
+        quantizer(x[:1])  # warm the allocator and the thread pool at negligible size
+        official_reference(codebooks, x[:1])
+    before = _peak_rss_bytes()
+    with torch.no_grad():
+        quantizer(x) if which == "a" else official_reference(codebooks, x)
+    queue.put(_peak_rss_bytes() - before)
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set size. VmHWM belongs to the process image (ru_maxrss would carry the parent's
+    high-water mark across fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu_peak(which, args):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_rss_child, args=(which, args.vectors, args.depth, args.codebook_size, args.dim, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
 
 
 def _mismatch_report(codebooks, x, codes_a, codes_b):
@@ -124,29 +164,24 @@ def main(argv=None):
     results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "vectors": args.vectors, "depth": args.depth, "codebook_size": args.codebook_size, "dim": args.dim}
 
-    ref_codes, ref_best, ref_median = _time(lambda: official_reference(codebooks, x), device, args.repeats)
-    rows = [("(b) official algorithm, full addmm + argmin + d_norm", ref_best, ref_median, args.vectors * args.codebook_size * 4)]
-    results["b_official_ms"] = ref_best * 1e3
-
-    for chunk in [None if c == "auto" else int(c) for c in args.chunk_sizes.split(",")]:
-        quantizer.search_chunk_size = chunk
-        rows_per_block = quantizer._search_rows(device)
-        chunk = f"auto({rows_per_block})" if chunk is None else chunk
-
-        def run_ours():
+    def ours(chunk):
+        def run():
+            quantizer.search_chunk_size = chunk
             with torch.no_grad():
                 return quantizer(x).codes
 
-        codes, best, median = _time(run_ours, device, args.repeats)
-        label = f"(a) EvoTokResidualQuantizer, search_chunk_size={chunk}"
-        rows.append((label, best, median, min(rows_per_block, args.vectors) * args.codebook_size * 4))
-        results[f"a_chunk{chunk}_ms"] = best * 1e3
-        results[f"a_chunk{chunk}_vs_b"] = _mismatch_report(codebooks, x, codes, ref_codes)
-        if args.autocast == "bf16":
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                ac_codes = run_ours()
-            results[f"a_chunk{chunk}_bf16_autocast_identical"] = bool(torch.equal(ac_codes, codes))
+        return run
 
+    candidates = {"b": lambda: official_reference(codebooks, x)}
+    blocks = {"b": args.vectors * args.codebook_size * 4}
+    labels = {"b": "(b) official algorithm, full addmm + argmin + d_norm"}
+    for chunk in [None if c == "auto" else int(c) for c in args.chunk_sizes.split(",")]:
+        quantizer.search_chunk_size = chunk
+        rows_per_block = quantizer._search_rows(device)
+        name = f"a_chunk{f'auto({rows_per_block})' if chunk is None else chunk}"
+        candidates[name] = ours(chunk)
+        blocks[name] = min(rows_per_block, args.vectors) * args.codebook_size * 4
+        labels[name] = f"(a) EvoTokResidualQuantizer, search_chunk_size={name[len('a_chunk'):]}"
     try:
         from vector_quantize_pytorch import ResidualVQ
     except ImportError:
@@ -162,28 +197,44 @@ def main(argv=None):
             with torch.no_grad():
                 return rvq(x.unsqueeze(0))[1][0]
 
-        codes_c, best_c, median_c = _time(run_lucidrains, device, args.repeats)
-        rows.append(("(c) vector_quantize_pytorch.ResidualVQ", best_c, median_c, None))
-        results["c_vector_quantize_pytorch_ms"] = best_c * 1e3
-        results["c_vs_b"] = _mismatch_report(codebooks, x, codes_c, ref_codes)
+        candidates["c"] = run_lucidrains
+        blocks["c"] = None
+        labels["c"] = "(c) vector_quantize_pytorch.ResidualVQ"
 
+    timed = _time_round_robin(candidates, device, args.repeats)
+    ref_codes, ref_best, _ = timed["b"]
+    rows = []
+    for name, (codes, best, median) in timed.items():
+        rows.append((labels[name], best, median, blocks[name]))
+        results[f"{name}_ms"] = best * 1e3
+        if name != "b":
+            results[f"{name}_vs_b"] = _mismatch_report(codebooks, x, codes, ref_codes)
+        if name.startswith("a_") and args.autocast == "bf16":
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                results[f"{name}_bf16_autocast_identical"] = bool(torch.equal(candidates[name](), codes))
+
+    quantizer.search_chunk_size = None
     if device.type == "cuda":
-        first = args.chunk_sizes.split(",")[0]
-        quantizer.search_chunk_size = None if first == "auto" else int(first)
-        results["a_peak_bytes"] = _peak(lambda: quantizer(x), device)
-        results["b_peak_bytes"] = _peak(lambda: official_reference(codebooks, x), device)
+        with torch.no_grad():
+            results["a_peak_bytes"] = _cuda_peak(lambda: quantizer(x))
+        results["b_peak_bytes"] = _cuda_peak(lambda: official_reference(codebooks, x))
+    elif args.memory:
+        results["a_peak_rss_increase_bytes"] = _cpu_peak("a", args)
+        results["b_peak_rss_increase_bytes"] = _cpu_peak("b", args)
 
     print(f"\nresidual quantization: {args.vectors} vectors x {args.depth} depths x {args.codebook_size} codes x "
           f"{args.dim} dims on {device} ({torch.get_num_threads()} threads, torch {torch.__version__})")
-    print(f"{'implementation':58s} {'best ms':>9s} {'median ms':>10s} {'Mcodes/s':>9s} {'speed-up vs (b)':>15s} "
+    print(f"{'implementation':58s} {'best ms':>9s} {'median ms':>10s} {'kcodes/s':>9s} {'speed-up vs (b)':>15s} "
           f"{'largest distance block':>22s}")
     for label, best, median, block in rows:
         block_s = f"{block / 2**20:.1f} MiB" if block else "-"
-        print(f"{label:58s} {best * 1e3:9.1f} {median * 1e3:10.1f} {total_codes / best / 1e6:9.3f} "
+        print(f"{label:58s} {best * 1e3:9.1f} {median * 1e3:10.1f} {total_codes / best / 1e3:9.1f} "
               f"{ref_best / best:15.2f} {block_s:>22s}")
     for key, value in results.items():
-        if key.endswith("_vs_b") or "identical" in key or "peak" in key:
+        if key.endswith("_vs_b") or "identical" in key:
             print(f"{key}: {value}")
+        elif "peak" in key:
+            print(f"{key}: {value / 2**20:.1f} MiB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -93,6 +93,9 @@ def test_bad_inputs(processor, tmp_path):
     garbage.write_bytes(b"not an image at all")
     with pytest.raises(ValueError, match="could not open image"):
         processor(str(garbage), return_tensors="pt")
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        processor(np.zeros((2, 8, 8), dtype=np.uint8), input_data_format="channels_first", do_convert_rgb=False,
+                  return_tensors="pt")
     with pytest.raises(ValueError, match="resize_mode"):
         EvoTokImageProcessor(resize_mode="stretch")
 

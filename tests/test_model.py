@@ -218,6 +218,7 @@ def test_from_encoder_pretrained_rejects_other_architectures(tmp_path):
         (lambda m: m.get_semantic_features(torch.zeros(1, 4, 4, 5, dtype=torch.long)), "1 <= k <= 4"),
         (lambda m: m.decode_latents(torch.zeros(1, 7, 4, 4)), r"\(batch, 8, 4, 4\)"),
         (lambda m: m.decode_semantic_latents(torch.zeros(1, 8, 4)), r"\(batch, 8, 4, 4\)"),
+        (lambda m: m.decode_latents(torch.zeros(1, 8, 4, 4, dtype=torch.long)), "floating-point"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(tiny_model, call, message):

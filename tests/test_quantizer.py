@@ -218,3 +218,12 @@ def test_eval_mode_does_not_update():
     q(torch.randn(30, 8))
     for k, v in q.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("size", [64, 96, 512, 1000])
+def test_two_level_argmin_equals_argmin_including_ties(size):
+    q = make_quantizer(size=size)
+    distances = torch.randint(0, 5, (40, size)).float()  # many exact ties: the first index must win
+    torch.testing.assert_close(q._first_argmin(distances), distances.argmin(dim=1), rtol=0, atol=0)
+    distances = torch.randn(40, size)
+    assert torch.equal(q._first_argmin(distances), distances.argmin(dim=1))

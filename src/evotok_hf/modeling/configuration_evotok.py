@@ -127,7 +127,7 @@ class EvoTokConfig(PreTrainedConfig):
         ema_warmup_steps (`int`, defaults to 0): training forwards during which only the usage statistics (and dead-code
             restarts) update; 0 means EMA updates from the first step (2000 in the paper).
         search_chunk_size (`int`, *optional*): vectors per block of the nearest-neighbour search, which never holds
-            more than `search_chunk_size x codebook_size` distances at once; by default sized from the device (4 MiB of
+            more than `search_chunk_size x codebook_size` distances at once; by default sized from the device (8 MiB of
             distances on CPU, where staying in cache is what makes the search fast; 256 MiB on accelerators).
         decoder_z_channels / decoder_base_channels / decoder_channel_multipliers / decoder_res_blocks_per_level /
         decoder_attention_at_lowest_resolution / decoder_norm_groups: the LlamaGen-style pixel decoder (post-quant 1x1

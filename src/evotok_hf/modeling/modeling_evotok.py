@@ -423,9 +423,7 @@ class EvoTokModel(EvoTokPreTrainedModel):
         base.update(config_overrides)
         model = cls(EvoTokConfig(encoder_config=encoder_config.to_dict(), **base))
         encoder = SiglipVisionModel.from_pretrained(encoder_name_or_path, dtype=torch.float32)
-        missing, unexpected = model.encoder.load_state_dict(encoder.state_dict(), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"Encoder weights do not fit: missing {missing}, unexpected {unexpected}.")
+        model.encoder.load_state_dict(encoder.state_dict())
         return model
 
     # -- validation ----------------------------------------------------------------------------------------------

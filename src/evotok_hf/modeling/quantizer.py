@@ -98,7 +98,7 @@ class EvoTokResidualQuantizer(nn.Module):
     # ------------------------------------------------------------------ search
     # Distance block budgets: on CPU a block that stays in cache (the distance writes, not the flops, dominate a GEMM
     # whose inner dimension is only `codebook_dim`); on accelerators a block large enough to keep the device busy.
-    _CPU_BLOCK_BYTES = 4 * 2**20
+    _CPU_BLOCK_BYTES = 8 * 2**20
     _ACCELERATOR_BLOCK_BYTES = 256 * 2**20
 
     def _search_rows(self, device: torch.device) -> int:
@@ -112,8 +112,9 @@ class EvoTokResidualQuantizer(nn.Module):
         """Exact nearest entry (squared L2, first index on ties) of codebook `depth` for each row of `vectors` (N, dim).
 
         Runs in fp32 whatever the autocast state, over blocks of `search_chunk_size` rows (by default as many as fit
-        4 MiB of distances on CPU, 256 MiB on accelerators), so the extra memory does not grow with N. ||v||^2 is constant per row and left out of the
-        argmin; ||c||^2 enters through addmm's bias, so each block is one GEMM and one argmin.
+        8 MiB of distances on CPU, 256 MiB on accelerators) written into one reused buffer, so the extra memory does
+        not grow with N. ||v||^2 is constant per row and left out of the argmin; ||c||^2 enters as addmm's bias, so
+        each block is one GEMM and one argmin.
         """
         with torch.autocast(device_type=vectors.device.type, enabled=False):
             vectors = vectors.float()
@@ -121,12 +122,35 @@ class EvoTokResidualQuantizer(nn.Module):
             codebook_sq = codebook.pow(2).sum(dim=1)
             codebook_t = codebook.t()
             codes = torch.empty(vectors.shape[0], dtype=torch.long, device=vectors.device)
-            chunk = self._search_rows(vectors.device)
-            for start in range(0, vectors.shape[0], chunk):
-                block = vectors[start : start + chunk]
-                distances = torch.addmm(codebook_sq, block, codebook_t, alpha=-2.0)
-                torch.argmin(distances, dim=1, out=codes[start : start + chunk])
+            rows = min(self._search_rows(vectors.device), max(vectors.shape[0], 1))
+            distances = vectors.new_empty(rows, self.codebook_size)
+            for start in range(0, vectors.shape[0], rows):
+                block = vectors[start : start + rows]
+                out = distances[: block.shape[0]]
+                torch.addmm(codebook_sq, block, codebook_t, alpha=-2.0, out=out)
+                codes[start : start + rows] = self._first_argmin(out)
         return codes
+
+    def _first_argmin(self, distances: torch.Tensor) -> torch.Tensor:
+        """`distances.argmin(dim=1)` (first index on ties) as a two-level reduction: the minimum of each group of
+        columns (a vectorised `amin`), the first group holding the row minimum, then the first position inside that
+        group. Identical result; several times faster on CPU, where `argmin` over 32k columns is not vectorised and
+        cost as much as the GEMM itself."""
+        group = self._argmin_group
+        if group is None:
+            return distances.argmin(dim=1)
+        grouped = distances.view(distances.shape[0], -1, group)
+        best_group = grouped.amin(dim=2).argmin(dim=1)
+        rows = torch.arange(distances.shape[0], device=distances.device)
+        return best_group * group + grouped[rows, best_group].argmin(dim=1)
+
+    @property
+    def _argmin_group(self) -> int | None:
+        # the largest power of two <= 256 dividing the codebook size; small or odd sizes use plain argmin
+        group = 256
+        while group >= 16 and self.codebook_size % group:
+            group //= 2
+        return group if group >= 16 and self.codebook_size > group else None
 
     # ------------------------------------------------------------------ forward
     def forward(self, latents: torch.Tensor) -> ResidualQuantizerOutput:

@@ -103,11 +103,6 @@ class EvoTokImageProcessor(PilBackend):
         elif isinstance(image, (np.ndarray, torch.Tensor)):
             if image.size == 0 if isinstance(image, np.ndarray) else image.numel() == 0:
                 raise ValueError(f"EvoTokImageProcessor: got an empty array of shape {tuple(image.shape)}.")
-            if image.ndim not in (2, 3):
-                raise ValueError(
-                    f"EvoTokImageProcessor: an image array must be (H, W), (H, W, C) or (C, H, W), got shape "
-                    f"{tuple(image.shape)}."
-                )
         return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs)
 
     def _preprocess(
