@@ -16,6 +16,12 @@ def test_presets_and_round_trip(tmp_path):
     assert EvoTokConfig().encoder_config.hidden_size == 1024  # the defaults are the paper's sizes
 
 
+@pytest.mark.parametrize("layer, used", [(-1, 3), (-2, 2), (-3, 1), (1, 1), (3, 3)])
+def test_feature_layer_to_layers_run(layer, used):
+    # hidden_states has num_layers + 1 entries (embeddings first): index k > 0 is the output of layer k
+    assert EvoTokConfig.from_preset("evotok-tiny", encoder_feature_layer=layer).num_encoder_layers_used == used
+
+
 def test_overrides_merge_encoder_config():
     config = EvoTokConfig.from_preset("evotok-tiny", codebook_size=32, encoder_config={"num_hidden_layers": 4})
     assert config.codebook_size == 32 and config.encoder_config.num_hidden_layers == 4
@@ -93,6 +99,7 @@ def test_module_structure_matches_the_official_state_dict():
         ({"encoder_config": {"patch_size": 4, "image_size": 32}}, "must equal the encoder patch_size"),
         ({"encoder_feature_layer": 7}, "encoder_feature_layer"),
         ({"encoder_feature_layer": -4}, "encoder_feature_layer"),
+        ({"encoder_feature_layer": 0}, "encoder_feature_layer"),
         ({"decoder_channel_multipliers": [1, 0, 2, 2]}, "decoder_channel_multipliers"),
         ({"decoder_norm_groups": 7}, "not divisible by decoder_norm_groups"),
     ],

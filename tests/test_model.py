@@ -26,10 +26,13 @@ def test_encode_decode_shapes(tiny_model, tiny_images, tiny_config):
         assert tiny_model.get_semantic_features(enc.codes[..., :k]).shape == sem.shape
 
 
-def test_encoder_features_are_hidden_states_minus_two(tiny_model, tiny_images):
-    scaled = tiny_model.input_scaling(tiny_images)
-    full = tiny_model.encoder(scaled, output_hidden_states=True).hidden_states[-2]
-    torch.testing.assert_close(tiny_model.get_encoder_features(tiny_images), full)
+@pytest.mark.parametrize("layer", [-2, -1, 1])
+def test_encoder_features_are_the_chosen_hidden_state(layer, tiny_images):
+    torch.manual_seed(0)
+    model = EvoTokModel(EvoTokConfig.from_preset("evotok-tiny", encoder_feature_layer=layer)).eval()
+    scaled = model.input_scaling(tiny_images)
+    full = model.encoder(scaled, output_hidden_states=True).hidden_states[layer]
+    torch.testing.assert_close(model.get_encoder_features(tiny_images), full)
 
 
 def test_input_scaling_is_a_clamp(tiny_model):

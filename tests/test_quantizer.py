@@ -227,3 +227,18 @@ def test_two_level_argmin_equals_argmin_including_ties(size):
     torch.testing.assert_close(q._first_argmin(distances), distances.argmin(dim=1), rtol=0, atol=0)
     distances = torch.randn(40, size)
     assert torch.equal(q._first_argmin(distances), distances.argmin(dim=1))
+
+
+def test_restart_during_warmup_moves_only_dead_entries_and_keeps_sums_consistent():
+    q = make_quantizer(size=16, dim=4, pixel=1, semantic=1, ema_warmup_steps=5).train()
+    with torch.no_grad():
+        q.cluster_size_ema.fill_(50.0)
+        q.cluster_size_ema[0, :4] = 0.5  # entries 0..3 are dead and get no assignment below
+    before = q.codebook.detach().clone()
+    x = before[0, 4:8].repeat(5, 1)
+    q(x)
+    assert torch.equal(q.codebook[0, 4:], before[0, 4:])  # live entries stay put during the warm-up
+    assert torch.cdist(q.codebook[0, :4].double(), x.double()).min(dim=1).values.max() < 1e-6
+    cs = q.cluster_size_ema[0].double()
+    smoothed = (cs.sum() * (cs + 1e-5) / (cs.sum() + 16 * 1e-5)).clamp(min=1)
+    torch.testing.assert_close(q.embed_ema[0].double(), q.codebook[0].double() * smoothed[:, None])

@@ -203,7 +203,7 @@ class EvoTokConfig(PreTrainedConfig):
                 f"({enc.patch_size})."
             )
         num_layers = enc.num_hidden_layers
-        if not -num_layers <= self.encoder_feature_layer <= num_layers or self.encoder_feature_layer == -num_layers - 1:
+        if self.encoder_feature_layer == 0 or not -num_layers <= self.encoder_feature_layer <= num_layers:
             raise ValueError(
                 f"EvoTokConfig: `encoder_feature_layer` ({self.encoder_feature_layer}) must index the encoder's "
                 f"hidden_states after at least one layer (1..{num_layers} or -{num_layers}..-1)."
