@@ -242,3 +242,15 @@ def test_restart_during_warmup_moves_only_dead_entries_and_keeps_sums_consistent
     cs = q.cluster_size_ema[0].double()
     smoothed = (cs.sum() * (cs + 1e-5) / (cs.sum() + 16 * 1e-5)).clamp(min=1)
     torch.testing.assert_close(q.embed_ema[0].double(), q.codebook[0].double() * smoothed[:, None])
+
+
+def test_non_finite_latents_never_reach_the_ema_state():
+    q = make_quantizer().train()
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    x = torch.randn(30, 8)
+    x[3, 2] = float("nan")
+    q(x)
+    for k, v in q.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    q(torch.randn(30, 8))
+    assert int(q.ema_step) == 1  # a finite batch updates as usual

@@ -171,7 +171,7 @@ class EvoTokResidualQuantizer(nn.Module):
             usage = x.new_empty(self.semantic_depth)
             perplexity = x.new_empty(self.semantic_depth)
             commitment = x.new_zeros(())
-            update = self.training
+            update = self.training and self._all_finite(x)
             for depth in range(self.semantic_depth):
                 idx = self.nearest_codes(residual, depth)
                 chosen = self.codebook[depth].float().index_select(0, idx)
@@ -203,6 +203,16 @@ class EvoTokResidualQuantizer(nn.Module):
         )
 
     # ------------------------------------------------------------------ EMA
+    @torch.no_grad()
+    def _all_finite(self, x: torch.Tensor) -> bool:
+        """Whether every rank's latents are finite. A non-finite batch (a diverging step that the training loop will
+        reject or skip) must not reach the EMA statistics, which no optimizer step can undo; all ranks agree so they
+        keep identical codebooks."""
+        finite = torch.isfinite(x).all().to(torch.int32).reshape(1)
+        if _distributed():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
     @torch.no_grad()
     def _code_counts(self, idx: torch.Tensor, residual: torch.Tensor, depth: int, update: bool) -> torch.Tensor:
         """Histogram of the chosen codes; in training also the EMA update of codebook `depth` (all ranks summed)."""
