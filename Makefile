@@ -28,7 +28,7 @@ test-slow: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -m slow
 
 demo: $(VENV)/.installed-demo
-	$(PY) scripts/demo.py --output-dir $(DEMO_DIR)
+	$(PY) scripts/demo.py --output-dir $(DEMO_DIR) $(DEMO_ARGS)
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/quantizer.py --chunk-sizes auto,16,256,1024 --repeats 7 --autocast bf16 --memory --json benchmarks/quantizer_cpu.json

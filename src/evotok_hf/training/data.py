@@ -1,0 +1,507 @@
+"""Training data for the EvoTok tokenizer: augmentations, image sources and DataLoaders.
+
+Read top to bottom:
+1. transforms: `train_transform` (random-resized crop + horizontal flip, then the processor squashes the crop to its
+   square size) and `eval_transform` (the processor's shortest side + centre crop). Both return one (3, S, S)
+   float32 tensor in [-1, 1]; every preprocessing constant comes from `EvoTokImageProcessor`.
+2. sources: `load_image_dataset` turns a Hub id, a folder of images, parquet files, webdataset shards or "bundled"
+   into a `datasets` dataset whose image column is called "image".
+3. `bundled_photo_dataset`: real photos shipped by scikit-image / scikit-learn, cut into small train crops and a
+   held-out validation set, so training and its tests run offline.
+4. loaders: `make_dataloader` (map-style or streaming) yields {"pixel_values": (B, 3, S, S)}; `infinite_batches`
+   cycles epochs for step-based loops.
+
+The crop follows torchvision's `RandomResizedCrop` sampling (uniform area fraction, log-uniform aspect, 10 tries,
+then a centre crop), written here on PIL because torchvision cannot be installed beside the CPU torch build.
+`datasets` is imported lazily (it comes with the `train` extra).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import PIL.Image
+import torch
+
+from ..data import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_bundled_photos
+from ..processing.image_processing_evotok import EvoTokImageProcessor
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_PHOTOS = SKIMAGE_PHOTOS + SKLEARN_PHOTOS
+DEFAULT_HELD_OUT = ("chelsea", "coffee", "china.jpg")
+BUNDLED_SPLITS = ("train", "validation", "test")
+
+# Column names that hold images in common datasets when the feature type does not say so (webdataset keys, raw
+# bytes in parquet). A `datasets.Image` feature is preferred over these.
+IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")
+IMAGE_FILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+BUILDER_BY_EXTENSION = {
+    ".parquet": "parquet",
+    ".tar": "webdataset",
+    **dict.fromkeys(IMAGE_FILE_EXTENSIONS, "imagefolder"),
+}
+
+CROP_ATTEMPTS = 10
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("image datasets need the `datasets` package: pip install 'evotok_hf[train]'") from err
+    return datasets
+
+
+# ----------------------------------------------------------------------------------------------------- transforms
+def _check_crop_range(scale: tuple[float, float], ratio: tuple[float, float]) -> None:
+    if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1 (area fractions), got {scale}.")
+    if not (len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"ratio must be (low, high) with 0 < low <= high (width / height), got {ratio}.")
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: random.Random | None = None,
+) -> tuple[int, int, int, int]:
+    """A random crop box (left, top, right, bottom) for an image of `width` x `height`, sampled as torchvision's
+    RandomResizedCrop does so augmentation strength matches published recipes: area fraction uniform in `scale`,
+    aspect (width / height) log-uniform in `ratio`, up to 10 tries; if none fits, the largest centred crop whose
+    aspect lies in `ratio`. `generator=None` draws from the module-level `random`, which `set_seed` seeds and
+    which PyTorch reseeds in every DataLoader worker."""
+    if width < 1 or height < 1:
+        raise ValueError(f"random_resized_crop_box: image size must be positive, got {width}x{height}.")
+    _check_crop_range(scale, ratio)
+    draw = random if generator is None else generator
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(CROP_ATTEMPTS):
+        target_area = area * draw.uniform(*scale)
+        aspect = math.exp(draw.uniform(*log_ratio))
+        crop_width = round(math.sqrt(target_area * aspect))
+        crop_height = round(math.sqrt(target_area / aspect))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            left = draw.randint(0, width - crop_width)
+            top = draw.randint(0, height - crop_height)
+            return left, top, left + crop_width, top + crop_height
+    if width / height < ratio[0]:  # too tall for any allowed aspect: keep the width
+        crop_width, crop_height = width, max(1, round(width / ratio[0]))
+    elif width / height > ratio[1]:  # too wide: keep the height
+        crop_width, crop_height = max(1, round(height * ratio[1])), height
+    else:
+        crop_width, crop_height = width, height
+    left, top = (width - crop_width) // 2, (height - crop_height) // 2
+    return left, top, left + crop_width, top + crop_height
+
+
+def _pixel_values(processor: EvoTokImageProcessor, image: PIL.Image.Image, resize_mode: str) -> torch.Tensor:
+    if not isinstance(image, PIL.Image.Image):
+        raise ValueError(f"expected a PIL image, got {type(image).__name__}; load data with load_image_dataset.")
+    return processor(image, resize_mode=resize_mode, return_tensors="pt").pixel_values[0]
+
+
+# Transforms are small classes rather than closures so they pickle into DataLoader workers under any start method.
+@dataclass(frozen=True)
+class _TrainTransform:
+    processor: EvoTokImageProcessor
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip_prob: float
+    generator: random.Random | None
+
+    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
+        if not isinstance(image, PIL.Image.Image):
+            raise ValueError(f"expected a PIL image, got {type(image).__name__}; load data with load_image_dataset.")
+        box = random_resized_crop_box(image.width, image.height, self.scale, self.ratio, self.generator)
+        # Always draw the flip so the crop sequence for a given seed does not depend on flip_prob.
+        flip = (random if self.generator is None else self.generator).random() < self.flip_prob
+        # PIL crops every mode (L, RGBA, P, I;16...), so RGB conversion is left to the processor.
+        pixel_values = _pixel_values(self.processor, image.crop(box), "squash")
+        # Mirroring the output is exact and cheaper than mirroring the larger source crop.
+        return torch.flip(pixel_values, dims=(-1,)) if flip else pixel_values
+
+
+@dataclass(frozen=True)
+class _EvalTransform:
+    processor: EvoTokImageProcessor
+
+    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
+        return _pixel_values(self.processor, image, "center_crop")
+
+
+def train_transform(
+    processor: EvoTokImageProcessor,
+    scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_prob: float = 0.5,
+    generator: random.Random | None = None,
+) -> Callable[[PIL.Image.Image], torch.Tensor]:
+    """Training augmentation: a random-resized crop (see `random_resized_crop_box`), a horizontal flip with
+    probability `flip_prob`, then the processor squashes the crop to its size (the crop already chose the aspect,
+    as in torchvision). Returns image -> (3, S, S) float32 in [-1, 1].
+
+    `generator=None` (the default for training) uses the module-level `random`: `set_seed` makes it reproducible
+    and each DataLoader worker gets its own stream. A given `random.Random` is copied into every worker, so with
+    `num_workers > 0` all workers would repeat the same crops; pass one only for single-process use (tests)."""
+    _check_crop_range(scale, ratio)
+    if not 0 <= flip_prob <= 1:
+        raise ValueError(f"train_transform: flip_prob must be in [0, 1], got {flip_prob}.")
+    return _TrainTransform(processor, tuple(scale), tuple(ratio), float(flip_prob), generator)
+
+
+def eval_transform(processor: EvoTokImageProcessor) -> Callable[[PIL.Image.Image], torch.Tensor]:
+    """Evaluation preprocessing: shortest side to the processor's size, then centre crop (the ImageNet convention
+    tokenizer papers report rFID/PSNR with), whatever the processor's own `resize_mode` default is.
+    Returns image -> (3, S, S) float32 in [-1, 1]."""
+    return _EvalTransform(processor)
+
+
+# -------------------------------------------------------------------------------------------------------- sources
+def load_image_dataset(
+    source: str | Sequence[str],
+    split: str = "train",
+    streaming: bool = False,
+    image_column: str | None = None,
+    **load_kwargs: Any,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """One image dataset from wherever the images live, with its image column named "image" (other columns, e.g.
+    captions, are kept), so the rest of training never cares about the source format.
+
+    `source` is one of:
+      - "bundled": `bundled_photo_dataset(split, **load_kwargs)` (real photos, offline);
+      - a local directory: `datasets` infers the builder from its files (imagefolder for images, with
+        `metadata.jsonl` columns; parquet; webdataset for .tar shards) and its splits from file/folder names;
+      - a file, a glob or a list of them, by extension: .parquet (parquet), .tar (webdataset; images under keys
+        such as "jpg"/"png"), image files (imagefolder). The files become split `split`;
+      - anything else is a Hub dataset id, loaded with `datasets.load_dataset(source, split=..., streaming=...)`.
+    `load_kwargs` go to `datasets.load_dataset` (e.g. `name=`, `cache_dir=`, `revision=`).
+
+    The image column is `image_column` if given, else a column named "image" holding `datasets.Image`, else the
+    first `datasets.Image` column, else the first column named one of `IMAGE_COLUMN_NAMES`. A column that is not
+    yet a decoding `Image` feature (raw bytes, paths) is cast to one. Raises ValueError when the source matches
+    nothing or no image column is found."""
+    if source == "bundled":
+        dataset = bundled_photo_dataset(split, **load_kwargs)
+        return dataset.to_iterable_dataset() if streaming else dataset
+    datasets = _import_datasets()
+    dataset = _load_source(datasets, source, split, streaming, load_kwargs)
+    return _with_image_column(datasets, dataset, image_column)
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(char in pattern for char in "*?[")
+
+
+def _looks_like_path(source: str) -> bool:
+    """A Hub id is `name` or `owner/name`; anything else that is path-shaped is treated as a (missing) local path,
+    so a typo gives a clear error instead of a Hub lookup."""
+    return (
+        os.path.isabs(source)
+        or source.startswith((".", "~"))
+        or source.count("/") > 1
+        or _is_glob(source)
+        or os.path.splitext(source)[1].lower() in BUILDER_BY_EXTENSION
+    )
+
+
+def _expand_files(source: str | Sequence[str]) -> list[str]:
+    patterns = [source] if isinstance(source, str) else list(source)
+    if not patterns:
+        raise ValueError("load_image_dataset: got an empty list of sources.")
+    files = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        matched = sorted(glob.glob(pattern, recursive=True)) if _is_glob(pattern) else [pattern]
+        matched = [os.path.abspath(path) for path in matched if os.path.isfile(path)]
+        if not matched:
+            raise ValueError(f"load_image_dataset: source {pattern!r} matches no file (and is not a directory).")
+        files.extend(matched)
+    return files
+
+
+def _builder_for(files: list[str]) -> str:
+    builders = {BUILDER_BY_EXTENSION.get(os.path.splitext(path)[1].lower()) for path in files}
+    if None in builders:
+        unknown = sorted({path for path in files if os.path.splitext(path)[1].lower() not in BUILDER_BY_EXTENSION})
+        raise ValueError(
+            f"load_image_dataset: unsupported file type(s) {unknown[:5]}; expected {sorted(BUILDER_BY_EXTENSION)}."
+        )
+    if len(builders) > 1:
+        raise ValueError(f"load_image_dataset: the files mix formats ({sorted(builders)}); load them separately.")
+    return builders.pop()
+
+
+def _load_source(datasets, source, split: str, streaming: bool, load_kwargs: dict):
+    """`datasets.load_dataset` on a directory, a Hub id, or a builder name + the files `source` names."""
+    if isinstance(source, str) and os.path.isdir(os.path.expanduser(source)):
+        path, data_files = os.path.abspath(os.path.expanduser(source)), None
+    elif isinstance(source, str) and not _looks_like_path(source) and not os.path.exists(source):
+        path, data_files = source, None
+    else:
+        files = _expand_files(source)
+        # Name the files' split after the one asked for ("validation[:100]" -> "validation"), so any split works.
+        path, data_files = _builder_for(files), {split.split("[")[0]: files}
+    try:
+        return datasets.load_dataset(path, data_files=data_files, split=split, streaming=streaming, **load_kwargs)
+    except FileNotFoundError as err:  # also datasets' DatasetNotFoundError and EmptyDatasetError
+        raise ValueError(f"load_image_dataset: found no image data for source {source!r} ({err}).") from err
+
+
+def _find_image_column(datasets, features: dict | None, columns: list[str]) -> str | None:
+    image_features = [name for name, feature in (features or {}).items() if isinstance(feature, datasets.Image)]
+    if "image" in image_features:
+        return "image"
+    if image_features:
+        return image_features[0]
+    return next((name for name in columns if name.lower() in IMAGE_COLUMN_NAMES), None)
+
+
+def _with_image_column(datasets, dataset, image_column: str | None):
+    features = dataset.features
+    columns = list(features) if features is not None else list(dataset.column_names or [])
+    if image_column is None:
+        image_column = _find_image_column(datasets, features, columns)
+        if image_column is None:
+            raise ValueError(
+                f"load_image_dataset: no image column among {columns}; pass image_column= to name it."
+            )
+        logger.info("Using column %r as the image column.", image_column)
+    elif columns and image_column not in columns:
+        raise ValueError(f"load_image_dataset: image_column {image_column!r} is not among the columns {columns}.")
+    if image_column != "image":
+        if "image" in columns:
+            logger.warning("Dropping the existing 'image' column in favour of %r.", image_column)
+            dataset = dataset.remove_columns("image")
+        dataset = dataset.rename_column(image_column, "image")
+    feature = features.get(image_column) if features is not None else None
+    if feature is not None and not (isinstance(feature, datasets.Image) and feature.decode):
+        dataset = dataset.cast_column("image", datasets.Image())
+    return dataset
+
+
+# ------------------------------------------------------------------------------------------------ bundled photos
+def _square_crop(photo: PIL.Image.Image, left: int, top: int, side: int, crop_size: int) -> PIL.Image.Image:
+    # PIL's resize with a box crops and resamples in one pass, antialiased when it shrinks.
+    return photo.resize((crop_size, crop_size), PIL.Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+
+
+def _train_crops(photo: PIL.Image.Image, count: int, crop_size: int, rng: random.Random) -> list[PIL.Image.Image]:
+    short = min(photo.size)
+    smallest = min(crop_size, short)
+    crops = []
+    for _ in range(count):
+        side = round(math.exp(rng.uniform(math.log(smallest), math.log(short))))
+        left = rng.randint(0, photo.width - side)
+        top = rng.randint(0, photo.height - side)
+        crops.append(_square_crop(photo, left, top, side, crop_size))
+    return crops
+
+
+def _held_out_crops(photo: PIL.Image.Image, crop_size: int) -> list[PIL.Image.Image]:
+    short = min(photo.size)
+    half = short // 2
+    left, top = (photo.width - short) // 2, (photo.height - short) // 2
+    crops = [_square_crop(photo, left, top, short, crop_size)]
+    for dx, dy in ((0, 0), (half, 0), (0, half), (half, half)):  # the four quarters of the centre square
+        crops.append(_square_crop(photo, left + dx, top + dy, half, crop_size))
+    return crops
+
+
+def bundled_photo_dataset(
+    split: str = "train",
+    crops_per_photo: int = 8,
+    crop_size: int = 128,
+    seed: int = 0,
+    held_out: tuple[str, ...] = DEFAULT_HELD_OUT,
+) -> datasets.Dataset:
+    """A small real-image dataset that needs no network: square crops of the photos scikit-image and scikit-learn
+    ship (`BUNDLED_PHOTOS`, kept in their native modes: RGB, RGBA `logo`, grey `camera`...; the processor converts
+    them). Columns: "image" (`crop_size` x `crop_size`) and "source" (the photo's name).
+
+    - "train": for every photo not in `held_out`, `crops_per_photo` square crops at uniform positions whose side is
+      drawn log-uniformly between min(crop_size, short side) and the short side, so close-ups and whole-photo
+      views are equally common; each is resized to `crop_size` (small, same-size examples keep building fast).
+      Each photo draws from its own `random.Random(f"{seed}:{name}")`, so its crops do not depend on which
+      other photos are held out.
+    - "validation" / "test" (the same images: there are too few photos for two held-out sets): for each
+      `held_out` photo, its centre square and the four quarters of that square, resized to `crop_size`;
+      independent of `seed`.
+    Held-out photos never enter "train", so validation measures generalisation to unseen photos."""
+    if split not in BUNDLED_SPLITS:
+        raise ValueError(f"bundled_photo_dataset: split must be one of {BUNDLED_SPLITS}, got {split!r}.")
+    if crops_per_photo < 1 or crop_size < 1:
+        raise ValueError(
+            f"bundled_photo_dataset: crops_per_photo and crop_size must be >= 1, got {crops_per_photo}, {crop_size}."
+        )
+    unknown = [name for name in held_out if name not in BUNDLED_PHOTOS]
+    if unknown:
+        raise ValueError(f"bundled_photo_dataset: unknown held-out photo(s) {unknown}; available: {BUNDLED_PHOTOS}.")
+    if split == "train":
+        names = [name for name in BUNDLED_PHOTOS if name not in held_out]
+    else:
+        names = [name for name in BUNDLED_PHOTOS if name in held_out]
+    if not names:
+        raise ValueError(f"bundled_photo_dataset: split {split!r} would be empty with held_out={held_out}.")
+    datasets = _import_datasets()
+    images, sources = [], []
+    for name, photo in load_bundled_photos(names).items():
+        if split == "train":
+            crops = _train_crops(photo, crops_per_photo, crop_size, random.Random(f"{seed}:{name}"))
+        else:
+            crops = _held_out_crops(photo, crop_size)
+        images.extend(crops)
+        sources.extend([name] * len(crops))
+    features = datasets.Features({"image": datasets.Image(), "source": datasets.Value("string")})
+    return datasets.Dataset.from_dict({"image": images, "source": sources}, features=features)
+
+
+# -------------------------------------------------------------------------------------------------------- loaders
+class ImageBatchCollator:
+    """Stacks examples {"pixel_values": (3, S, S)} into {"pixel_values": (B, 3, S, S) float32}. A class, like
+    transformers' data collators, so it pickles into DataLoader workers; it checks sizes so a transform that does
+    not resize to one size fails with a clear message rather than deep inside `torch.stack`."""
+
+    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("ImageBatchCollator: got an empty batch.")
+        tensors = [torch.as_tensor(example["pixel_values"], dtype=torch.float32) for example in examples]
+        shapes = sorted({tuple(tensor.shape) for tensor in tensors})
+        if len(shapes) != 1 or len(shapes[0]) != 3:
+            raise ValueError(f"ImageBatchCollator: expected same-size (3, H, W) images, got shapes {shapes}.")
+        return {"pixel_values": torch.stack(tensors)}
+
+
+class _TransformedImages(torch.utils.data.Dataset):
+    """Map-style view that decodes and transforms one example per index, inside the DataLoader worker."""
+
+    def __init__(self, dataset: datasets.Dataset, transform: Callable[[PIL.Image.Image], torch.Tensor]):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.transform(self.dataset[int(index)]["image"])}
+
+
+@dataclass(frozen=True)
+class _ApplyTransform:
+    transform: Callable[[PIL.Image.Image], torch.Tensor]
+
+    def __call__(self, example: dict) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.transform(example["image"])}
+
+
+def make_dataloader(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    transform: Callable[[PIL.Image.Image], torch.Tensor],
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    shuffle_buffer_size: int = 1000,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of {"pixel_values": (batch_size, 3, S, S) float32} from a dataset with an "image" column (as
+    `load_image_dataset` returns), decoding and transforming images in the workers.
+
+    Map-style: the order comes from a `torch.Generator` seeded with `seed`, so every process given the same seed
+    sees the same permutation and Accelerate's `prepare` can shard it; the generator also seeds the workers.
+    Streaming (`IterableDataset`): `dataset.shuffle(seed, buffer_size=shuffle_buffer_size)` when `shuffle`, the
+    transform mapped lazily; `datasets` splits shards across workers (`split_dataset_by_node` across processes).
+    Only the "image" column is read, so other columns (captions, extra images) are never decoded."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"make_dataloader: batch_size must be an integer >= 1, got {batch_size!r}.")
+    if num_workers < 0:
+        raise ValueError(f"make_dataloader: num_workers must be >= 0, got {num_workers}.")
+    if not callable(transform):
+        raise ValueError(f"make_dataloader: transform must be callable, got {type(transform).__name__}.")
+    datasets = _import_datasets()
+    if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+        raise ValueError(
+            f"make_dataloader: expected a datasets.Dataset or IterableDataset, got {type(dataset).__name__}."
+        )
+    columns = dataset.column_names
+    if columns is not None and "image" not in columns:
+        raise ValueError(f"make_dataloader: the dataset has no 'image' column (columns: {columns}); "
+                         "load it with load_image_dataset, which names the image column.")
+    collate = ImageBatchCollator()
+    if columns is not None:
+        dataset = dataset.select_columns(["image"])
+
+    if isinstance(dataset, datasets.IterableDataset):
+        if shuffle:
+            dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        dataset = dataset.map(_ApplyTransform(transform), remove_columns=["image"])
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last, collate_fn=collate
+        )
+
+    if drop_last and len(dataset) < batch_size:
+        raise ValueError(
+            f"make_dataloader: {len(dataset)} examples is fewer than batch_size={batch_size} with drop_last=True, "
+            "so no batch would ever be produced."
+        )
+    return torch.utils.data.DataLoader(
+        _TransformedImages(dataset, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+        drop_last=drop_last,
+        collate_fn=collate,
+    )
+
+
+def _set_epoch(dataloader: torch.utils.data.DataLoader, epoch: int) -> None:
+    if hasattr(dataloader, "set_epoch"):  # Accelerate's prepared loaders forward it to their sampler / dataset
+        dataloader.set_epoch(epoch)
+        return
+    for owner in (getattr(dataloader, "sampler", None), getattr(dataloader, "dataset", None)):
+        if hasattr(owner, "set_epoch"):  # DistributedSampler; a streaming dataset reshuffles per epoch
+            owner.set_epoch(epoch)
+
+
+def infinite_batches(dataloader: torch.utils.data.DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches forever, epoch after epoch, for loops counted in steps. Each epoch first calls `set_epoch` on the
+    loader, its sampler or its dataset where they have one, so shuffled orders change between epochs (and match
+    across processes). Raises ValueError if an epoch yields no batch, instead of spinning forever."""
+    epoch = 0
+    while True:
+        _set_epoch(dataloader, epoch)
+        yielded = False
+        for batch in dataloader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError(f"infinite_batches: epoch {epoch} yielded no batch (dataset smaller than one batch?).")
+        epoch += 1
+
+
+__all__ = [
+    "BUNDLED_PHOTOS",
+    "DEFAULT_HELD_OUT",
+    "ImageBatchCollator",
+    "bundled_photo_dataset",
+    "eval_transform",
+    "infinite_batches",
+    "load_image_dataset",
+    "make_dataloader",
+    "random_resized_crop_box",
+    "train_transform",
+]

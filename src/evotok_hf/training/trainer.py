@@ -1,0 +1,646 @@
+"""Accelerate training loop for the EvoTok tokenizer (generator step, then discriminator step, on the same batch).
+
+The shape follows diffusers' `examples/vqgan/train_vqgan.py`: an `Accelerator` with two optimizers, save/load hooks
+that write every checkpoint as `save_pretrained` folders, and `resume_from_checkpoint="latest"`. The objective is
+the paper's: L2 reconstruction + perceptual + PatchGAN adversarial (from `disc_start`) + commitment + semantic
+distillation (cosine + 4-fold cosine) against a frozen teacher; the codebooks learn by EMA inside the model.
+
+Checkpoint folder `checkpoints/checkpoint-<step>/`:
+    tokenizer/              EvoTokModel.save_pretrained (codebook EMA statistics included) + preprocessor config
+    discriminator/          model.safetensors + config.json
+    ema/                    model.safetensors (only with use_ema): the EMA of the trainable tokenizer weights
+    optimizer*.bin, scheduler*.bin, random_states_<rank>.pkl    Accelerate's own files (loaded weights_only)
+    trainer_state.json      step, epoch, batches consumed
+It is written to a temporary folder and renamed when complete, so a killed run never leaves a half checkpoint under
+a checkpoint name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..evaluation import psnr
+from ..modeling import EvoTokConfig, EvoTokModel
+from ..processing import EvoTokImageProcessor
+from .data import (
+    bundled_photo_dataset,
+    eval_transform,
+    load_image_dataset,
+    make_dataloader,
+    train_transform,
+)
+from .discriminator import PatchGANDiscriminator
+from .losses import EvoTokLoss, EvoTokLossConfig, build_perceptual_loss, check_finite
+from .teacher import build_teacher
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TokenizerTrainingArguments:
+    """Everything a tokenizer training run needs; `scripts/train_tokenizer.py` maps its flags onto these fields."""
+
+    output_dir: str = "outputs/evotok-tokenizer"
+    # model
+    model_preset: str = "evotok-small"
+    model_overrides: dict = field(default_factory=dict)
+    init_from: str | None = None  # an EvoTok folder to continue from (fine-tuning)
+    encoder_pretrained: str | None = None  # a SigLIP / SigLIP2 vision checkpoint for the encoder
+    teacher: str = "efficientnet-lite0"  # or a SigLIP path / Hub id (google/siglip2-large-patch16-256 in the paper)
+    teacher_image_size: int | None = None  # EfficientNet-Lite0 input size (default 224)
+    # data
+    train_data: str = "bundled"
+    eval_data: str | None = "bundled"
+    image_column: str | None = None
+    streaming: bool = False
+    crops_per_photo: int = 32
+    crop_size: int = 160
+    num_workers: int = 0
+    # optimisation
+    train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 1000
+    learning_rate: float = 1e-4
+    disc_learning_rate: float | None = None
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    use_ema: bool = False
+    ema_decay: float = 0.999
+    # loss
+    reconstruction_loss: str = "l2"
+    reconstruction_weight: float = 1.0
+    perceptual: str | None = "lpips-vgg"
+    perceptual_weight: float = 1.0
+    disc_weight: float = 0.5
+    disc_start: int = 20000
+    disc_adaptive_weight: bool = False
+    disc_loss: str = "hinge"
+    gen_loss: str = "hinge"
+    disc_norm: str = "group"
+    disc_channels: int = 64
+    disc_layers: int = 3
+    semantic_weight: float = 1.0
+    semantic_fold: int = 4
+    commitment_weight: float = 1.0
+    on_nonfinite: str = "raise"  # or "skip": drop the step (on every rank) instead of stopping
+    max_consecutive_skips: int = 10  # with on_nonfinite="skip": give up after this many non-finite steps in a row
+    # bookkeeping
+    seed: int = 0
+    log_steps: int = 10
+    eval_steps: int = 0  # 0: evaluate only at the end
+    eval_max_images: int = 64
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    report_to: str | None = None  # "tensorboard", "wandb", ... (Accelerate trackers)
+    dump_rank_state: str | None = None  # testing aid: each rank writes its final tokenizer state here
+
+    def __post_init__(self):
+        for name in ("perceptual", "eval_data", "resume_from_checkpoint", "report_to", "init_from",
+                     "encoder_pretrained", "dump_rank_state"):
+            if isinstance(getattr(self, name), str) and getattr(self, name).lower() in ("none", ""):
+                setattr(self, name, None)  # "none" on the command line means: no such thing
+        if self.on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+
+    def loss_config(self) -> EvoTokLossConfig:
+        return EvoTokLossConfig(
+            reconstruction_loss=self.reconstruction_loss,
+            reconstruction_weight=self.reconstruction_weight,
+            perceptual_weight=self.perceptual_weight if self.perceptual not in (None, "none") else 0.0,
+            disc_weight=self.disc_weight,
+            disc_start=self.disc_start,
+            disc_adaptive_weight=self.disc_adaptive_weight,
+            disc_loss=self.disc_loss,
+            gen_loss=self.gen_loss,
+            semantic_weight=self.semantic_weight,
+            semantic_fold=self.semantic_fold,
+            commitment_weight=self.commitment_weight,
+        )
+
+
+TRAINING_PRESETS: dict[str, dict] = {
+    # The authors' run (EVOTOK_REFERENCE.md): SigLIP2-L/16-256 encoder and teacher, 32768 x 32, depths 4/16, EMA
+    # warm-up 2000, global batch 256, constant lr 1e-4, Adam(0.9, 0.95) without weight decay (their script parses a
+    # weight-decay flag but never uses it), grad clip 1.0, GAN weight 0.5 from step 20k, bf16, 500k steps on
+    # CC12M + ImageNet-1K. Pass --train_data / per-device batch to match your hardware (256 = devices x batch x accum).
+    "paper": {
+        "model_preset": "evotok-siglip2-l16-256",
+        "encoder_pretrained": "google/siglip2-large-patch16-256",
+        "teacher": "google/siglip2-large-patch16-256",
+        "train_batch_size": 32,
+        "max_train_steps": 500_000,
+        "learning_rate": 1e-4,
+        "lr_scheduler": "constant",
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "mixed_precision": "bf16",
+        "perceptual": "lpips-vgg",
+        "perceptual_weight": 1.0,
+        "disc_weight": 0.5,
+        "disc_start": 20_000,
+        "disc_norm": "batch",
+        "semantic_fold": 4,
+        "checkpointing_steps": 10_000,
+        "eval_steps": 10_000,
+        "streaming": True,
+    },
+    # Two CPU cores, about 3 minutes: the small preset (one resnet block per decoder level, for speed) on the bundled
+    # photos with the EfficientNet-Lite0 teacher at 128 px. No perceptual network is available offline (LPIPS needs
+    # torchvision), so its weight is 0; the GAN is off (it costs PSNR early in training; the tests exercise it).
+    "cpu-small": {
+        "model_preset": "evotok-small",
+        "model_overrides": {"codebook_size": 512, "ema_warmup_steps": 0, "decoder_res_blocks_per_level": 1},
+        "teacher": "efficientnet-lite0",
+        "teacher_image_size": 128,
+        "train_data": "bundled",
+        "eval_data": "bundled",
+        "train_batch_size": 8,
+        "max_train_steps": 750,
+        "learning_rate": 1e-3,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 30,
+        "perceptual": None,
+        "perceptual_weight": 0.0,
+        "disc_weight": 0.0,
+        "disc_start": 0,
+        "disc_norm": "group",
+        "disc_channels": 32,
+        "checkpointing_steps": 250,
+        "log_steps": 50,
+    },
+}
+
+
+def training_arguments_from_preset(name: str, **overrides) -> TokenizerTrainingArguments:
+    if name not in TRAINING_PRESETS:
+        raise ValueError(f"Unknown training preset {name!r}; available: {sorted(TRAINING_PRESETS)}")
+    values = {**TRAINING_PRESETS[name], **overrides}
+    return TokenizerTrainingArguments(**values)
+
+
+class ParameterEMA:
+    """Exponential moving average of a model's trainable parameters (fp32 shadows), for evaluation / export."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                param.copy_(self.shadow[name].to(param.dtype))
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    folder = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return None
+    steps = [
+        (int(m.group(1)), name)
+        for name in os.listdir(folder)
+        if (m := re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", name))
+    ]
+    return os.path.join(folder, max(steps)[1]) if steps else None
+
+
+class TokenizerTrainer:
+    """Sets up models, data, optimizers and Accelerate from `TokenizerTrainingArguments` (resuming if asked), then
+    `train()` runs the loop and `export()` writes the final `save_pretrained` folder."""
+
+    def __init__(self, args: TokenizerTrainingArguments):
+        from accelerate import Accelerator
+        from accelerate.utils import (
+            DataLoaderConfiguration,
+            DistributedDataParallelKwargs,
+            ProjectConfiguration,
+            set_seed,
+        )
+
+        self.args = args
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=args.report_to,
+            project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # without a semantic loss the semantic decoder gets no gradient; DDP must then expect unused parameters
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.semantic_weight == 0)],
+            cpu=not torch.cuda.is_available(),
+        )
+        set_seed(args.seed)
+        self.global_step = 0
+        self.skipped_steps = 0
+        self._skipped_in_a_row = 0
+
+        # Teacher first: its width fixes the semantic decoder's output size.
+        self.teacher = None
+        config_overrides = dict(args.model_overrides)
+        if args.semantic_weight > 0:
+            grid = EvoTokConfig.from_preset(args.model_preset, **config_overrides).grid_size
+            self.teacher = build_teacher(args.teacher, grid_size=grid, image_size=args.teacher_image_size)
+            config_overrides.setdefault("teacher_dim", self.teacher.feature_dim)
+        self.model = self._build_model(config_overrides)
+        config = self.model.config
+        size = config.image_size
+        self.processor = EvoTokImageProcessor(size={"height": size, "width": size})
+        self.discriminator = PatchGANDiscriminator(
+            base_channels=args.disc_channels, num_layers=args.disc_layers, norm=args.disc_norm
+        )
+        self.loss_fn = EvoTokLoss(args.loss_config(), perceptual=build_perceptual_loss(args.perceptual)
+                                  if args.perceptual_weight > 0 else None)
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(
+            trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay
+        )
+        self.disc_optimizer = torch.optim.Adam(
+            self.discriminator.parameters(), lr=args.disc_learning_rate or args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
+        )
+        from transformers import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            args.lr_scheduler, self.optimizer, num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=args.max_train_steps,
+        )
+        self.train_dataloader = self._build_train_dataloader()
+        self.eval_images = self._load_eval_images()
+
+        (self.model, self.discriminator, self.optimizer, self.disc_optimizer, self.lr_scheduler,
+         self.train_dataloader) = self.accelerator.prepare(
+            self.model, self.discriminator, self.optimizer, self.disc_optimizer, self.lr_scheduler,
+            self.train_dataloader,
+        )
+        if self.teacher is not None:
+            self.teacher.to(self.accelerator.device)
+        if self.loss_fn.perceptual is not None:
+            self.loss_fn.perceptual.to(self.accelerator.device)
+        self.ema = ParameterEMA(self._unwrap(self.model), args.ema_decay) if args.use_ema else None
+
+        self.accelerator.register_save_state_pre_hook(self._save_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_hook)
+        if self.accelerator.is_main_process:
+            self.accelerator.init_trackers("evotok-tokenizer", config=_flat_config(args))
+        self.resumed_from = None
+        if args.resume_from_checkpoint:
+            self._resume(args.resume_from_checkpoint)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _build_model(self, overrides: dict) -> EvoTokModel:
+        args = self.args
+        if args.init_from:
+            return EvoTokModel.from_pretrained(args.init_from)
+        config = EvoTokConfig.from_preset(args.model_preset, **overrides)
+        if args.encoder_pretrained:
+            return EvoTokModel.from_encoder_pretrained(args.encoder_pretrained, config=config)
+        return EvoTokModel(config)
+
+    def _build_train_dataloader(self):
+        args = self.args
+        if args.train_data == "bundled":
+            dataset = bundled_photo_dataset("train", crops_per_photo=args.crops_per_photo, crop_size=args.crop_size,
+                                            seed=args.seed)
+        else:
+            dataset = load_image_dataset(args.train_data, split="train", streaming=args.streaming,
+                                         image_column=args.image_column)
+        return make_dataloader(dataset, train_transform(self.processor), batch_size=args.train_batch_size,
+                               shuffle=True, seed=args.seed, num_workers=args.num_workers)
+
+    def _load_eval_images(self) -> torch.Tensor | None:
+        args = self.args
+        if not args.eval_data:
+            return None
+        if args.eval_data == "bundled":
+            dataset = bundled_photo_dataset("validation", crop_size=args.crop_size, seed=args.seed)
+        else:
+            dataset = load_image_dataset(args.eval_data, split="validation", image_column=args.image_column)
+        transform = eval_transform(self.processor)
+        images = []
+        for i, example in enumerate(dataset):
+            if i >= args.eval_max_images:
+                break
+            images.append(transform(example["image"]))
+        return torch.stack(images) if images else None
+
+    def _unwrap(self, module):
+        return self.accelerator.unwrap_model(module)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_hook(self, models, weights, output_dir):
+        if not self.accelerator.is_main_process:
+            weights.clear()
+            return
+        for model in models:
+            unwrapped = self._unwrap(model)
+            if isinstance(unwrapped, EvoTokModel):
+                unwrapped.save_pretrained(os.path.join(output_dir, "tokenizer"))
+                self.processor.save_pretrained(os.path.join(output_dir, "tokenizer"))
+            elif isinstance(unwrapped, PatchGANDiscriminator):
+                folder = os.path.join(output_dir, "discriminator")
+                os.makedirs(folder, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in unwrapped.state_dict().items()},
+                          os.path.join(folder, "model.safetensors"))
+                with open(os.path.join(folder, "config.json"), "w") as f:
+                    json.dump({"base_channels": self.args.disc_channels, "num_layers": self.args.disc_layers,
+                               "norm": self.args.disc_norm}, f)
+        weights.clear()  # everything above is the model state: Accelerate must not write it again
+        if self.ema is not None:
+            os.makedirs(os.path.join(output_dir, "ema"), exist_ok=True)
+            save_file(self.ema.shadow, os.path.join(output_dir, "ema", "model.safetensors"))
+        with open(os.path.join(output_dir, "trainer_state.json"), "w") as f:
+            json.dump({"global_step": self.global_step}, f)
+
+    def _load_hook(self, models, input_dir):
+        while models:
+            model = self._unwrap(models.pop())
+            if isinstance(model, EvoTokModel):
+                state = load_file(os.path.join(input_dir, "tokenizer", "model.safetensors"))
+                model.load_state_dict(state)
+            elif isinstance(model, PatchGANDiscriminator):
+                model.load_state_dict(load_file(os.path.join(input_dir, "discriminator", "model.safetensors")))
+        if self.ema is not None:
+            self.ema.shadow = load_file(os.path.join(input_dir, "ema", "model.safetensors"))
+
+    def save_checkpoint(self) -> str:
+        """Write checkpoint-<step> atomically (temporary folder, then rename) and prune old ones."""
+        folder = os.path.join(self.args.output_dir, "checkpoints")
+        final = os.path.join(folder, f"{CHECKPOINT_PREFIX}{self.global_step}")
+        partial = final + ".partial"
+        if self.accelerator.is_main_process and os.path.exists(partial):
+            shutil.rmtree(partial)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(partial)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            self._prune_checkpoints(folder)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self, folder: str) -> None:
+        limit = self.args.checkpoints_total_limit
+        if not limit:
+            return
+        steps = sorted(
+            int(m.group(1)) for n in os.listdir(folder) if (m := re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", n))
+        )
+        for step in steps[:-limit]:
+            shutil.rmtree(os.path.join(folder, f"{CHECKPOINT_PREFIX}{step}"))
+
+    def _resume(self, spec: str) -> None:
+        path = latest_checkpoint(self.args.output_dir) if spec == "latest" else spec
+        if path is None:
+            logger.info("No checkpoint under %s: starting from scratch.", self.args.output_dir)
+            return
+        if not os.path.isdir(path):
+            raise ValueError(f"resume_from_checkpoint: {path!r} is not a checkpoint folder")
+        self.accelerator.load_state(path)
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            self.global_step = json.load(f)["global_step"]
+        self.resumed_from = path
+        logger.info("Resumed from %s at step %d", path, self.global_step)
+
+    # ------------------------------------------------------------------ the loop
+    def _batches(self):
+        """Infinite stream of batches; on resume, the epoch and position reached are skipped without decoding."""
+        dataloader = self.train_dataloader
+        consumed = self.global_step * self.args.gradient_accumulation_steps
+        per_epoch = len(dataloader) if hasattr(dataloader, "__len__") else None
+        epoch = consumed // per_epoch if per_epoch else 0
+        skip = consumed % per_epoch if per_epoch else consumed
+        while True:
+            if hasattr(dataloader, "set_epoch"):
+                dataloader.set_epoch(epoch)
+            loader = self.accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+            skip = 0
+            yielded = False
+            for batch in loader:
+                yielded = True
+                yield batch
+            if not yielded:
+                raise ValueError("the training dataloader yields no batch (dataset smaller than one batch?)")
+            epoch += 1
+
+    def _teacher_features(self, pixel_values):
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return self.teacher(pixel_values.float())
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        args, accelerator = self.args, self.accelerator
+        model, disc = self.model, self.discriminator
+        # The generator's adversarial term goes through the bare discriminator with its parameters frozen: the
+        # generator backward then gives the discriminator no gradient (nothing to zero, nothing for its DDP
+        # reducer to wait for); the discriminator step goes through the wrapped (synchronised) module.
+        disc_bare = self._unwrap(disc)
+        last_layer = self._unwrap(model).pixel_decoder.last_layer
+        progress = tqdm(range(self.global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
+                        desc="train", initial=0)
+        batches = self._batches()
+        history: list[dict] = []
+        start_time, start_step = time.perf_counter(), self.global_step
+        model.train()
+        disc.train()
+        while self.global_step < args.max_train_steps:
+            batch = next(batches)
+            pixel_values = batch["pixel_values"]
+            gan_active = self.global_step >= args.disc_start and args.disc_weight > 0
+            # ---- generator step
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    output = model(pixel_values)
+                    logits_fake = None
+                    if gan_active:
+                        with _frozen(disc_bare):
+                            logits_fake = disc_bare(output.reconstruction)
+                    loss, terms = self.loss_fn.generator_loss(
+                        output, pixel_values, self._teacher_features(pixel_values), logits_fake, self.global_step,
+                        last_layer=last_layer if args.disc_adaptive_weight and gan_active else None,
+                    )
+                if not self._finite_everywhere(terms):
+                    continue
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            # ---- discriminator step (same batch, reconstructions detached)
+            if gan_active:
+                with accelerator.accumulate(disc):
+                    with accelerator.autocast():
+                        d_loss, d_terms = self.loss_fn.discriminator_loss(
+                            disc(pixel_values.detach()), disc(output.reconstruction.detach()), self.global_step
+                        )
+                    if not self._finite_everywhere(d_terms):
+                        continue
+                    accelerator.backward(d_loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(disc.parameters(), args.max_grad_norm)
+                    self.disc_optimizer.step()
+                    self.disc_optimizer.zero_grad(set_to_none=True)
+                terms.update(d_terms)
+            if not accelerator.sync_gradients:
+                continue
+            self.global_step += 1
+            progress.update(1)
+            if self.ema is not None:
+                self.ema.update(self._unwrap(model))
+            usage = output.codebook_usage.detach()
+            logs = {k: float(v) for k, v in terms.items()}
+            logs.update({"lr": self.lr_scheduler.get_last_lr()[0], "usage_pixel": float(usage[: self._unwrap(model).config.pixel_depth].mean()),
+                         "usage_all": float(usage.mean())})
+            if self.global_step % args.log_steps == 0 or self.global_step == args.max_train_steps:
+                elapsed = time.perf_counter() - start_time
+                logs["steps_per_s"] = (self.global_step - start_step) / max(elapsed, 1e-9)
+                accelerator.log(logs, step=self.global_step)
+                progress.set_postfix(loss=f"{logs['total']:.4f}", rec=f"{logs['reconstruction']:.4f}",
+                                     sem=f"{logs['semantic_cosine']:.3f}")
+                history.append({"step": self.global_step, **logs})
+            if args.eval_steps and self.global_step % args.eval_steps == 0:
+                accelerator.log(self.evaluate(), step=self.global_step)
+            if args.checkpointing_steps and self.global_step % args.checkpointing_steps == 0:
+                self.save_checkpoint()
+        progress.close()
+        elapsed = time.perf_counter() - start_time
+        summary = {"global_step": self.global_step, "train_seconds": elapsed,
+                   "steps_per_s": (self.global_step - start_step) / max(elapsed, 1e-9), "history": history}
+        if self.eval_images is not None:
+            summary["eval"] = self.evaluate()
+        if args.dump_rank_state:
+            os.makedirs(args.dump_rank_state, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self._unwrap(model).state_dict().items()},
+                      os.path.join(args.dump_rank_state, f"rank{accelerator.process_index}.safetensors"))
+        accelerator.wait_for_everyone()
+        return summary
+
+    def _finite_everywhere(self, terms: dict) -> bool:
+        """True when every loss term is finite on every rank. Otherwise raise (naming step and term) or, with
+        on_nonfinite="skip", tell every rank to drop this step together."""
+        local_ok = all(torch.isfinite(torch.as_tensor(v)).all() for v in terms.values())
+        flag = torch.tensor([0.0 if local_ok else 1.0], device=self.accelerator.device)
+        any_bad = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if not any_bad:
+            self._skipped_in_a_row = 0
+            return True
+        if self.args.on_nonfinite == "raise":
+            if not local_ok:
+                check_finite(terms, self.global_step)
+            raise FloatingPointError(f"non-finite loss on another rank at step {self.global_step}")
+        self.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row > self.args.max_consecutive_skips:
+            raise FloatingPointError(
+                f"non-finite loss in {self._skipped_in_a_row} consecutive batches at step {self.global_step}: giving up"
+            )
+        logger.warning("non-finite loss at step %d: skipping this batch on every rank", self.global_step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        return False
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """PSNR (and SSIM when torchmetrics is installed) of full reconstructions on the held-out images."""
+        if self.eval_images is None:
+            return {}
+        model = self._unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        images = self.eval_images.to(self.accelerator.device)
+        reconstructions = torch.cat([model(chunk).reconstruction.float() for chunk in images.split(16)])
+        metrics = {"eval_psnr": float(psnr(reconstructions, images).mean())}
+        try:
+            from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+        except ImportError:
+            ssim = None
+        if ssim is not None:
+            metrics["eval_ssim"] = float(ssim((reconstructions.clamp(-1, 1) + 1) / 2, (images + 1) / 2, data_range=1.0))
+        model.train(was_training)
+        return metrics
+
+    def export(self, path: str) -> str:
+        """The final tokenizer as a `save_pretrained` folder (EMA weights when use_ema) with its image processor."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            model = self._unwrap(self.model)
+            if self.ema is not None:
+                backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.ema.shadow}
+                self.ema.copy_to(model)
+            model.save_pretrained(path)
+            self.processor.save_pretrained(path)
+            if self.ema is not None:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if n in backup:
+                            p.copy_(backup[n])
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def end(self) -> None:
+        """Close trackers and wait for every rank (ending a gloo run right after destroy_process_group flakes)."""
+        self.accelerator.end_training() if self.args.report_to else None
+        self.accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module):
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def _flat_config(args: TokenizerTrainingArguments) -> dict:
+    flat = {}
+    for key, value in dataclasses.asdict(args).items():
+        flat[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+    return {k: v for k, v in flat.items() if v is not None}
+
+
+__all__ = [
+    "TRAINING_PRESETS",
+    "ParameterEMA",
+    "TokenizerTrainer",
+    "TokenizerTrainingArguments",
+    "latest_checkpoint",
+    "training_arguments_from_preset",
+]
