@@ -290,9 +290,12 @@ class TokenizerTrainer:
         )
         from transformers import get_scheduler
 
+        # Accelerate steps a prepared scheduler once per process at every optimizer step (as diffusers' scripts
+        # assume), so the schedule's lengths are counted in those units.
+        processes = self.accelerator.num_processes
         self.lr_scheduler = get_scheduler(
-            args.lr_scheduler, self.optimizer, num_warmup_steps=args.lr_warmup_steps,
-            num_training_steps=args.max_train_steps,
+            args.lr_scheduler, self.optimizer, num_warmup_steps=args.lr_warmup_steps * processes,
+            num_training_steps=args.max_train_steps * processes,
         )
         self.train_dataloader = self._build_train_dataloader()
         self.eval_images = self._load_eval_images()
@@ -522,13 +525,16 @@ class TokenizerTrainer:
             progress.update(1)
             if self.ema is not None:
                 self.ema.update(self._unwrap(model))
-            usage = output.codebook_usage.detach()
-            logs = {k: float(v) for k, v in terms.items()}
-            logs.update({"lr": self.lr_scheduler.get_last_lr()[0], "usage_pixel": float(usage[: self._unwrap(model).config.pixel_depth].mean()),
-                         "usage_all": float(usage.mean())})
             if self.global_step % args.log_steps == 0 or self.global_step == args.max_train_steps:
-                elapsed = time.perf_counter() - start_time
-                logs["steps_per_s"] = (self.global_step - start_step) / max(elapsed, 1e-9)
+                usage = output.codebook_usage.detach()
+                pixel_depth = self._unwrap(model).config.pixel_depth
+                logs = {k: float(v) for k, v in terms.items()}
+                logs.update({
+                    "lr": self.lr_scheduler.get_last_lr()[0],
+                    "usage_pixel": float(usage[:pixel_depth].mean()),
+                    "usage_all": float(usage.mean()),
+                    "steps_per_s": (self.global_step - start_step) / max(time.perf_counter() - start_time, 1e-9),
+                })
                 accelerator.log(logs, step=self.global_step)
                 progress.set_postfix(loss=f"{logs['total']:.4f}", rec=f"{logs['reconstruction']:.4f}",
                                      sem=f"{logs['semantic_cosine']:.3f}")
@@ -614,7 +620,8 @@ class TokenizerTrainer:
 
     def end(self) -> None:
         """Close trackers and wait for every rank (ending a gloo run right after destroy_process_group flakes)."""
-        self.accelerator.end_training() if self.args.report_to else None
+        if self.args.report_to:
+            self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
 
 
