@@ -50,8 +50,10 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 @dataclass
-class TokenizerTrainingArguments:
-    """Everything a tokenizer training run needs; `scripts/train_tokenizer.py` maps its flags onto these fields."""
+class TokenizerTrainingArguments(EvoTokLossConfig):
+    """Everything a tokenizer training run needs; `scripts/train_tokenizer.py` maps its flags onto these fields.
+    The loss weights and kinds are the inherited `EvoTokLossConfig` fields (reconstruction_loss, disc_weight,
+    disc_start, semantic_fold, ...)."""
 
     output_dir: str = "outputs/evotok-tokenizer"
     # model
@@ -84,22 +86,11 @@ class TokenizerTrainingArguments:
     mixed_precision: str = "no"
     use_ema: bool = False
     ema_decay: float = 0.999
-    # loss
-    reconstruction_loss: str = "l2"
-    reconstruction_weight: float = 1.0
+    # loss networks (the weights are the inherited EvoTokLossConfig fields)
     perceptual: str | None = "lpips-vgg"
-    perceptual_weight: float = 1.0
-    disc_weight: float = 0.5
-    disc_start: int = 20000
-    disc_adaptive_weight: bool = False
-    disc_loss: str = "hinge"
-    gen_loss: str = "hinge"
     disc_norm: str = "group"
     disc_channels: int = 64
     disc_layers: int = 3
-    semantic_weight: float = 1.0
-    semantic_fold: int = 4
-    commitment_weight: float = 1.0
     on_nonfinite: str = "raise"  # or "skip": drop the step (on every rank) instead of stopping
     max_consecutive_skips: int = 10  # with on_nonfinite="skip": give up after this many non-finite steps in a row
     # bookkeeping
@@ -114,6 +105,7 @@ class TokenizerTrainingArguments:
     dump_rank_state: str | None = None  # testing aid: each rank writes its final tokenizer state here
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("perceptual", "eval_data", "resume_from_checkpoint", "report_to", "init_from",
                      "encoder_pretrained", "dump_rank_state"):
             if isinstance(getattr(self, name), str) and getattr(self, name).lower() in ("none", ""):
@@ -127,19 +119,10 @@ class TokenizerTrainingArguments:
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
 
     def loss_config(self) -> EvoTokLossConfig:
-        return EvoTokLossConfig(
-            reconstruction_loss=self.reconstruction_loss,
-            reconstruction_weight=self.reconstruction_weight,
-            perceptual_weight=self.perceptual_weight if self.perceptual not in (None, "none") else 0.0,
-            disc_weight=self.disc_weight,
-            disc_start=self.disc_start,
-            disc_adaptive_weight=self.disc_adaptive_weight,
-            disc_loss=self.disc_loss,
-            gen_loss=self.gen_loss,
-            semantic_weight=self.semantic_weight,
-            semantic_fold=self.semantic_fold,
-            commitment_weight=self.commitment_weight,
-        )
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(EvoTokLossConfig)}
+        if self.perceptual is None:
+            values["perceptual_weight"] = 0.0
+        return EvoTokLossConfig(**values)
 
 
 TRAINING_PRESETS: dict[str, dict] = {
