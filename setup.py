@@ -32,11 +32,11 @@ extras = {
     "demo": train + bundled_photos,
     # Online-only networks (LPIPS-VGG perceptual loss, Inception rFID). They pull torchvision, which does not import
     # beside the CPU torch build used here, so this extra is for machines with a matching CUDA torch + torchvision.
-    "online": ["lpips>=0.1.4", "torchvision", "torch-fidelity>=0.3"],
+    "online": ["lpips>=0.1.4", "torchvision", "torch-fidelity>=0.3", "torchmetrics>=1.4"],
     # Benchmarks: the reference residual VQ we compare against.
     "bench": ["vector-quantize-pytorch>=1.20"],
 }
-extras["dev"] = sorted(set(train + bundled_photos + ["pytest>=8.0"]))
+extras["dev"] = sorted(set(train + extras["eval"] + ["pytest>=8.0"]))
 
 setup(
     name="evotok_hf",
@@ -47,6 +47,8 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    # the local `evaluate` metric modules (evaluate.load(evotok_hf.evaluation.metric_path("evotok_psnr")))
+    package_data={"evotok_hf.evaluation": ["evaluate_metrics/*/*.py"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras,

@@ -6,12 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of images in [-1, 1], measured on the [0, 1] scale (peak 1)."""
-    a = ((reconstruction.float().clamp(-1, 1) + 1) / 2).flatten(1)
-    b = ((target.float().clamp(-1, 1) + 1) / 2).flatten(1)
-    return 10 * torch.log10(1.0 / (a - b).pow(2).mean(dim=1).clamp(min=1e-12))
+from .metrics import psnr
 
 
 def mean_colour_baseline(images: torch.Tensor) -> torch.Tensor:

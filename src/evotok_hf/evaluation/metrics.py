@@ -1,0 +1,393 @@
+"""Reconstruction metrics for images in [-1, 1]: PSNR, SSIM and rFID (Fréchet distance of feature statistics).
+
+References:
+- SSIM: Wang, Bovik, Sheikh, Simoncelli, "Image quality assessment: from error visibility to structural
+  similarity", IEEE TIP 2004 (11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, population covariance).
+  The numbers agree with `skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False)` on the same images mapped to [0, 1].
+- FID: Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium",
+  NeurIPS 2017; the standard feature network is the FID Inception-v3's 2048-d pool3 output.
+
+rFID here is the Fréchet distance between the feature statistics of the originals and of their reconstructions.
+Only `InceptionV3Features` gives numbers comparable with published rFID; `EfficientNetLite0Features` is an offline
+stand-in (real ImageNet weights shipped in a registry package) for machines that cannot download the Inception
+weights, useful to compare checkpoints with each other, never with papers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EVALUATE_METRICS_DIR = Path(__file__).resolve().parent / "evaluate_metrics"
+INSTALL_ONLINE = 'pip install "evotok_hf[online]"'
+
+SSIM_SIGMA = 1.5
+SSIM_RADIUS = 5  # int(3.5 * sigma + 0.5): scipy.ndimage's truncation at 3.5 sigma, i.e. an 11x11 window
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+
+def _float64_on(device: torch.device) -> torch.dtype:
+    # MPS has no float64; everywhere else the metrics accumulate in double precision.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _check_image_pair(reconstruction: torch.Tensor, target: torch.Tensor) -> None:
+    if reconstruction.shape != target.shape:
+        raise ValueError(f"reconstruction and target shapes differ: {tuple(reconstruction.shape)} vs "
+                         f"{tuple(target.shape)}")
+    if reconstruction.ndim != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(reconstruction.shape)}")
+
+
+def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB, shape (B,), of (B, C, H, W) images in [-1, 1], measured on the [0, 1] scale (peak 1).
+
+    Values outside [-1, 1] are clipped first, as they would be when the image is saved. A perfect reconstruction
+    gives `inf` (unlike `per_depth.psnr`, which floors the MSE and reports 120 dB)."""
+    _check_image_pair(reconstruction, target)
+    dtype = _float64_on(reconstruction.device)
+    a = (reconstruction.to(dtype).clamp(-1, 1) + 1) / 2
+    b = (target.to(dtype).clamp(-1, 1) + 1) / 2
+    mse = (a - b).pow(2).flatten(1).mean(dim=1)
+    return -10 * torch.log10(mse)
+
+
+def _valid_gaussian_filter_matrix(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(size, size - 2 * radius) banded matrix: column j holds the normalised Gaussian window centred on j + radius,
+    so `signal @ matrix` filters along the last axis at the positions where the whole window fits."""
+    offsets = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=dtype, device=device)
+    window = torch.exp(-0.5 * (offsets / SSIM_SIGMA) ** 2)
+    window = window / window.sum()
+    num_outputs = size - 2 * SSIM_RADIUS
+    columns = torch.arange(num_outputs, device=device).expand(len(window), -1)
+    rows = columns + torch.arange(len(window), device=device)[:, None]
+    matrix = torch.zeros(size, num_outputs, dtype=dtype, device=device)
+    matrix[rows, columns] = window[:, None].expand(-1, num_outputs)
+    return matrix
+
+
+def _gaussian_blur_valid(maps: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian filter of (..., H, W) maps, keeping only positions whose window fits. Done as two banded
+    matmuls: float64 depthwise convolution is an order of magnitude slower on CPU."""
+    along_height = _valid_gaussian_filter_matrix(maps.shape[-2], maps.dtype, maps.device)
+    along_width = _valid_gaussian_filter_matrix(maps.shape[-1], maps.dtype, maps.device)
+    return along_height.T @ (maps @ along_width)
+
+
+def ssim(reconstruction: torch.Tensor, target: torch.Tensor, data_range: float = 2.0, *,
+         minimum: float = -1.0) -> torch.Tensor:
+    """Per-image SSIM, shape (B,), of (B, C, H, W) images whose values lie in [minimum, minimum + data_range]
+    (default: our [-1, 1] pixel values).
+
+    SSIM's luminance term is not shift-invariant, so the images are first shifted to [0, data_range]: the result is
+    the usual SSIM of the images on the [0, 1] (or 0..255) scale, not of the raw [-1, 1] values (on which mid-grey
+    regions with means of opposite sign would score near -1). Values outside the range are clipped, as in `psnr`.
+    Mean over the positions where the 11x11 window fits and over channels, computed in float64."""
+    _check_image_pair(reconstruction, target)
+    window_size = 2 * SSIM_RADIUS + 1
+    if min(reconstruction.shape[-2:]) < window_size:
+        raise ValueError(f"SSIM needs images of at least {window_size}x{window_size}, got "
+                         f"{tuple(reconstruction.shape[-2:])}")
+    if data_range <= 0:
+        raise ValueError(f"data_range must be positive, got {data_range}")
+    dtype = _float64_on(reconstruction.device)
+    x = reconstruction.to(dtype).clamp(minimum, minimum + data_range) - minimum
+    y = target.to(dtype).clamp(minimum, minimum + data_range) - minimum
+    blurred = _gaussian_blur_valid(torch.cat([x, y, x * x, y * y, x * y], dim=1))
+    mu_x, mu_y, mean_xx, mean_yy, mean_xy = blurred.chunk(5, dim=1)
+    var_x = mean_xx - mu_x**2
+    var_y = mean_yy - mu_y**2
+    cov_xy = mean_xy - mu_x * mu_y
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(dim=1)
+
+
+def _as_float64(array: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(array).detach().to(device="cpu", dtype=torch.float64)
+
+
+def _trace_sqrt_product(sigma1: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """tr((sigma1 sigma2)^(1/2)) for symmetric PSD matrices, as tr((s1^(1/2) sigma2 s1^(1/2))^(1/2)).
+
+    The product sigma1 sigma2 is not symmetric, so its matrix square root (scipy's sqrtm, as in pytorch-fid) can
+    pick up imaginary parts and fail on near-singular covariances (fewer samples than dimensions). The similar
+    matrix s1^(1/2) sigma2 s1^(1/2) is symmetric PSD: its eigenvalues are real, and clipping round-off negatives to
+    zero replaces pytorch-fid's eps offset."""
+    eigenvalues, eigenvectors = torch.linalg.eigh((sigma1 + sigma1.T) / 2)
+    sqrt_sigma1 = (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+    middle = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    return torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+
+
+def frechet_distance(mu1: torch.Tensor | np.ndarray, sigma1: torch.Tensor | np.ndarray,
+                     mu2: torch.Tensor | np.ndarray, sigma2: torch.Tensor | np.ndarray) -> float:
+    """Fréchet distance ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)) between two Gaussians,
+    in float64 on the CPU."""
+    mu1, sigma1, mu2, sigma2 = (_as_float64(a) for a in (mu1, sigma1, mu2, sigma2))
+    dim = mu1.shape[0] if mu1.ndim == 1 else -1
+    if mu1.shape != mu2.shape or mu1.ndim != 1 or sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
+        raise ValueError(f"expected means of shape (D,) and covariances of shape (D, D), got {tuple(mu1.shape)}, "
+                         f"{tuple(sigma1.shape)}, {tuple(mu2.shape)}, {tuple(sigma2.shape)}")
+    difference = mu1 - mu2
+    distance = difference @ difference + sigma1.trace() + sigma2.trace() - 2 * _trace_sqrt_product(sigma1, sigma2)
+    # The distance is non-negative; identical statistics can come out at -1e-12 from round-off.
+    return max(float(distance), 0.0)
+
+
+class FeatureStatistics:
+    """Streaming mean and covariance of feature vectors: float64 running sum and sum of outer products.
+
+    `update` takes (N, D) features from any number of batches; `covariance` is the unbiased (N - 1) estimate that
+    FID implementations use. The sums stay on the device of the first batch."""
+
+    def __init__(self) -> None:
+        self.feature_sum: torch.Tensor | None = None
+        self.outer_product_sum: torch.Tensor | None = None
+        self.num_samples = 0
+
+    @property
+    def num_features(self) -> int | None:
+        return None if self.feature_sum is None else self.feature_sum.shape[0]
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor) -> None:
+        if features.ndim != 2:
+            raise ValueError(f"expected features of shape (N, D), got {tuple(features.shape)}")
+        if self.feature_sum is None:
+            dtype = _float64_on(features.device)
+            self.feature_sum = torch.zeros(features.shape[1], dtype=dtype, device=features.device)
+            self.outer_product_sum = torch.zeros(features.shape[1], features.shape[1], dtype=dtype,
+                                                 device=features.device)
+        elif features.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} features per sample, got {features.shape[1]}")
+        features = features.to(self.feature_sum)
+        if not torch.isfinite(features).all():
+            raise ValueError("features contain NaN or inf")
+        self.feature_sum += features.sum(dim=0)
+        self.outer_product_sum += features.T @ features
+        self.num_samples += features.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        if self.num_samples < 1:
+            raise RuntimeError("no features have been added")
+        return self.feature_sum / self.num_samples
+
+    def covariance(self) -> torch.Tensor:
+        if self.num_samples < 2:
+            raise RuntimeError(f"a covariance needs at least 2 samples, got {self.num_samples}")
+        mean = self.mean()
+        return (self.outer_product_sum - self.num_samples * torch.outer(mean, mean)) / (self.num_samples - 1)
+
+
+def fid_from_statistics(real: FeatureStatistics, fake: FeatureStatistics) -> float:
+    """Fréchet distance between the Gaussians fitted to two sets of features (rFID: originals vs reconstructions)."""
+    if real.num_features != fake.num_features:
+        raise ValueError(f"feature sizes differ: {real.num_features} (real) vs {fake.num_features} (fake)")
+    return frechet_distance(real.mean(), real.covariance(), fake.mean(), fake.covariance())
+
+
+class FeatureNetwork(nn.Module):
+    """Base class of rFID feature networks: (B, 3, H, W) images in [-1, 1] -> (B, num_features) float features.
+
+    Subclasses set `num_features` and `name`, build their network, call `_freeze()` and implement `extract`. The
+    network is frozen and always in eval mode."""
+
+    num_features: int
+    name: str
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FeatureNetwork:
+        return super().train(False)
+
+    def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"expected pixel_values of shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        features = self.extract(pixel_values).float()
+        expected = (pixel_values.shape[0], self.num_features)
+        if tuple(features.shape) != expected:
+            raise RuntimeError(f"{self.name} returned features of shape {tuple(features.shape)}, expected {expected}")
+        return features
+
+
+class EfficientNetLite0Features(FeatureNetwork):
+    """Offline stand-in for the FID Inception: EfficientNet-Lite0 (real ImageNet weights from a registry package),
+    global average pool of its last feature map (1280). rFID values from it are not comparable with published ones.
+
+    Loads the network, its weights and its input normalisation through `EfficientNetLite0Teacher`."""
+
+    num_features = 1280
+    name = "efficientnet-lite0-pool (offline stand-in, NOT Inception: values are not comparable with published rFID)"
+
+    def __init__(self, weights_path: str | os.PathLike | None = None, image_size: int = 224):
+        super().__init__()
+        from ..training.teacher import EfficientNetLite0Teacher
+
+        self.teacher = EfficientNetLite0Teacher(grid_size=1, weights_path=weights_path, image_size=image_size)
+        self._freeze()
+
+    def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        network = self.teacher.network
+        inputs = self.teacher.preprocess(pixel_values).to(next(network.parameters()).dtype)
+        return network.extract_features(inputs).mean(dim=(2, 3))
+
+
+class InceptionV3Features(FeatureNetwork):
+    """The standard FID feature network: torchmetrics' `NoTrainInceptionV3` (torch-fidelity's port of the TF FID
+    Inception-v3), 2048-d pool3 features. It needs torch-fidelity (and so torchvision) and downloads its weights on
+    first use unless `weights_path` is given.
+
+    That network takes uint8 images in 0..255 of any size (it resizes to 299x299 itself), so [-1, 1] images are
+    clipped and rounded to 0..255, like images saved to PNG before a standard FID evaluation."""
+
+    num_features = 2048
+    name = "inception-v3-fid (pool3, 2048)"
+
+    def __init__(self, weights_path: str | os.PathLike | None = None):
+        super().__init__()
+        missing = (f"InceptionV3Features needs torchmetrics, torch-fidelity and a torchvision matching your torch: "
+                   f"{INSTALL_ONLINE}, or use the offline 'efficientnet-lite0' feature network")
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        # A torchvision built for another torch fails at import with a RuntimeError (unknown operator), not an
+        # ImportError.
+        except (ImportError, RuntimeError) as error:
+            raise ImportError(f"{missing} ({error})") from error
+        try:
+            self.network = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)],
+                                              feature_extractor_weights_path=weights_path)
+        except ImportError as error:  # torchmetrics imports without torch-fidelity and raises here instead
+            raise ImportError(f"{missing} ({error})") from error
+        self._freeze()
+
+    def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pixels_uint8 = ((pixel_values.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return self.network(pixels_uint8)
+
+
+class _NamedFeatureNetwork(FeatureNetwork):
+    """A user's feature module (taking [-1, 1] images) given a `name` and the checks of `FeatureNetwork`."""
+
+    def __init__(self, module: nn.Module, name: str):
+        super().__init__()
+        self.module = module
+        self.num_features = int(module.num_features)
+        self.name = name
+        self._freeze()
+
+    def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.module(pixel_values)
+
+
+def build_feature_network(spec: str | nn.Module, name: str | None = None) -> FeatureNetwork:
+    """"inception" -> `InceptionV3Features` (standard, online); "efficientnet-lite0" -> `EfficientNetLite0Features`
+    (offline stand-in); an nn.Module with an integer `num_features` that maps [-1, 1] images to (B, num_features)
+    -> wrapped, frozen and in eval mode, named `name` (default: its own `name` attribute, else its class name)."""
+    if isinstance(spec, FeatureNetwork) and name is None:
+        return spec
+    if isinstance(spec, nn.Module):
+        if not isinstance(getattr(spec, "num_features", None), int):
+            raise ValueError(f"a feature network module needs an integer `num_features`, got {type(spec).__name__}")
+        own_name = getattr(spec, "name", None)
+        return _NamedFeatureNetwork(spec, name or (own_name if isinstance(own_name, str) else type(spec).__name__))
+    if isinstance(spec, str) and spec.lower() == "inception":
+        return InceptionV3Features()
+    if isinstance(spec, str) and spec.lower() == "efficientnet-lite0":
+        return EfficientNetLite0Features()
+    raise ValueError(f"feature network spec must be 'inception', 'efficientnet-lite0' or an nn.Module with "
+                     f"`num_features`, got {spec!r}")
+
+
+@torch.no_grad()
+def feature_statistics(images: torch.Tensor | Iterable[torch.Tensor], network: nn.Module,
+                       batch_size: int = 32) -> FeatureStatistics:
+    """Feature statistics of [-1, 1] images: one (N, 3, H, W) tensor (run in batches of `batch_size`) or an
+    iterable of (B, 3, H, W) batches."""
+    batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
+    statistics = FeatureStatistics()
+    device = next(network.parameters(), torch.empty(0)).device
+    for batch in batches:
+        statistics.update(network(batch.to(device)))
+    return statistics
+
+
+def _as_uint8_rgb(image: np.ndarray | PIL.Image.Image) -> np.ndarray:
+    array = np.asarray(image.convert("RGB")) if isinstance(image, PIL.Image.Image) else np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"expected (H, W, 3) uint8 images or PIL images, got shape {array.shape} and dtype "
+                         f"{array.dtype}")
+    return array
+
+
+def _to_pixel_values(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def uint8_images_to_pixel_values(images: Iterable[np.ndarray | PIL.Image.Image]) -> torch.Tensor:
+    """Images of one size, as (H, W, 3) uint8 arrays (0..255) or PIL images (converted to RGB) -> (N, 3, H, W)
+    float32 pixel values in [-1, 1]."""
+    arrays = [_as_uint8_rgb(image) for image in images]
+    if not arrays:
+        raise ValueError("no images given")
+    if len({array.shape for array in arrays}) > 1:
+        raise ValueError(f"images differ in size: {sorted({array.shape for array in arrays})}")
+    return _to_pixel_values(arrays)
+
+
+def image_pair_batches(predictions: Iterable[np.ndarray | PIL.Image.Image],
+                       references: Iterable[np.ndarray | PIL.Image.Image],
+                       batch_size: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(predictions, references) pixel-value batches in [-1, 1] from paired uint8 / PIL images: runs of consecutive
+    pairs of the same sizes, at most `batch_size` long, so that sets of mixed sizes need no resizing."""
+    run: list[tuple[np.ndarray, np.ndarray]] = []
+    for prediction, reference in zip(predictions, references, strict=True):
+        pair = (_as_uint8_rgb(prediction), _as_uint8_rgb(reference))
+        if run and (len(run) == batch_size or (pair[0].shape, pair[1].shape) != (run[0][0].shape, run[0][1].shape)):
+            yield _to_pixel_values([p for p, _ in run]), _to_pixel_values([r for _, r in run])
+            run = []
+        run.append(pair)
+    if run:
+        yield _to_pixel_values([p for p, _ in run]), _to_pixel_values([r for _, r in run])
+
+
+def metric_path(name: str) -> str:
+    """Folder of a local `evaluate` metric module, for `evaluate.load(metric_path("evotok_psnr"))`: "evotok_psnr",
+    "evotok_ssim" or "evotok_fid". Works offline; the modules import `evotok_hf`, so the package must be installed."""
+    available = sorted(p.name for p in EVALUATE_METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())
+    if name not in available:
+        raise ValueError(f"unknown metric {name!r}; available: {available}")
+    return str(EVALUATE_METRICS_DIR / name)
+
+
+__all__ = [
+    "EfficientNetLite0Features",
+    "FeatureNetwork",
+    "FeatureStatistics",
+    "InceptionV3Features",
+    "build_feature_network",
+    "feature_statistics",
+    "fid_from_statistics",
+    "frechet_distance",
+    "image_pair_batches",
+    "metric_path",
+    "psnr",
+    "ssim",
+    "uint8_images_to_pixel_values",
+]
