@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..training.teacher import FrozenModule
+
 EVALUATE_METRICS_DIR = Path(__file__).resolve().parent / "evaluate_metrics"
 INSTALL_ONLINE = 'pip install "evotok_hf[online]"'
 
@@ -197,7 +199,7 @@ def fid_from_statistics(real: FeatureStatistics, fake: FeatureStatistics) -> flo
     return frechet_distance(real.mean(), real.covariance(), fake.mean(), fake.covariance())
 
 
-class FeatureNetwork(nn.Module):
+class FeatureNetwork(FrozenModule):
     """Base class of rFID feature networks: (B, 3, H, W) images in [-1, 1] -> (B, num_features) float features.
 
     Subclasses set `num_features` and `name`, build their network, call `_freeze()` and implement `extract`. The
@@ -205,13 +207,6 @@ class FeatureNetwork(nn.Module):
 
     num_features: int
     name: str
-
-    def _freeze(self) -> None:
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> FeatureNetwork:
-        return super().train(False)
 
     def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

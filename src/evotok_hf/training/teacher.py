@@ -31,7 +31,19 @@ def _to_grid(features: torch.Tensor, grid_size: int) -> torch.Tensor:
     return features.flatten(2).transpose(1, 2)
 
 
-class SemanticTeacher(nn.Module):
+class FrozenModule(nn.Module):
+    """A network used only for its outputs (teachers, metric feature networks): frozen, and always in eval mode
+    (its dropout and BatchNorm statistics must not follow the mode of the model being trained or evaluated)."""
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class SemanticTeacher(FrozenModule):
     """Base class: (B, 3, H, W) pixel values in [-1, 1] -> (B, grid_size**2, feature_dim) target features.
 
     Subclasses build their network, set `feature_dim`, call `_freeze()` at the end of `__init__` and implement
@@ -44,14 +56,6 @@ class SemanticTeacher(nn.Module):
         if not isinstance(grid_size, int) or grid_size < 1:
             raise ValueError(f"grid_size must be a positive integer, got {grid_size!r}")
         self.grid_size = grid_size
-
-    def _freeze(self) -> None:
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> SemanticTeacher:
-        """Always eval: a teacher's dropout and BatchNorm statistics must not change with the student's mode."""
-        return super().train(False)
 
     def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
