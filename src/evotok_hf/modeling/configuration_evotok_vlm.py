@@ -1,0 +1,93 @@
+"""Configuration of the EvoTok multimodal LLM (understanding side).
+
+The understanding model follows the LLaVA recipe: the EvoTok tokenizer turns an image into residual codes, the sum of
+all `semantic_depth` code embeddings goes through the semantic decoder to teacher-space features, a two-layer GELU
+MLP projects them to the LLM width, and those rows replace the image placeholder tokens in the LLM input. The
+official understanding checkpoint uses Qwen2.5-7B-Instruct and does not wrap images in start/end tokens.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import SubConfigSpec
+
+from .configuration_evotok import EvoTokConfig
+
+
+class EvoTokVLMConfig(PreTrainedConfig):
+    r"""Configuration of [`EvoTokForConditionalGeneration`].
+
+    Args:
+        vision_config (`dict` or `EvoTokConfig`): the image tokenizer (defaults to the paper's tokenizer).
+        text_config (`dict` or `PreTrainedConfig`): the language model (any decoder-only config; Qwen2 by default).
+        image_token_id (`int`, *optional*): id of the placeholder token whose embeddings are replaced by image
+            features; one placeholder per code-grid position (`num_image_tokens` per image).
+        boi_token_id / eoi_token_id (`int`, *optional*): ids of the image start / end tokens.
+        wrap_image_tokens (`bool`, defaults to `False`): whether prompts surround each image's placeholders with the
+            start / end tokens (the official understanding model does not; its generation model does).
+        projector_hidden_act (`str`, defaults to `"gelu"`): activation between the projector's two linear layers.
+        has_understanding_head (`bool`, defaults to `True`): the checkpoint carries the semantic-feature projector.
+        has_generation_head (`bool`, defaults to `False`): the checkpoint carries the image-generation depth head.
+        tie_word_embeddings (`bool`, *optional*): tie the LM head to the input embeddings; by default the text
+            config's value.
+    """
+
+    model_type = "evotok_vlm"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=EvoTokConfig),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int | None = None
+    boi_token_id: int | None = None
+    eoi_token_id: int | None = None
+    wrap_image_tokens: bool = False
+    projector_hidden_act: str = "gelu"
+    has_understanding_head: bool = True
+    has_generation_head: bool = False
+    tie_word_embeddings: bool | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        self._validate_evotok_vlm()
+
+    def _validate_evotok_vlm(self) -> None:
+        vocab_size = self.text_config.vocab_size
+        for name in ("image_token_id", "boi_token_id", "eoi_token_id"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
+                raise ValueError(
+                    f"EvoTokVLMConfig: `{name}` must be an int in [0, text_config.vocab_size={vocab_size}), "
+                    f"got {value!r}."
+                )
+        set_ids = [i for i in (self.image_token_id, self.boi_token_id, self.eoi_token_id) if i is not None]
+        if len(set(set_ids)) != len(set_ids):
+            raise ValueError(
+                "EvoTokVLMConfig: `image_token_id`, `boi_token_id` and `eoi_token_id` must be distinct, got "
+                f"{self.image_token_id}, {self.boi_token_id}, {self.eoi_token_id}."
+            )
+        if self.wrap_image_tokens and (self.boi_token_id is None or self.eoi_token_id is None):
+            raise ValueError("EvoTokVLMConfig: `wrap_image_tokens=True` needs both `boi_token_id` and `eoi_token_id`.")
+        if self.projector_hidden_act not in ACT2FN:
+            raise ValueError(
+                f"EvoTokVLMConfig: `projector_hidden_act` {self.projector_hidden_act!r} is not a known activation."
+            )
+        if not (self.has_understanding_head or self.has_generation_head):
+            raise ValueError(
+                "EvoTokVLMConfig: at least one of `has_understanding_head` and `has_generation_head` must be True."
+            )
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per image: one per position of the tokenizer's code grid."""
+        return self.vision_config.grid_size**2
+
+
+__all__ = ["EvoTokVLMConfig"]

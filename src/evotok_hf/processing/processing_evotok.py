@@ -1,0 +1,140 @@
+"""Processor for the EvoTok multimodal LLM: EvoTokImageProcessor + the LLM's tokenizer + its chat template.
+
+Each `<image>` placeholder in the text becomes `num_image_tokens` image tokens (one per position of the tokenizer's
+code grid, 256 for the paper's 16 x 16 grid), optionally wrapped in image start / end tokens; the model replaces
+those tokens' embeddings with the projected semantic features of the matching image. Images are squashed to the
+tokenizer's square input by default, as the official understanding model does.
+"""
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+
+from .image_processing_evotok import EvoTokImageProcessor, EvoTokImageProcessorKwargs
+
+
+# No `from __future__ import annotations` here: ProcessorMixin reads this TypedDict's annotations at run time.
+class EvoTokProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: EvoTokImageProcessorKwargs
+    _defaults = {"text_kwargs": {"padding": False}}
+
+
+def _flatten_images(images) -> list:
+    """A single image, a list of images, or one list per sample -> a flat list in prompt order."""
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    flat = []
+    for item in images:
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    return flat
+
+
+class EvoTokProcessor(ProcessorMixin):
+    r"""Constructs an EvoTok VLM processor.
+
+    Args:
+        image_processor ([`EvoTokImageProcessor`], *optional*): defaults to one that squashes images to 256 x 256.
+        tokenizer ([`PreTrainedTokenizerBase`]): the LLM's tokenizer; `image_token` (and `boi_token` / `eoi_token`
+            when set) must each be a single token of its vocabulary.
+        chat_template (`str`, *optional*): Jinja chat template.
+        image_token (`str`, defaults to `"<image>"`): the placeholder in prompts, also the repeated image token.
+        num_image_tokens (`int`, defaults to 256): image tokens per image (grid * grid of the image tokenizer).
+        boi_token / eoi_token (`str`, *optional*): image start / end tokens.
+        wrap_image_tokens (`bool`, defaults to `False`): surround each image's tokens with `boi_token` / `eoi_token`.
+    """
+
+    valid_processor_kwargs = EvoTokProcessorKwargs
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        num_image_tokens: int = 256,
+        boi_token: str | None = None,
+        eoi_token: str | None = None,
+        wrap_image_tokens: bool = False,
+        **kwargs,
+    ):
+        if tokenizer is None:
+            raise ValueError("EvoTokProcessor needs a `tokenizer`.")
+        if image_processor is None:
+            image_processor = EvoTokImageProcessor(resize_mode="squash")
+        if not isinstance(num_image_tokens, int) or isinstance(num_image_tokens, bool) or num_image_tokens <= 0:
+            raise ValueError(f"EvoTokProcessor: `num_image_tokens` must be a positive int, got {num_image_tokens!r}.")
+        if wrap_image_tokens and (boi_token is None or eoi_token is None):
+            raise ValueError("EvoTokProcessor: `wrap_image_tokens=True` needs both `boi_token` and `eoi_token`.")
+        self.image_token = image_token
+        self.num_image_tokens = num_image_tokens
+        self.boi_token = boi_token
+        self.eoi_token = eoi_token
+        self.wrap_image_tokens = wrap_image_tokens
+        self.image_token_id = self._single_token_id(tokenizer, "image_token", image_token)
+        self.boi_token_id = self._single_token_id(tokenizer, "boi_token", boi_token)
+        self.eoi_token_id = self._single_token_id(tokenizer, "eoi_token", eoi_token)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @staticmethod
+    def _single_token_id(tokenizer, name: str, token: str | None) -> int | None:
+        if token is None:
+            return None
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            raise ValueError(
+                f"EvoTokProcessor: `{name}` {token!r} must be one token of the tokenizer's vocabulary (add it as a "
+                f"special token), but it encodes to {ids}."
+            )
+        return ids[0]
+
+    def image_token_sequence(self) -> str:
+        """The text that replaces one image placeholder."""
+        tokens = self.image_token * self.num_image_tokens
+        return f"{self.boi_token}{tokens}{self.eoi_token}" if self.wrap_image_tokens else tokens
+
+    def __call__(self, images=None, text=None, **kwargs: Unpack[EvoTokProcessorKwargs]) -> BatchFeature:
+        """Expand image placeholders, tokenize the text and preprocess the images.
+
+        Args:
+            images: a PIL image / array / tensor, a list of them, or one list per sample, in placeholder order.
+            text (`str` or `list[str]`): prompts holding one `image_token` per image.
+
+        Returns:
+            [`BatchFeature`] with `input_ids` and `attention_mask` (when `text` is given) and `pixel_values` (when
+            `images` are given).
+        """
+        if images is None and text is None:
+            raise ValueError("EvoTokProcessor: pass `images`, `text` or both.")
+        output_kwargs = self._merge_kwargs(
+            EvoTokProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        flat_images = _flatten_images(images)
+
+        data = {}
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError("EvoTokProcessor: `text` must be a string or a list of strings.")
+            num_placeholders = sum(t.count(self.image_token) for t in texts)
+            if num_placeholders != len(flat_images):
+                raise ValueError(
+                    f"EvoTokProcessor: the text holds {num_placeholders} {self.image_token!r} placeholder(s) but "
+                    f"{len(flat_images)} image(s) were given; there must be one placeholder per image."
+                )
+            expansion = self.image_token_sequence()
+            texts = [expansion.join(t.split(self.image_token)) for t in texts]
+            data.update(self.tokenizer(texts, **output_kwargs["text_kwargs"]))
+        if flat_images:
+            data.update(self.image_processor(flat_images, **output_kwargs["images_kwargs"]))
+        return_tensors = output_kwargs["text_kwargs"].get("return_tensors") or output_kwargs["images_kwargs"].get(
+            "return_tensors"
+        )
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+__all__ = ["EvoTokProcessor"]
