@@ -292,3 +292,21 @@ def test_processor_errors(processor):
 def test_processor_default_image_processor_squashes(processor):
     default = EvoTokProcessor(tokenizer=processor.tokenizer)
     assert default.image_processor.resize_mode == "squash" and default.num_image_tokens == 256
+
+
+def test_auto_classes_round_trip(vlm, processor, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import evotok_hf  # noqa: F401  (registers the Auto classes)
+
+    vlm.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, EvoTokForConditionalGeneration) and isinstance(loaded_processor, EvoTokProcessor)
+    assert loaded_processor.image_processor.resize_mode == "squash"
+    inputs = loaded_processor(images=pil_images(1), text=["<image> describe the image"], return_tensors="pt")
+    reference = processor(images=pil_images(1), text=["<image> describe the image"], return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], reference["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, vlm(**reference).logits, rtol=0, atol=0)

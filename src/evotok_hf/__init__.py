@@ -1,34 +1,50 @@
 """evotok_hf: EvoTok, a unified image tokenizer for understanding and generation, native to the Hugging Face stack.
 
-Importing the package registers `AutoConfig`, `AutoModel` and `AutoImageProcessor` for model_type "evotok".
+Importing the package registers `AutoConfig`, `AutoModel` and `AutoImageProcessor` for model_type "evotok" (the
+tokenizer), and `AutoConfig`, `AutoModelForImageTextToText` and `AutoProcessor` for "evotok_vlm" (the VLM).
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .modeling import (
     EVOTOK_PRESETS,
     EvoTokConfig,
     EvoTokEncoderOutput,
+    EvoTokForConditionalGeneration,
     EvoTokModel,
     EvoTokModelOutput,
     EvoTokPreTrainedModel,
     EvoTokResidualQuantizer,
+    EvoTokVLMConfig,
 )
-from .processing import EvoTokImageProcessor
+from .processing import EvoTokImageProcessor, EvoTokProcessor
 
 __version__ = "0.1.0.dev0"
 
 AutoConfig.register(EvoTokConfig.model_type, EvoTokConfig, exist_ok=True)
 AutoModel.register(EvoTokConfig, EvoTokModel, exist_ok=True)
 AutoImageProcessor.register(EvoTokConfig, image_processor_classes={"pil": EvoTokImageProcessor}, exist_ok=True)
+AutoConfig.register(EvoTokVLMConfig.model_type, EvoTokVLMConfig, exist_ok=True)
+AutoModelForImageTextToText.register(EvoTokVLMConfig, EvoTokForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(EvoTokVLMConfig, image_processor_classes={"pil": EvoTokImageProcessor}, exist_ok=True)
+AutoProcessor.register(EvoTokVLMConfig, EvoTokProcessor, exist_ok=True)
 
 __all__ = [
     "EVOTOK_PRESETS",
     "EvoTokConfig",
     "EvoTokEncoderOutput",
+    "EvoTokForConditionalGeneration",
     "EvoTokImageProcessor",
     "EvoTokModel",
     "EvoTokModelOutput",
     "EvoTokPreTrainedModel",
+    "EvoTokProcessor",
     "EvoTokResidualQuantizer",
+    "EvoTokVLMConfig",
 ]

@@ -1,1 +1,2 @@
 from .image_processing_evotok import EvoTokImageProcessor, EvoTokImageProcessorPil
+from .processing_evotok import EvoTokProcessor
