@@ -310,3 +310,36 @@ def test_auto_classes_round_trip(vlm, processor, tmp_path):
     assert torch.equal(inputs["input_ids"], reference["input_ids"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, vlm(**reference).logits, rtol=0, atol=0)
+
+
+def test_eager_equals_sdpa(text_tokenizer, vision_config, processor, vlm):
+    eager_config = make_config(text_tokenizer, vision_config)
+    eager_config._attn_implementation = "eager"
+    eager = EvoTokForConditionalGeneration(eager_config).eval()
+    eager.load_state_dict(vlm.state_dict())
+    assert eager.config.text_config._attn_implementation == "eager"
+    inputs = processor(images=pil_images(2), text=["user <image> describe", "<image> what colour"], padding=True,
+                       return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(eager(**inputs).logits, vlm(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_same_gradients(text_tokenizer, vision_config, processor):
+    torch.manual_seed(0)
+    model = EvoTokForConditionalGeneration(make_config(text_tokenizer, vision_config)).train()
+    inputs = processor(images=pil_images(1), text="user <image> describe the image please", return_tensors="pt")
+    labels = inputs.input_ids.masked_fill(inputs.input_ids == model.config.image_token_id, -100)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(**inputs, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.language_model.modules())
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and any(k.startswith("multi_modal_projector") for k in plain)
+    assert not any(k.startswith("vision_tower") for k in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
