@@ -343,3 +343,54 @@ def test_gradient_checkpointing_gives_same_gradients(text_tokenizer, vision_conf
     assert not any(k.startswith("vision_tower") for k in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_from_components_keeps_the_llm_text_behaviour(vision_config, tmp_path):
+    """A pretrained LLM whose tokenizer lacks the image tokens: they are added, embeddings resized, weights copied,
+    and text-only greedy decoding equals the bare LLM's (the new rows cannot win)."""
+    from transformers import Qwen2ForCausalLM
+
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<eos>"]))
+    llm_tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                            eos_token="<eos>")
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(llm_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.5,
+        pad_token_id=llm_tokenizer.pad_token_id, eos_token_id=llm_tokenizer.eos_token_id,
+    )).eval()  # fmt: skip
+    llm.save_pretrained(tmp_path / "llm")
+    llm_tokenizer.save_pretrained(tmp_path / "llm")
+    torch.manual_seed(1)
+    from evotok_hf import EvoTokModel
+
+    EvoTokModel(vision_config).save_pretrained(tmp_path / "tok")
+
+    model, tokenizer = EvoTokForConditionalGeneration.from_components(str(tmp_path / "tok"), str(tmp_path / "llm"))
+    model.eval()
+    old_vocab = len(llm_tokenizer)
+    assert len(tokenizer) == old_vocab + 3 and model.config.text_config.vocab_size == old_vocab + 3
+    new_ids = [model.config.image_token_id, model.config.boi_token_id, model.config.eoi_token_id]
+    assert sorted(new_ids) == list(range(old_vocab, old_vocab + 3))
+    assert torch.equal(model.get_input_embeddings().weight[:old_vocab], llm.get_input_embeddings().weight)
+    for name, value in EvoTokModel.from_pretrained(tmp_path / "tok").state_dict().items():
+        assert torch.equal(model.vision_tower.state_dict()[name], value), name
+    prompt = tokenizer(["what colour is the sky", "describe the image"], return_tensors="pt", padding=True,
+                       padding_side="left")  # fmt: skip
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = llm.generate(**prompt, **settings)
+    with torch.no_grad():
+        got = model.generate(**prompt, **settings)
+        # without suppression one of the new rows would be a candidate; with it they never appear
+        assert not torch.isin(got[:, prompt.input_ids.shape[1]:], torch.tensor(new_ids)).any()
+    assert torch.equal(got, expected)
+    # an image prompt runs end to end
+    processor = EvoTokProcessor(
+        image_processor=EvoTokImageProcessor(size={"height": 32, "width": 32}, resize_mode="squash"),
+        tokenizer=tokenizer, num_image_tokens=vision_config.grid_size**2,
+    )
+    inputs = processor(images=pil_images(1), text="<image> describe the image", return_tensors="pt")
+    out = model.generate(**inputs, **settings)
+    assert out.shape[1] > inputs.input_ids.shape[1]

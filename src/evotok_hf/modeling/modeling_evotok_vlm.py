@@ -13,6 +13,7 @@ References: EvoTok (arXiv 2603.12108); LLaVA (Liu et al., 2023) for the projecto
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,66 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.freeze_vision_tower()
         return loaded
+
+    @classmethod
+    def from_components(
+        cls,
+        tokenizer_path_or_model,
+        llm_name_or_path,
+        text_tokenizer=None,
+        image_token: str = "<image>",
+        boi_token: str = "<boi>",
+        eoi_token: str = "<eoi>",
+        wrap_image_tokens: bool = False,
+        dtype: torch.dtype = torch.float32,
+        **llm_kwargs,
+    ):
+        """Assemble a VLM from an EvoTok checkpoint (folder / Hub id / `EvoTokModel`) and a pretrained causal LM
+        (folder / Hub id / model), with a fresh projector. The image special tokens are added to the text tokenizer
+        when missing and the LLM's embeddings resized (new rows from the old rows' statistics); they are also put in
+        `generation_config.suppress_tokens`, so in text decoding the new rows can never win over real text.
+
+        Returns `(model, text_tokenizer)`: the tokenizer now holds the special tokens (build an `EvoTokProcessor`
+        from it)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        vision = (
+            tokenizer_path_or_model
+            if isinstance(tokenizer_path_or_model, EvoTokModel)
+            else EvoTokModel.from_pretrained(tokenizer_path_or_model)
+        )
+        if isinstance(llm_name_or_path, PreTrainedModel):
+            llm = llm_name_or_path
+        else:
+            llm = AutoModelForCausalLM.from_pretrained(llm_name_or_path, dtype=dtype, **llm_kwargs)
+        if text_tokenizer is None:
+            if not isinstance(llm_name_or_path, str):
+                raise ValueError("from_components: pass `text_tokenizer` when the LLM is given as a model")
+            text_tokenizer = AutoTokenizer.from_pretrained(llm_name_or_path)
+        special = [image_token, boi_token, eoi_token]
+        missing = [t for t in special if t not in text_tokenizer.get_vocab()]
+        if missing:
+            text_tokenizer.add_tokens(missing, special_tokens=True)
+        if len(text_tokenizer) > llm.get_input_embeddings().weight.shape[0]:
+            llm.resize_token_embeddings(len(text_tokenizer), mean_resizing=True)
+        ids = [text_tokenizer.convert_tokens_to_ids(t) for t in special]
+        config = EvoTokVLMConfig(
+            vision_config=vision.config.to_dict(),
+            text_config=llm.config.to_dict(),
+            image_token_id=ids[0],
+            boi_token_id=ids[1],
+            eoi_token_id=ids[2],
+            wrap_image_tokens=wrap_image_tokens,
+        )
+        model = cls(config).to(dtype)
+        model.vision_tower.load_state_dict(vision.state_dict())
+        model.language_model.load_state_dict(llm.base_model.state_dict())
+        model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
+        model.generation_config = copy.deepcopy(llm.generation_config)
+        suppressed = set(model.generation_config.suppress_tokens or []) | set(ids)
+        model.generation_config.suppress_tokens = sorted(suppressed)
+        model.freeze_vision_tower()
+        return model, text_tokenizer
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
