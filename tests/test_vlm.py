@@ -394,3 +394,38 @@ def test_from_components_keeps_the_llm_text_behaviour(vision_config, tmp_path):
     inputs = processor(images=pil_images(1), text="<image> describe the image", return_tensors="pt")
     out = model.generate(**inputs, **settings)
     assert out.shape[1] > inputs.input_ids.shape[1]
+
+
+def test_apply_chat_template_with_images_and_generate(vlm, processor, tmp_path):
+    from evotok_hf.processing.processing_evotok import DEFAULT_CHAT_TEMPLATE
+
+    assert processor.chat_template == DEFAULT_CHAT_TEMPLATE  # the test tokenizer has none
+    messages = [{"role": "user", "content": [{"type": "image", "image": pil_images(1)[0]},
+                                             {"type": "text", "text": "describe the image"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text.count("<image>") == 1 and text.endswith("<|im_start|>assistant\n")
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")  # fmt: skip
+    assert int((inputs["input_ids"] == vlm.config.image_token_id).sum()) == vlm.config.num_image_tokens
+    assert inputs["pixel_values"].shape == (1, 3, 32, 32)
+    direct = processor(images=[messages[0]["content"][0]["image"]], text=text, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], direct["input_ids"])
+    assert torch.equal(inputs["pixel_values"], direct["pixel_values"])
+    out = vlm.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    processor.save_pretrained(tmp_path)
+    assert EvoTokProcessor.from_pretrained(tmp_path).chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_image_text_to_text_pipeline(vlm, processor, tmp_path):
+    from transformers import pipeline
+
+    import evotok_hf  # noqa: F401  (registers the Auto classes)
+
+    vlm.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    pipe = pipeline("image-text-to-text", model=str(tmp_path))
+    messages = [{"role": "user", "content": [{"type": "image", "image": pil_images(1)[0]},
+                                             {"type": "text", "text": "describe the image"}]}]
+    result = pipe(text=messages, max_new_tokens=4, do_sample=False, return_full_text=False)
+    assert isinstance(result[0]["generated_text"], str)

@@ -12,6 +12,23 @@ from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpa
 from .image_processing_evotok import EvoTokImageProcessor, EvoTokImageProcessorKwargs
 
 
+# ChatML (the Qwen2.5 format of the paper's LLM, as in the authors' LLaVA `qwen` conversation), with each image
+# content part rendered as the `<image>` placeholder that the processor then expands. Used when the tokenizer and
+# the caller give no template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 # No `from __future__ import annotations` here: ProcessorMixin reads this TypedDict's annotations at run time.
 class EvoTokProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: EvoTokImageProcessorKwargs
@@ -74,6 +91,8 @@ class EvoTokProcessor(ProcessorMixin):
         self.image_token_id = self._single_token_id(tokenizer, "image_token", image_token)
         self.boi_token_id = self._single_token_id(tokenizer, "boi_token", boi_token)
         self.eoi_token_id = self._single_token_id(tokenizer, "eoi_token", eoi_token)
+        if chat_template is None:
+            chat_template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @staticmethod
