@@ -429,3 +429,20 @@ def test_image_text_to_text_pipeline(vlm, processor, tmp_path):
                                              {"type": "text", "text": "describe the image"}]}]
     result = pipe(text=messages, max_new_tokens=4, do_sample=False, return_full_text=False)
     assert isinstance(result[0]["generated_text"], str)
+
+
+def test_device_map_auto_bf16_load_keeps_layers_whole_and_codebooks_fp32(vlm, processor, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    import evotok_hf  # noqa: F401
+
+    vlm.save_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="auto")
+    assert model.vision_tower.quantizer.codebook.dtype == torch.float32
+    assert model.language_model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(model.vision_tower.quantizer.codebook, vlm.vision_tower.quantizer.codebook)
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    inputs = processor(images=pil_images(1), text="<image> describe the image", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
