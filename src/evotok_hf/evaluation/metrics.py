@@ -213,8 +213,7 @@ class FeatureNetwork(FrozenModule):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"expected pixel_values of shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        self._check_images(pixel_values)
         features = self.extract(pixel_values).float()
         expected = (pixel_values.shape[0], self.num_features)
         if tuple(features.shape) != expected:
@@ -360,6 +359,19 @@ def image_pair_batches(predictions: Iterable[np.ndarray | PIL.Image.Image],
         run.append(pair)
     if run:
         yield _to_pixel_values([p for p, _ in run]), _to_pixel_values([r for _, r in run])
+
+
+def image_pair_metric_info(description: str, citation: str, inputs_description: str):
+    """The `evaluate.MetricInfo` of the local image-pair metric modules (predictions / references as images)."""
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(
+        description=description,
+        citation=citation,
+        inputs_description=inputs_description,
+        features=datasets.Features({"predictions": datasets.Image(), "references": datasets.Image()}),
+    )
 
 
 def metric_path(name: str) -> str:

@@ -42,6 +42,11 @@ class FrozenModule(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)
 
+    @staticmethod
+    def _check_images(pixel_values: torch.Tensor) -> None:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"expected pixel_values of shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
+
 
 class SemanticTeacher(FrozenModule):
     """Base class: (B, 3, H, W) pixel values in [-1, 1] -> (B, grid_size**2, feature_dim) target features.
@@ -62,8 +67,7 @@ class SemanticTeacher(FrozenModule):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"expected pixel_values of shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        self._check_images(pixel_values)
         # Clamp like the authors' scaling layer: reconstructions and augmented inputs may leave [-1, 1].
         features = self.extract(pixel_values.clamp(-1.0, 1.0))
         expected = (pixel_values.shape[0], self.grid_size**2, self.feature_dim)

@@ -7,7 +7,6 @@ only adapts evaluate's inputs; the computation is `evotok_hf.evaluation.metrics`
 (`pip install "evotok_hf[eval]"`; the standard Inception network also needs `pip install "evotok_hf[online]"`).
 """
 
-import datasets
 import evaluate
 import torch
 
@@ -15,6 +14,7 @@ from evotok_hf.evaluation.metrics import FeatureStatistics
 from evotok_hf.evaluation.metrics import build_feature_network
 from evotok_hf.evaluation.metrics import fid_from_statistics
 from evotok_hf.evaluation.metrics import image_pair_batches
+from evotok_hf.evaluation.metrics import image_pair_metric_info
 
 _DESCRIPTION = """Fréchet distance between Gaussians fitted to a feature network's outputs on the references
 (originals) and on the predictions (reconstructions). The default network is the offline EfficientNet-Lite0 stand-in,
@@ -50,12 +50,7 @@ _CITATION = """@inproceedings{heusel2017gans,
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class EvotokFid(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Image(), "references": datasets.Image()}),
-        )
+        return image_pair_metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION)
 
     def _feature_network(self, spec):
         # Built networks are kept per name spec: loading one costs more than a small evaluation.

@@ -5,11 +5,11 @@ only adapts evaluate's inputs; the computation is `evotok_hf.evaluation.metrics.
 installed in the environment that loads it (`pip install "evotok_hf[eval]"`).
 """
 
-import datasets
 import evaluate
 import torch
 
 from evotok_hf.evaluation.metrics import image_pair_batches
+from evotok_hf.evaluation.metrics import image_pair_metric_info
 from evotok_hf.evaluation.metrics import psnr
 
 _DESCRIPTION = """Mean over images of the per-image PSNR in dB, with peak 255 on 0..255 pixels. A perfect
@@ -36,12 +36,7 @@ _CITATION = ""
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class EvotokPsnr(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Image(), "references": datasets.Image()}),
-        )
+        return image_pair_metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION)
 
     def _compute(self, predictions, references, batch_size=32):
         values = torch.cat([psnr(p, r) for p, r in image_pair_batches(predictions, references, batch_size)])

@@ -6,11 +6,11 @@ sigma 1.5, K1 = 0.01, K2 = 0.03, population covariance, mean over channels), so 
 the environment that loads it (`pip install "evotok_hf[eval]"`).
 """
 
-import datasets
 import evaluate
 import torch
 
 from evotok_hf.evaluation.metrics import image_pair_batches
+from evotok_hf.evaluation.metrics import image_pair_metric_info
 from evotok_hf.evaluation.metrics import ssim
 
 _DESCRIPTION = """Mean over images of the per-image SSIM (Wang et al. 2004) on the 0..255 scale, as
@@ -42,12 +42,7 @@ _CITATION = """@article{wang2004ssim,
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class EvotokSsim(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Image(), "references": datasets.Image()}),
-        )
+        return image_pair_metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION)
 
     def _compute(self, predictions, references, batch_size=32):
         values = torch.cat([ssim(p, r) for p, r in image_pair_batches(predictions, references, batch_size)])
