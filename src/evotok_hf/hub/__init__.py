@@ -1,0 +1,1 @@
+"""Hub-facing tools: conversion of the authors' checkpoints, model-card rendering, remote-code export."""

@@ -1,0 +1,452 @@
+"""Hub publishing: rendered model cards (metadata, licence rules, model-index, executed usage snippets),
+scripts/push_to_hub.py (dry run offline, upload arguments) and the flat remote-code export, loaded in a clean process
+where evotok_hf cannot be imported."""
+
+import hashlib
+import json
+import os
+import pathlib
+import runpy
+import socket
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config
+
+from evotok_hf import (
+    EvoTokConfig,
+    EvoTokForConditionalGeneration,
+    EvoTokImageProcessor,
+    EvoTokModel,
+    EvoTokProcessor,
+    EvoTokVLMConfig,
+)
+from evotok_hf.hub.model_card import render_tokenizer_card, render_vlm_card, tokenizer_pipeline_tag
+from evotok_hf.hub.remote_code import RemoteCodeExportError, check_flat_imports, exportable_files
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAPER_LABEL = "reported in the paper (not measured on these weights)"
+REPO_TOK = "evotok-test/evotok-tiny"
+REPO_VLM = "evotok-test/evotok-tiny-vlm"
+PROMPT = "user <image> describe the image please"
+
+
+def load_main(path):
+    return runpy.run_path(str(ROOT / path), run_name="not_main")["main"]
+
+
+def fixed_image(seed=0):
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8))
+
+
+def files_digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(pathlib.Path(folder).iterdir())}
+
+
+def python_blocks(card_text):
+    return [block.split("```", 1)[0] for block in card_text.split("```python\n")[1:]]
+
+
+# ----------------------------------------------------------------------------- tiny saved models
+@pytest.fixture(scope="module")
+def source_dirs(tmp_path_factory):
+    """A saved tiny tokenizer and a saved tiny VLM (each with its processor), as a user's checkpoints."""
+    root = tmp_path_factory.mktemp("sources")
+    torch.manual_seed(0)
+    config = EvoTokConfig.from_preset("evotok-tiny")
+    size = {"height": config.image_size, "width": config.image_size}
+    EvoTokModel(config).save_pretrained(root / "tok")
+    EvoTokImageProcessor(size=size).save_pretrained(root / "tok")
+
+    special = ["<pad>", "<unk>", "<image>", "<boi>", "<eoi>", "<eos>"]
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = [PROMPT, "assistant a cat on a red mat"]
+    backend.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=special))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+        additional_special_tokens=["<image>", "<boi>", "<eoi>"],
+    )  # fmt: skip
+    text_config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.5,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    vlm_config = EvoTokVLMConfig(
+        vision_config=config.to_dict(), text_config=text_config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )  # fmt: skip
+    vlm = EvoTokForConditionalGeneration(vlm_config)
+    vlm.generation_config.suppress_tokens = [vlm_config.image_token_id]  # as from_components does
+    vlm.save_pretrained(root / "vlm")
+    EvoTokProcessor(
+        image_processor=EvoTokImageProcessor(size=size, resize_mode="squash"), tokenizer=tokenizer,
+        num_image_tokens=config.grid_size**2,
+    ).save_pretrained(root / "vlm")  # fmt: skip
+    return {"tok": root / "tok", "vlm": root / "vlm"}
+
+
+@pytest.fixture(scope="module")
+def eval_json(tmp_path_factory):
+    """A small ReconstructionReport JSON (as report.save_json writes it: depth keys become strings)."""
+    path = tmp_path_factory.mktemp("eval") / "report.json"
+    report = {
+        "num_images": 15, "pixel_depths": [1, 2], "semantic_depths": [1, 2, 3, 4],
+        "psnr": {"1": 17.25, "2": 19.5}, "ssim": {"1": 0.41, "2": 0.52}, "rfid": {"1": 80.0, "2": 61.5},
+        "lpips": {}, "semantic_cosine": {"1": 0.2}, "codebook_usage": [0.5] * 4, "perplexity": [9.0] * 4,
+        "feature_network": "efficientnet-lite0", "teacher": "efficientnet-lite0", "seconds": 1.0,
+    }  # fmt: skip
+    path.write_text(json.dumps(report))
+    return path
+
+
+@pytest.fixture(scope="module")
+def published(source_dirs, eval_json, tmp_path_factory):
+    """push_to_hub --dry-run of both models, with and without --remote-code."""
+    main = load_main("scripts/push_to_hub.py")
+    out = tmp_path_factory.mktemp("published")
+    folders = {}
+    for kind, repo_id in (("tok", REPO_TOK), ("vlm", REPO_VLM)):
+        for remote in (False, True):
+            name = f"{kind}-remote" if remote else kind
+            argv = ["--model-dir", str(source_dirs[kind]), "--repo-id", repo_id, "--license", "apache-2.0",
+                    "--eval-json", str(eval_json), "--eval-dataset", "bundled-photos", "--eval-split", "test",
+                    "--dry-run", "--output-dir", str(out / name)]  # fmt: skip
+            folders[name] = pathlib.Path(main(argv + (["--remote-code"] if remote else []))["folder"])
+    return folders
+
+
+@pytest.fixture
+def image_cwd(tmp_path, monkeypatch):
+    """A working directory holding the `image.jpg` the card snippets open."""
+    fixed_image().save(tmp_path / "image.jpg")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- (a) card metadata and licence rules
+def test_tokenizer_card_metadata_model_index_and_labels(published):
+    card = ModelCard.load(published["tok"] / "README.md")
+    data = card.data
+    assert data.library_name == "transformers" and data.license == "apache-2.0"
+    assert data.pipeline_tag == tokenizer_pipeline_tag() == "image-to-image"
+    assert "evotok" in data.tags and "custom_code" not in data.tags
+    assert data.model_name == "evotok-tiny"
+    results = {(r.metric_type, r.metric_config): r for r in data.eval_results}
+    assert {k: r.metric_value for k, r in results.items()} == {
+        ("psnr", "pixel_depth_1"): 17.25, ("psnr", "pixel_depth_2"): 19.5,
+        ("ssim", "pixel_depth_1"): 0.41, ("ssim", "pixel_depth_2"): 0.52,
+        ("rfid-efficientnet-lite0", "pixel_depth_1"): 80.0, ("rfid-efficientnet-lite0", "pixel_depth_2"): 61.5,
+    }  # fmt: skip
+    assert all(r.dataset_type == "bundled-photos" and r.dataset_split == "test" for r in data.eval_results)
+    assert "not comparable with Inception rFID" in results[("rfid-efficientnet-lite0", "pixel_depth_1")].metric_name
+    text = card.text
+    assert f"Results {PAPER_LABEL}" in text and "| Table 1 | ImageNet-1K val, 256 px | rFID | 0.43 |" in text
+    assert "Evaluation (measured on these weights)" in text and "| 2 | 19.5000 | 0.5200 | 61.5000 |" in text
+    assert "import evotok_hf" in text and "trust_remote_code" in text  # says how the classes get loaded
+    assert "releases these weights under the licence `apache-2.0`" in text
+
+    remote = ModelCard.load(published["tok-remote"] / "README.md")
+    assert "custom_code" in remote.data.tags and "import evotok_hf" not in remote.text
+
+
+def test_vlm_card_metadata_and_pipeline_tags(published, source_dirs):
+    card = ModelCard.load(published["vlm"] / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.license == "apache-2.0" and len(card.data.eval_results) == 6
+    assert f"Results {PAPER_LABEL}" in card.text
+    for row in ("| Table 2 (understanding) | MME | 1895.1 |", "| Table 3 (generation) | GenEval (overall) | 0.75 |"):
+        assert row in card.text
+    generation_config = EvoTokVLMConfig.from_pretrained(source_dirs["vlm"])
+    generation_config.has_generation_head = True
+    generating = render_vlm_card(generation_config, repo_id=REPO_VLM, license="mit")
+    assert generating.data.pipeline_tag == "any-to-any" and "image-generation head" in generating.text
+
+
+@pytest.mark.parametrize("render", [render_tokenizer_card, render_vlm_card])
+def test_official_weights_state_no_licence(render, tmp_path):
+    config = EvoTokConfig.from_preset("evotok-tiny") if render is render_tokenizer_card else EvoTokVLMConfig()
+    for license in (None, "other"):
+        card = render(config, repo_id="org/evotok", official=True, license=license)
+        card.save(tmp_path / "README.md")
+        loaded = ModelCard.load(tmp_path / "README.md")
+        assert loaded.data.license == "other"
+        assert "No licence is stated for these weights" in loaded.text and "no licence" in loaded.text
+        assert "converted from the checkpoints of the EvoTok authors" in loaded.text
+        assert loaded.data.base_model  # the paper's base models
+    with pytest.raises(ValueError, match="no licence file"):
+        render(config, repo_id="org/evotok", official=True, license="apache-2.0")
+
+
+def test_card_input_validation(eval_json, tmp_path):
+    config = EvoTokConfig.from_preset("evotok-tiny")
+    with pytest.raises(ValueError, match="license is required"):
+        render_tokenizer_card(config, repo_id="org/x")
+    with pytest.raises(ValueError, match="Hub licence identifier"):
+        render_tokenizer_card(config, repo_id="org/x", license="Apache 2.0")
+    with pytest.raises(ValueError, match="org/name"):
+        render_tokenizer_card(config, repo_id="just-a-name", license="mit")
+    with pytest.raises(ValueError, match="not a valid Hub repository id"):
+        render_tokenizer_card(config, repo_id="org/bad--name", license="mit")
+    with pytest.raises(ValueError, match="model_type 'evotok_vlm'"):
+        render_vlm_card(config, repo_id="org/x", license="mit")
+    with pytest.raises(ValueError, match="base_model"):
+        render_tokenizer_card(config, repo_id="org/x", license="mit", base_model="a/b/c")
+    with pytest.raises(ValueError, match="eval_dataset"):
+        render_tokenizer_card(config, repo_id="org/x", license="mit", eval_results_path=eval_json)
+    (tmp_path / "other.json").write_text(json.dumps({"accuracy": 1.0}))
+    with pytest.raises(ValueError, match="not a reconstruction report"):
+        render_tokenizer_card(config, repo_id="org/x", license="mit", eval_results_path=tmp_path / "other.json",
+                              eval_dataset="d")  # fmt: skip
+    with pytest.raises(ValueError, match="not a file"):
+        render_tokenizer_card(config, repo_id="org/x", license="mit", eval_results_path=tmp_path / "missing.json")
+
+
+def test_pipeline_tag_matches_what_the_feature_extraction_pipeline_returns(source_dirs):
+    """transformers' image-feature-extraction pipeline returns model(**inputs)[0]; the card may only claim that tag
+    when this is the semantic features (today it is the reconstruction, hence image-to-image)."""
+    from transformers import pipeline
+
+    pipe = pipeline("image-feature-extraction", model=str(source_dirs["tok"]))
+    features = pipe(fixed_image(), return_tensors=True)
+    model, processor = pipe.model, pipe.image_processor
+    with torch.no_grad():
+        codes = model.encode(processor(fixed_image(), return_tensors="pt").pixel_values).codes
+        semantic = model.get_semantic_features(codes)
+    returns_semantic = features.shape == semantic.shape and torch.allclose(features, semantic)
+    assert returns_semantic == (tokenizer_pipeline_tag() == "image-feature-extraction")
+
+
+# ----------------------------------------------------------------------------- (b) the card snippets run
+@pytest.mark.parametrize("name, repo_id", [("tok", REPO_TOK), ("vlm", REPO_VLM)])
+def test_card_usage_snippets_run(published, name, repo_id, image_cwd):
+    folder = published[name]
+    blocks = python_blocks((folder / "README.md").read_text())
+    assert len(blocks) == (1 if name == "tok" else 2)
+    for block in blocks:
+        assert repo_id in block
+        exec(compile(block.replace(repo_id, str(folder)), f"{name}/README.md", "exec"), {"__name__": "card"})
+    if name == "tok":
+        assert PIL.Image.open(image_cwd / "reconstruction.png").size == (32, 32)
+
+
+# ----------------------------------------------------------------------------- (c) push_to_hub.py
+def test_dry_run_writes_a_complete_folder_offline(source_dirs, eval_json, tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run must not touch the network")
+
+    for method in ("create_repo", "upload_folder", "upload_file", "create_commit", "whoami"):
+        monkeypatch.setattr(HfApi, method, refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the default output folder goes
+    (tmp_path / "tmp").mkdir()
+    before = {kind: files_digest(folder) for kind, folder in source_dirs.items()}
+    main = load_main("scripts/push_to_hub.py")
+
+    result = main(["--model-dir", str(source_dirs["vlm"]), "--repo-id", REPO_VLM, "--official", "--dry-run",
+                   "--output-dir", str(tmp_path / "vlm"), "--eval-json", str(eval_json), "--eval-dataset", "d"])
+    folder = pathlib.Path(result["folder"])
+    assert result["uploaded"] is False and folder == tmp_path / "vlm"
+    assert str(folder) in capsys.readouterr().out
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json",
+            "tokenizer.json", "README.md", "evaluation"} <= names  # fmt: skip
+    assert not any(name.endswith(".py") for name in names)  # remote code only when asked
+    assert ModelCard.load(folder / "README.md").data.license == "other"
+    image_token_id = json.loads((folder / "config.json").read_text())["image_token_id"]
+    assert json.loads((folder / "generation_config.json").read_text())["suppress_tokens"] == [image_token_id]
+
+    result = main(["--model-dir", str(source_dirs["tok"]), "--repo-id", REPO_TOK, "--license", "mit", "--dry-run"])
+    default_folder = pathlib.Path(result["folder"])
+    assert default_folder.parent == tmp_path / "tmp" and default_folder.name.startswith("evotok-hub-evotok-tiny-")
+    names = {p.name for p in default_folder.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp", "vlm"]  # no staging folder left behind
+    assert {kind: files_digest(folder) for kind, folder in source_dirs.items()} == before  # sources untouched
+
+    with pytest.raises(ValueError, match="overlaps the source"):
+        main(["--model-dir", str(source_dirs["tok"]), "--repo-id", REPO_TOK, "--license", "mit", "--dry-run",
+              "--output-dir", str(source_dirs["tok"])])  # fmt: skip
+    with pytest.raises(ValueError, match="not an empty folder"):
+        main(["--model-dir", str(source_dirs["tok"]), "--repo-id", REPO_TOK, "--license", "mit", "--dry-run",
+              "--output-dir", str(tmp_path / "vlm")])  # fmt: skip
+    with pytest.raises(ValueError, match="license is required"):
+        main(["--model-dir", str(source_dirs["tok"]), "--repo-id", REPO_TOK, "--dry-run"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp", "vlm"]
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == [default_folder.name]
+
+
+def test_upload_calls_create_repo_and_upload_folder(source_dirs, tmp_path, monkeypatch):
+    calls = []
+
+    def record(name, returns):
+        def method(self, *args, **kwargs):
+            calls.append((name, args, kwargs))
+            return returns
+
+        return method
+
+    monkeypatch.setattr(HfApi, "create_repo", record("create_repo", f"https://huggingface.co/{REPO_TOK}"))
+    monkeypatch.setattr(HfApi, "upload_folder", record("upload_folder", "commit-url"))
+    result = load_main("scripts/push_to_hub.py")(
+        ["--model-dir", str(source_dirs["tok"]), "--repo-id", REPO_TOK, "--license", "mit", "--private",
+         "--remote-code", "--output-dir", str(tmp_path / "out"), "--commit-message", "first upload"]
+    )  # fmt: skip
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    _, args, kwargs = calls[0]
+    assert args == (REPO_TOK,) and kwargs["exist_ok"] is True and kwargs["private"] is True
+    assert kwargs["repo_type"] == "model"
+    _, args, kwargs = calls[1]
+    assert kwargs == {"repo_id": REPO_TOK, "repo_type": "model", "folder_path": str(tmp_path / "out"),
+                      "commit_message": "first upload"}  # fmt: skip
+    assert result["uploaded"] is True and (tmp_path / "out" / "modeling_evotok.py").is_file()
+
+
+# ----------------------------------------------------------------------------- (d) remote code in a clean process
+def test_exported_files_import_only_siblings(tmp_path):
+    names = [p.name for p in exportable_files()]
+    assert "modeling_evotok.py" in names and "image_processing_evotok.py" in names and "__init__.py" not in names
+    folder = tmp_path / "modeling"
+    folder.mkdir()
+    for source, message in [
+        ("from ..training.losses import x\n", "outside `modeling/`"),
+        ("from .missing import x\n", "not a file of `modeling/`"),
+        ("import einops\n", "einops"),
+        ("def f():\n    from evotok_hf.evaluation import metrics\n", "evotok_hf.evaluation"),
+    ]:
+        path = folder / "bad.py"
+        path.write_text(source)
+        with pytest.raises(RemoteCodeExportError, match=message):
+            check_flat_imports(path, {"bad", "sibling"})
+    path.write_text("import torch\nfrom . import sibling\nfrom .sibling import y\nfrom __future__ import annotations\n")
+    check_flat_imports(path, {"bad", "sibling"})
+
+
+CLEAN_PROCESS = r"""
+import importlib.abc, importlib.util, json, os, socket, sys
+
+# evotok_hf is installed (editable) in this environment: take its path entry away and refuse any later import.
+sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "evotok_hf"))]
+assert importlib.util.find_spec("evotok_hf") is None
+
+class BlockEvoTok(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "evotok_hf":
+            raise ImportError("evotok_hf is blocked in this process")
+
+sys.meta_path.insert(0, BlockEvoTok())
+network = []
+
+def no_network(*args, **kwargs):
+    network.append(repr(args))
+    raise OSError("network access is blocked in this process")
+
+socket.socket.connect = no_network
+socket.create_connection = no_network
+
+import PIL.Image
+import torch
+from transformers import (AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoProcessor)
+
+tok_dir, vlm_dir, workdir, out_path = sys.argv[1:5]
+image = PIL.Image.open(os.path.join(workdir, "image.jpg"))
+out = {}
+model = AutoModel.from_pretrained(tok_dir, trust_remote_code=True).eval()
+image_processor = AutoImageProcessor.from_pretrained(tok_dir, trust_remote_code=True)
+pixel_values = image_processor(image, return_tensors="pt").pixel_values
+with torch.no_grad():
+    codes = model.encode(pixel_values).codes
+    out["tok_pixel_values"] = pixel_values
+    out["tok_codes"] = codes
+    out["tok_reconstruction"] = model.decode(codes[..., : model.config.pixel_depth])
+    out["tok_semantic"] = model.get_semantic_features(codes)
+
+vlm = AutoModelForImageTextToText.from_pretrained(vlm_dir, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(vlm_dir, trust_remote_code=True)
+inputs = processor(images=image, text=sys.argv[5], return_tensors="pt")
+with torch.no_grad():
+    out["vlm_input_ids"] = inputs.input_ids
+    out["vlm_logits"] = vlm(**inputs).logits
+    out["vlm_generated"] = vlm.generate(**inputs, max_new_tokens=4, do_sample=False)
+causal = AutoModelForCausalLM.from_pretrained(vlm_dir, trust_remote_code=True)
+
+os.chdir(workdir)
+for name, folder, repo_id in (("tok", tok_dir, sys.argv[6]), ("vlm", vlm_dir, sys.argv[7])):
+    text = open(os.path.join(folder, "README.md")).read()
+    for block in [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]:
+        exec(compile(block.replace(repo_id, folder), name + "/README.md", "exec"), {"__name__": "card"})
+
+classes = [type(model), type(image_processor), type(vlm), type(processor), type(processor.image_processor),
+           type(causal)]
+out["info"] = {
+    "modules": [c.__module__ for c in classes],
+    "causal_is_vlm_class": type(causal).__name__ == type(vlm).__name__,
+    "evotok_hf_imported": any(m.split(".")[0] == "evotok_hf" for m in sys.modules),
+    "network": network,
+}
+torch.save(out, out_path)
+"""
+
+
+def test_remote_code_loads_without_evotok_hf_and_matches_the_package(published, source_dirs, image_cwd, tmp_path):
+    for name in ("tok-remote", "vlm-remote"):
+        names = {p.name for p in published[name].iterdir()}
+        assert {"configuration_evotok.py", "modeling_evotok.py", "quantizer.py", "image_processing_evotok.py",
+                "processing_evotok.py"} <= names and "__init__.py" not in names  # fmt: skip
+    config = json.loads((published["vlm-remote"] / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_evotok_vlm.EvoTokForConditionalGeneration"
+
+    out_path = tmp_path / "remote_outputs.pt"
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", CLEAN_PROCESS, str(published["tok-remote"]), str(published["vlm-remote"]),
+         str(image_cwd), str(out_path), PROMPT, REPO_TOK, REPO_VLM],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    remote = torch.load(out_path, weights_only=False)
+    info = remote.pop("info")
+    assert info["network"] == [] and info["evotok_hf_imported"] is False and info["causal_is_vlm_class"]
+    assert all(module.startswith("transformers_modules.") for module in info["modules"]), info["modules"]
+    assert (image_cwd / "reconstruction.png").is_file()  # the remote-code card snippet ran there
+
+    # The same computation with the package's classes on the source folders.
+    image = PIL.Image.open(image_cwd / "image.jpg")
+    model = EvoTokModel.from_pretrained(source_dirs["tok"]).eval()
+    pixel_values = EvoTokImageProcessor.from_pretrained(source_dirs["tok"])(image, return_tensors="pt").pixel_values
+    vlm = EvoTokForConditionalGeneration.from_pretrained(source_dirs["vlm"]).eval()
+    inputs = EvoTokProcessor.from_pretrained(source_dirs["vlm"])(images=image, text=PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        codes = model.encode(pixel_values).codes
+        expected = {
+            "tok_pixel_values": pixel_values,
+            "tok_codes": codes,
+            "tok_reconstruction": model.decode(codes[..., : model.config.pixel_depth]),
+            "tok_semantic": model.get_semantic_features(codes),
+            "vlm_input_ids": inputs.input_ids,
+            "vlm_logits": vlm(**inputs).logits,
+            "vlm_generated": vlm.generate(**inputs, max_new_tokens=4, do_sample=False),
+        }
+    assert remote.keys() == expected.keys()
+    for key, value in expected.items():
+        if value.is_floating_point():  # same math; the thread count may differ between the processes
+            torch.testing.assert_close(remote[key], value, rtol=1e-5, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(remote[key], value), key
