@@ -310,6 +310,9 @@ def test_auto_classes_round_trip(vlm, processor, tmp_path):
     assert torch.equal(inputs["input_ids"], reference["input_ids"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, vlm(**reference).logits, rtol=0, atol=0)
+    from transformers import AutoModelForCausalLM
+
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path), EvoTokForConditionalGeneration)
 
 
 def test_eager_equals_sdpa(text_tokenizer, vision_config, processor, vlm):

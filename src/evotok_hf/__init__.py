@@ -1,13 +1,15 @@
 """evotok_hf: EvoTok, a unified image tokenizer for understanding and generation, native to the Hugging Face stack.
 
 Importing the package registers `AutoConfig`, `AutoModel` and `AutoImageProcessor` for model_type "evotok" (the
-tokenizer), and `AutoConfig`, `AutoModelForImageTextToText` and `AutoProcessor` for "evotok_vlm" (the VLM).
+tokenizer), and `AutoConfig`, `AutoModelForImageTextToText`, `AutoModelForCausalLM` and `AutoProcessor` for
+"evotok_vlm" (the VLM).
 """
 
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
 )
@@ -32,6 +34,7 @@ AutoModel.register(EvoTokConfig, EvoTokModel, exist_ok=True)
 AutoImageProcessor.register(EvoTokConfig, image_processor_classes={"pil": EvoTokImageProcessor}, exist_ok=True)
 AutoConfig.register(EvoTokVLMConfig.model_type, EvoTokVLMConfig, exist_ok=True)
 AutoModelForImageTextToText.register(EvoTokVLMConfig, EvoTokForConditionalGeneration, exist_ok=True)
+AutoModelForCausalLM.register(EvoTokVLMConfig, EvoTokForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(EvoTokVLMConfig, image_processor_classes={"pil": EvoTokImageProcessor}, exist_ok=True)
 AutoProcessor.register(EvoTokVLMConfig, EvoTokProcessor, exist_ok=True)
 
