@@ -17,6 +17,8 @@ from transformers import (
 from .modeling import (
     EVOTOK_PRESETS,
     EvoTokConfig,
+    EvoTokDepthHeadConfig,
+    EvoTokDepthTransformer,
     EvoTokEncoderOutput,
     EvoTokForConditionalGeneration,
     EvoTokModel,
@@ -32,6 +34,8 @@ __version__ = "0.1.0.dev0"
 AutoConfig.register(EvoTokConfig.model_type, EvoTokConfig, exist_ok=True)
 AutoModel.register(EvoTokConfig, EvoTokModel, exist_ok=True)
 AutoImageProcessor.register(EvoTokConfig, image_processor_classes={"pil": EvoTokImageProcessor}, exist_ok=True)
+AutoConfig.register(EvoTokDepthHeadConfig.model_type, EvoTokDepthHeadConfig, exist_ok=True)
+AutoModel.register(EvoTokDepthHeadConfig, EvoTokDepthTransformer, exist_ok=True)
 AutoConfig.register(EvoTokVLMConfig.model_type, EvoTokVLMConfig, exist_ok=True)
 AutoModelForImageTextToText.register(EvoTokVLMConfig, EvoTokForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(EvoTokVLMConfig, EvoTokForConditionalGeneration, exist_ok=True)
@@ -41,6 +45,8 @@ AutoProcessor.register(EvoTokVLMConfig, EvoTokProcessor, exist_ok=True)
 __all__ = [
     "EVOTOK_PRESETS",
     "EvoTokConfig",
+    "EvoTokDepthHeadConfig",
+    "EvoTokDepthTransformer",
     "EvoTokEncoderOutput",
     "EvoTokForConditionalGeneration",
     "EvoTokImageProcessor",

@@ -1,5 +1,8 @@
 from .configuration_evotok import EVOTOK_PRESETS, EvoTokConfig
 from .modeling_evotok import EvoTokEncoderOutput, EvoTokModel, EvoTokModelOutput, EvoTokPreTrainedModel
 from .quantizer import EvoTokResidualQuantizer, ResidualQuantizerOutput
+from .configuration_evotok_depth_head import EvoTokDepthHeadConfig
 from .configuration_evotok_vlm import EvoTokVLMConfig
+from .depth_head import EvoTokDepthHeadOutput, EvoTokDepthTransformer, official_depth_head_key
+from .generation import IMAGE_GENERATION_DEFAULTS, generate_image_codes
 from .modeling_evotok_vlm import EvoTokForConditionalGeneration, EvoTokVLMModel, EvoTokVLMPreTrainedModel

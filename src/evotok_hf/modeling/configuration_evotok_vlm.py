@@ -1,9 +1,13 @@
-"""Configuration of the EvoTok multimodal LLM (understanding side).
+"""Configuration of the EvoTok multimodal LLM (understanding and image generation).
 
-The understanding model follows the LLaVA recipe: the EvoTok tokenizer turns an image into residual codes, the sum of
-all `semantic_depth` code embeddings goes through the semantic decoder to teacher-space features, a two-layer GELU
-MLP projects them to the LLM width, and those rows replace the image placeholder tokens in the LLM input. The
-official understanding checkpoint uses Qwen2.5-7B-Instruct and does not wrap images in start/end tokens.
+Understanding follows the LLaVA recipe: the EvoTok tokenizer turns an image into residual codes, the sum of all
+`semantic_depth` code embeddings goes through the semantic decoder to teacher-space features, a two-layer GELU MLP
+projects them to the LLM width, and those rows replace the image placeholder tokens in the LLM input. The official
+understanding checkpoint uses Qwen2.5-7B-Instruct and does not wrap images in start/end tokens.
+
+Generation: at each image position the LLM hidden state feeds the residual-depth head (`depth_head_config`), which
+predicts the `pixel_depth` codes; the projected sum of their embeddings (a second two-layer GELU MLP, from the
+tokenizer's `codebook_dim`) is the next LLM input. Generated images sit between the image start / end tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_evotok import EvoTokConfig
+from .configuration_evotok_depth_head import EvoTokDepthHeadConfig
 
 
 class EvoTokVLMConfig(PreTrainedConfig):
@@ -28,7 +33,11 @@ class EvoTokVLMConfig(PreTrainedConfig):
             start / end tokens (the official understanding model does not; its generation model does).
         projector_hidden_act (`str`, defaults to `"gelu"`): activation between the projector's two linear layers.
         has_understanding_head (`bool`, defaults to `True`): the checkpoint carries the semantic-feature projector.
-        has_generation_head (`bool`, defaults to `False`): the checkpoint carries the image-generation depth head.
+        has_generation_head (`bool`, defaults to `False`): the checkpoint carries the image-generation depth head and
+            the generation projector (code-embedding sums -> LLM width).
+        depth_head_config (`dict` or `EvoTokDepthHeadConfig`, *optional*): the residual-depth head (defaults to the
+            authors' 6 blocks of width 2560). Its `code_dim`, `codebook_size`, `pixel_depth` and `llm_hidden_size`
+            are not free: they are set from `vision_config` and `text_config`.
         tie_word_embeddings (`bool`, *optional*): tie the LM head to the input embeddings; by default the text
             config's value.
     """
@@ -37,6 +46,7 @@ class EvoTokVLMConfig(PreTrainedConfig):
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(config_class=EvoTokConfig),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+        "depth_head_config": SubConfigSpec(config_class=EvoTokDepthHeadConfig),
     }
 
     vision_config: dict | PreTrainedConfig | None = None
@@ -48,12 +58,17 @@ class EvoTokVLMConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     has_understanding_head: bool = True
     has_generation_head: bool = False
+    depth_head_config: dict | PreTrainedConfig | None = None
     tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        # One place for each fact: the head's input / output sizes follow the tokenizer and the LLM.
+        head, vision = self.depth_head_config, self.vision_config
+        head.code_dim, head.codebook_size = vision.codebook_dim, vision.codebook_size
+        head.pixel_depth, head.llm_hidden_size = vision.pixel_depth, self.text_config.hidden_size
         self._validate_evotok_vlm()
 
     def _validate_evotok_vlm(self) -> None:
@@ -82,6 +97,11 @@ class EvoTokVLMConfig(PreTrainedConfig):
         if not (self.has_understanding_head or self.has_generation_head):
             raise ValueError(
                 "EvoTokVLMConfig: at least one of `has_understanding_head` and `has_generation_head` must be True."
+            )
+        if self.has_generation_head and None in (self.image_token_id, self.boi_token_id, self.eoi_token_id):
+            raise ValueError(
+                "EvoTokVLMConfig: `has_generation_head=True` needs `image_token_id`, `boi_token_id` and `eoi_token_id` "
+                "(generated images are written between the image start and end tokens)."
             )
 
     @property

@@ -6,8 +6,12 @@
     --masked_scatter at image_token_id positions--> LLM input embeddings --> LLM --> lm_head
 
 The image tokenizer is frozen and always runs in eval mode (in training mode its quantizer would EMA-update the
-codebooks). `EvoTokVLMModel` (tokenizer + projector + LLM) returns hidden states; `EvoTokForConditionalGeneration` adds
-the LM head, as transformers' LLaVA does. Image generation (the residual-depth head) is not part of this module yet.
+codebooks). `EvoTokVLMModel` (tokenizer + projectors + LLM) returns hidden states; `EvoTokForConditionalGeneration` adds
+the LM head, as transformers' LLaVA does, and the residual-depth head for image generation:
+
+    prompt ... <boi> --LLM--> h_0 --depth head--> codes of position 0 (pixel_depth of them, depth by depth)
+    sum of their embeddings --generation projector--> next LLM input --LLM--> h_1 --> ...   (grid*grid positions)
+    codes --EvoTokModel.decode--> image
 
 References: EvoTok (arXiv 2603.12108); LLaVA (Liu et al., 2023) for the projector and placeholder merging.
 """
@@ -25,6 +29,8 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from .configuration_evotok_vlm import EvoTokVLMConfig
+from .depth_head import EvoTokDepthTransformer
+from .generation import generate_image_codes
 from .modeling_evotok import EvoTokModel
 
 
@@ -40,6 +46,9 @@ class EvoTokCausalLMOutputWithPast(ModelOutput):
     hidden_states / attentions (`tuple(torch.FloatTensor)`, *optional*): from the language model, when asked for.
     image_hidden_states (`torch.FloatTensor` of shape `(num_images, grid*grid, hidden_size)`, *optional*): the
         projected image features that were merged into the input embeddings.
+    text_loss / image_loss (`torch.FloatTensor`, *optional*): the two terms of `loss` when generation targets are
+        given: next-token cross-entropy on text, and the depth head's cross-entropy over the target images' codes
+        (mean over positions x pixel depths); `loss = text_loss + image_loss`, as the authors'.
     """
 
     loss: torch.FloatTensor | None = None
@@ -48,6 +57,8 @@ class EvoTokCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    image_loss: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -70,17 +81,18 @@ class EvoTokVLMModelOutputWithPast(ModelOutput):
 
 
 class EvoTokMultiModalProjector(nn.Module):
-    """Semantic features (teacher_dim) -> LLM width: Linear -> activation -> Linear (the LLaVA-1.5 MLP projector)."""
+    """Linear -> activation -> Linear (the LLaVA-1.5 MLP projector), from image features to the LLM width: semantic
+    features (`teacher_dim`) for understanding, code-embedding sums (`codebook_dim`) for generation."""
 
-    def __init__(self, config: EvoTokVLMConfig):
+    def __init__(self, in_features: int, config: EvoTokVLMConfig):
         super().__init__()
         hidden = config.text_config.hidden_size
-        self.linear_1 = nn.Linear(config.vision_config.teacher_dim, hidden)
+        self.linear_1 = nn.Linear(in_features, hidden)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(hidden, hidden)
 
-    def forward(self, semantic_features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(semantic_features)))
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
 
 
 class EvoTokVLMPreTrainedModel(PreTrainedModel):
@@ -106,13 +118,11 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
 
     def __init__(self, config: EvoTokVLMConfig):
         super().__init__(config)
-        if config.has_generation_head or not config.has_understanding_head:
-            raise NotImplementedError(
-                "EvoTokForConditionalGeneration currently builds the understanding head only "
-                "(has_understanding_head=True, has_generation_head=False)."
-            )
         self.vision_tower = EvoTokModel(config.vision_config)
-        self.multi_modal_projector = EvoTokMultiModalProjector(config)
+        if config.has_understanding_head:
+            self.multi_modal_projector = EvoTokMultiModalProjector(config.vision_config.teacher_dim, config)
+        if config.has_generation_head:
+            self.generation_projector = EvoTokMultiModalProjector(config.vision_config.codebook_dim, config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
         self.freeze_vision_tower()
@@ -142,6 +152,10 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
         placeholder token."""
         if (pixel_values is None) == (image_codes is None):
             raise ValueError("get_image_features: pass exactly one of `pixel_values` and `image_codes`.")
+        if not self.config.has_understanding_head:
+            raise ValueError(
+                "This checkpoint has no understanding head (has_understanding_head=False): images cannot be read."
+            )
         depth = self.config.vision_config.semantic_depth
         with torch.no_grad():
             if image_codes is None:
@@ -154,6 +168,34 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
             semantic_features = self.vision_tower.get_semantic_features(image_codes)
         return self.multi_modal_projector(semantic_features.to(self.multi_modal_projector.linear_1.weight.dtype))
 
+    def get_generation_embeddings(self, generation_codes: torch.LongTensor) -> torch.Tensor:
+        """Pixel codes `(..., pixel_depth)` -> LLM input embeddings `(..., hidden_size)`: the generation projector
+        applied to the sum of the codes' embeddings (the input that follows a generated image position)."""
+        if not self.config.has_generation_head:
+            raise ValueError("This checkpoint has no generation head (has_generation_head=False).")
+        depth = self.config.vision_config.pixel_depth
+        if generation_codes.shape[-1] != depth:
+            raise ValueError(
+                f"generation codes must end with the {depth} pixel depths, got shape {tuple(generation_codes.shape)}."
+            )
+        with torch.no_grad():
+            sums = self.vision_tower.quantizer.embed_codes(generation_codes)
+        return self.generation_projector(sums.to(self.generation_projector.linear_1.weight.dtype))
+
+    def split_image_positions(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(understanding_mask, generation_mask)` over the image-token positions: a run of image tokens that directly
+        follows the image start token is an image to generate (or, in training, a teacher-forced target); the other
+        runs are images to read. Only meaningful when understanding images are not wrapped (`wrap_image_tokens`)."""
+        is_image = input_ids == self.config.image_token_id
+        previous = torch.nn.functional.pad(input_ids[:, :-1], (1, 0), value=-1)
+        run_start = is_image & (previous != self.config.image_token_id)
+        starts_generation = run_start & (previous == self.config.boi_token_id)
+        # each image position looks up the start of its own run (the latest run start at or before it)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        own_start = torch.where(run_start, positions, torch.zeros_like(positions)).cummax(-1).values
+        is_generation = is_image & starts_generation.gather(1, own_start)
+        return is_image & ~is_generation, is_generation
+
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Boolean `(batch, sequence_length)` mask of the image placeholder positions (read off `inputs_embeds` by
         comparing with the placeholder's embedding when no `input_ids` are given)."""
@@ -165,6 +207,18 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
         placeholder = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
         return (inputs_embeds == placeholder).all(-1)
 
+    @staticmethod
+    def _merge(inputs_embeds: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, what: str) -> torch.Tensor:
+        num_tokens, num_rows = int(mask.sum()), rows.shape[0] * rows.shape[1]
+        if num_tokens != num_rows:
+            raise ValueError(
+                f"The prompt holds {num_tokens} image tokens for the {what} but the {rows.shape[0]} image(s) give "
+                f"{num_rows} rows ({rows.shape[1]} per image); use EvoTokProcessor to expand each image placeholder."
+            )
+        return inputs_embeds.masked_scatter(
+            mask.unsqueeze(-1).to(inputs_embeds.device), rows.to(inputs_embeds.device, inputs_embeds.dtype)
+        )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -175,6 +229,7 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        generation_codes: torch.LongTensor | None = None,
         **kwargs,
     ) -> EvoTokVLMModelOutputWithPast:
         """See [`EvoTokForConditionalGeneration.forward`]; returns the language model's hidden states."""
@@ -185,21 +240,31 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        image_features = None
-        if pixel_values is not None or image_codes is not None:
-            image_features = self.get_image_features(pixel_values=pixel_values, image_codes=image_codes)
+        reading = pixel_values is not None or image_codes is not None
+        placeholder_mask = understanding_mask = generation_mask = None
+        if reading or generation_codes is not None:
             placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-            num_tokens, num_rows = int(placeholder_mask.sum()), image_features.shape[0] * image_features.shape[1]
-            if num_tokens != num_rows:
+            understanding_mask = generation_mask = placeholder_mask
+        if reading and generation_codes is not None:
+            if input_ids is None or self.config.wrap_image_tokens:
                 raise ValueError(
-                    f"The prompt holds {num_tokens} image tokens but the {image_features.shape[0]} image(s) give "
-                    f"{num_rows} feature rows ({image_features.shape[1]} per image); use EvoTokProcessor to expand "
-                    "each image placeholder."
+                    "Images to read and images to generate in one call need `input_ids` and unwrapped understanding "
+                    "images (wrap_image_tokens=False) to tell their positions apart; pass them in separate batches."
                 )
-            inputs_embeds = inputs_embeds.masked_scatter(
-                placeholder_mask.unsqueeze(-1).to(inputs_embeds.device),
-                image_features.to(inputs_embeds.device, inputs_embeds.dtype),
-            )
+            understanding_mask, generation_mask = self.split_image_positions(input_ids)
+
+        image_features = None
+        if reading:
+            image_features = self.get_image_features(pixel_values=pixel_values, image_codes=image_codes)
+            inputs_embeds = self._merge(inputs_embeds, understanding_mask, image_features, "image(s) to read")
+        if generation_codes is not None:
+            if generation_codes.ndim != 4:
+                raise ValueError(
+                    "generation_codes must have shape (num_images, grid, grid, pixel_depth), got "
+                    f"{tuple(generation_codes.shape)}."
+                )
+            embeddings = self.get_generation_embeddings(generation_codes.flatten(1, 2))
+            inputs_embeds = self._merge(inputs_embeds, generation_mask, embeddings, "image(s) to generate")
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -219,8 +284,9 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
 
 
 class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
-    """EvoTok tokenizer + projector + causal LM (`model`, an [`EvoTokVLMModel`]) + LM head: image-conditioned text
-    generation (understanding)."""
+    """EvoTok tokenizer + projectors + causal LM (`model`, an [`EvoTokVLMModel`]) + LM head, and with
+    `has_generation_head` the residual-depth head (`depth_head`): image-conditioned text generation (understanding)
+    and text-to-image generation (`generate(..., generation_mode="image")`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
@@ -228,6 +294,8 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = EvoTokVLMModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        if config.has_generation_head:
+            self.depth_head = EvoTokDepthTransformer(config.depth_head_config)
         self.post_init()
         self.freeze_vision_tower()
 
@@ -239,6 +307,10 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
     @property
     def multi_modal_projector(self) -> EvoTokMultiModalProjector:
         return self.model.multi_modal_projector
+
+    @property
+    def generation_projector(self) -> EvoTokMultiModalProjector:
+        return self.model.generation_projector
 
     @property
     def language_model(self) -> nn.Module:
@@ -265,10 +337,14 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         eoi_token: str = "<eoi>",
         wrap_image_tokens: bool = False,
         dtype: torch.dtype = torch.float32,
+        has_understanding_head: bool = True,
+        has_generation_head: bool = False,
+        depth_head_config: dict | None = None,
         **llm_kwargs,
     ):
         """Assemble a VLM from an EvoTok checkpoint (folder / Hub id / `EvoTokModel`) and a pretrained causal LM
-        (folder / Hub id / model), with a fresh projector. The image special tokens are added to the text tokenizer
+        (folder / Hub id / model), with fresh projector(s) (and a fresh depth head with `has_generation_head`; size it
+        with `depth_head_config`). The image special tokens are added to the text tokenizer
         when missing and the LLM's embeddings resized (new rows from the old rows' statistics); they are also put in
         `generation_config.suppress_tokens`, so in text decoding the new rows can never win over real text.
 
@@ -303,6 +379,9 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
             boi_token_id=ids[1],
             eoi_token_id=ids[2],
             wrap_image_tokens=wrap_image_tokens,
+            has_understanding_head=has_understanding_head,
+            has_generation_head=has_generation_head,
+            depth_head_config=depth_head_config,
         )
         model = cls(config).to(dtype)
         model.vision_tower.load_state_dict(vision.state_dict())
@@ -346,6 +425,8 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        generation_codes: torch.LongTensor | None = None,
+        generation_pixel_values: torch.Tensor | None = None,
         **kwargs,
     ) -> EvoTokCausalLMOutputWithPast:
         r"""
@@ -357,7 +438,19 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
             `input_ids` (shifted inside); -100 positions are ignored.
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions (0: all)
             or for the given indices.
+        generation_codes (`torch.LongTensor` of shape `(num_images, grid, grid, pixel_depth)`, *optional*): pixel codes
+            of the images written after image start tokens (teacher forcing): their positions take the generation
+            projector's embeddings, and with `labels` the depth head's cross-entropy over these codes is added to the
+            loss (the hidden state before each image position predicts that position's codes).
+        generation_pixel_values (`torch.FloatTensor` of shape `(num_images, 3, size, size)`, *optional*): the same
+            images as pixels in [-1, 1], tokenised on the fly by the frozen tokenizer (instead of `generation_codes`).
         """
+        if generation_pixel_values is not None:
+            if generation_codes is not None:
+                raise ValueError("Pass at most one of `generation_codes` and `generation_pixel_values`.")
+            with torch.no_grad():
+                codes = self.vision_tower.encode(generation_pixel_values).codes
+            generation_codes = codes[..., : self.config.vision_config.pixel_depth]
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -367,17 +460,22 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            generation_codes=generation_codes,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 
-        loss = None
+        loss = text_loss = image_loss = None
         if labels is not None:
-            loss = self.loss_function(
+            loss = text_loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
+            if generation_codes is not None:
+                image_loss = self.image_generation_loss(input_ids, pixel_values, image_codes, hidden_states,
+                                                        generation_codes)  # fmt: skip
+                loss = text_loss + image_loss
 
         return EvoTokCausalLMOutputWithPast(
             loss=loss,
@@ -386,7 +484,54 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            text_loss=text_loss if image_loss is not None else None,
+            image_loss=image_loss,
         )
+
+    def image_generation_loss(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None,
+        image_codes: torch.LongTensor | None,
+        hidden_states: torch.Tensor,
+        generation_codes: torch.LongTensor,
+    ) -> torch.Tensor:
+        """Depth-head cross-entropy of the target images' codes, teacher-forced over positions and depths: the LLM
+        hidden state before each generated position starts its depth sequence, followed by the cumulative sums of the
+        true codes' embeddings."""
+        if input_ids is None:
+            raise ValueError("The image-generation loss needs `input_ids` to find the image positions.")
+        if pixel_values is not None or image_codes is not None:
+            generation_mask = self.model.split_image_positions(input_ids)[1]
+        else:
+            generation_mask = input_ids == self.config.image_token_id
+        batch_index, position = generation_mask.nonzero(as_tuple=True)
+        if (position == 0).any():
+            raise ValueError("An image to generate cannot start a sequence: it must follow the image start token.")
+        conditions = hidden_states[batch_index, position - 1]
+        targets = generation_codes.flatten(0, 2)  # (num_images * grid * grid, pixel_depth), row-major = prompt order
+        with torch.no_grad():
+            sums = self.vision_tower.quantizer.embed_codes(targets[:, :-1], return_cumulative=True)
+        head = self.depth_head
+        logits = head(hidden_states=conditions.to(head.dtype), code_embedding_sums=sums.to(head.dtype)).logits
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    # -- image generation ----------------------------------------------------------------------------------------
+    def decode_image_tokens(self, codes: torch.LongTensor) -> torch.Tensor:
+        """Generated codes `(batch, grid, grid, pixel_depth)` -> images `(batch, 3, size, size)` in [-1, 1] (through the
+        tokenizer's pixel decoder; `EvoTokProcessor.postprocess` makes PIL images)."""
+        return self.vision_tower.decode(codes)
+
+    def generate(self, *args, generation_mode: str = "text", **kwargs):
+        """`generation_mode="text"` (default): transformers' `generate` (understanding; any GenerationConfig setting).
+        `generation_mode="image"`: text-to-image, returning codes `(batch * num_return_sequences, grid, grid,
+        pixel_depth)`; see [`~evotok_hf.modeling.generation.generate_image_codes`] for its arguments (classifier-free
+        guidance, per-depth sampling, seeds, caches, streamer)."""
+        if generation_mode == "image":
+            return generate_image_codes(self, *args, **kwargs)
+        if generation_mode != "text":
+            raise ValueError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}.")
+        return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,

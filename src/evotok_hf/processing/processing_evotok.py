@@ -107,10 +107,45 @@ class EvoTokProcessor(ProcessorMixin):
             )
         return ids[0]
 
-    def image_token_sequence(self) -> str:
-        """The text that replaces one image placeholder."""
+    def image_token_sequence(self, wrap: bool | None = None) -> str:
+        """The text that replaces one image placeholder; `wrap=True` surrounds it with the image start / end tokens
+        (always the case for an image the model writes), by default as `wrap_image_tokens` says."""
+        wrap = self.wrap_image_tokens if wrap is None else wrap
+        if wrap and (self.boi_token is None or self.eoi_token is None):
+            raise ValueError("EvoTokProcessor: wrapping image tokens needs `boi_token` and `eoi_token`.")
         tokens = self.image_token * self.num_image_tokens
-        return f"{self.boi_token}{tokens}{self.eoi_token}" if self.wrap_image_tokens else tokens
+        return f"{self.boi_token}{tokens}{self.eoi_token}" if wrap else tokens
+
+    def image_generation_prompt(self, prompt: str) -> str:
+        """A text-to-image prompt as the model expects it: a user turn holding `prompt` through the chat template, the
+        assistant's turn opened, then the image start token (the model writes the image after it)."""
+        if self.boi_token is None:
+            raise ValueError("EvoTokProcessor: image generation needs `boi_token` (the image start token).")
+        messages = [{"role": "user", "content": prompt}]
+        return self.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + self.boi_token
+
+    def _image_generation_inputs(self, text, negative_prompt, return_tensors) -> BatchFeature:
+        prompts = [text] if isinstance(text, str) else list(text)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("EvoTokProcessor: generation_mode='image' needs `text` as a string or a list of strings.")
+        if negative_prompt is None:
+            negative_prompt = " "  # the authors' unconditional prompt: a user turn holding a single space
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"EvoTokProcessor: {len(negatives)} negative prompts for {len(prompts)} prompts.")
+
+        def encode(texts):
+            return self.tokenizer([self.image_generation_prompt(t) for t in texts], padding=True, padding_side="left",
+                                  add_special_tokens=False)  # fmt: skip
+
+        positive, negative = encode(prompts), encode(negatives)
+        data = {
+            "input_ids": positive["input_ids"],
+            "attention_mask": positive["attention_mask"],
+            "negative_input_ids": negative["input_ids"],
+            "negative_attention_mask": negative["attention_mask"],
+        }
+        return BatchFeature(data=data, tensor_type=return_tensors)
 
     def __call__(self, images=None, text=None, **kwargs: Unpack[EvoTokProcessorKwargs]) -> BatchFeature:
         """Expand image placeholders, tokenize the text and preprocess the images.
@@ -118,11 +153,25 @@ class EvoTokProcessor(ProcessorMixin):
         Args:
             images: a PIL image / array / tensor, a list of them, or one list per sample, in placeholder order.
             text (`str` or `list[str]`): prompts holding one `image_token` per image.
+            generation_mode (`str`, defaults to `"text"`): `"image"` turns each text into a text-to-image prompt
+                (chat template + image start token, left-padded) and adds the unconditional prompts for
+                classifier-free guidance as `negative_input_ids` / `negative_attention_mask`.
+            negative_prompt (`str` or `list[str]`, *optional*): with `generation_mode="image"`, the unconditional
+                prompt(s); by default a single space, as the authors'.
 
         Returns:
             [`BatchFeature`] with `input_ids` and `attention_mask` (when `text` is given) and `pixel_values` (when
-            `images` are given).
+            `images` are given); in image mode `input_ids`, `attention_mask`, `negative_input_ids`,
+            `negative_attention_mask`.
         """
+        generation_mode = kwargs.pop("generation_mode", "text")
+        negative_prompt = kwargs.pop("negative_prompt", None)
+        if generation_mode == "image":
+            if images is not None:
+                raise ValueError("EvoTokProcessor: generation_mode='image' takes text prompts only.")
+            return self._image_generation_inputs(text, negative_prompt, kwargs.get("return_tensors"))
+        if generation_mode != "text":
+            raise ValueError(f"EvoTokProcessor: generation_mode must be 'text' or 'image', got {generation_mode!r}.")
         if images is None and text is None:
             raise ValueError("EvoTokProcessor: pass `images`, `text` or both.")
         output_kwargs = self._merge_kwargs(

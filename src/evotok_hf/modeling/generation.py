@@ -1,0 +1,258 @@
+"""Text-to-image generation for the EvoTok VLM: the position loop over the LLM and the depth loop in the depth head.
+
+For each of the grid*grid image positions (row-major):
+
+    LLM hidden state h  --depth head-->  logits of depth 0 -> code c_0
+    h, e(c_0)           --depth head-->  logits of depth 1 -> code c_1      (e: the tokenizer's code embeddings,
+    h, e(c_0), e(c_0)+e(c_1) ...      -> codes up to depth pixel_depth-1   summed cumulatively)
+    generation projector(e(c_0) + ... + e(c_{D-1}))  -> the next LLM input -> the next h
+
+Classifier-free guidance batches the conditional rows first and the unconditional rows (the negative prompt; by
+default a user turn holding a single space, as the authors') after them; at every depth
+`logits = uncond + guidance_scale * (cond - uncond)` and both halves continue with the chosen codes. The LLM keeps its
+key/value cache across positions and the depth head its own across depths (`use_cache=False` recomputes both from
+scratch at every step, as the authors' depth head does). Sampling settings may differ per depth and go through
+transformers' logits warpers.
+
+Defaults come from `generation_config.image_generation` (a dict saved with the generation config) when present, else
+from `IMAGE_GENERATION_DEFAULTS`: the paper's guidance scale 7.5 and the authors' top-k 900 / top-p 0.96 /
+temperature 1.0 sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+IMAGE_GENERATION_DEFAULTS = {
+    "guidance_scale": 7.5,
+    "do_sample": True,
+    "depth_temperature": 1.0,
+    "depth_top_k": 900,
+    "depth_top_p": 0.96,
+}
+
+
+def _per_depth(name: str, value, depth: int) -> list:
+    """A scalar or a sequence of `depth` values -> a list of `depth` values."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != depth:
+            raise ValueError(f"{name} must be a scalar or a list of pixel_depth={depth} values, got {list(value)}.")
+        return list(value)
+    return [value] * depth
+
+
+def build_depth_warpers(temperature, top_k, top_p, depth: int, vocab_size: int) -> list[LogitsProcessorList]:
+    """One `LogitsProcessorList` per depth (temperature, then top-k, then top-p, as transformers orders them); None,
+    a top-k of 0 and a top-p of 1.0 switch a warper off."""
+    warpers = []
+    for d, (t, k, p) in enumerate(
+        zip(
+            _per_depth("depth_temperature", temperature, depth),
+            _per_depth("depth_top_k", top_k, depth),
+            _per_depth("depth_top_p", top_p, depth),
+        )
+    ):
+        processors = LogitsProcessorList()
+        if t is not None:
+            if not t > 0:
+                raise ValueError(f"depth_temperature must be > 0, got {t} at depth {d}.")
+            if t != 1.0:
+                processors.append(TemperatureLogitsWarper(float(t)))
+        if k is not None and k != 0:
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                raise ValueError(f"depth_top_k must be a non-negative int, got {k!r} at depth {d}.")
+            processors.append(TopKLogitsWarper(min(k, vocab_size)))
+        if p is not None and p < 1.0:
+            if not 0 < p <= 1:
+                raise ValueError(f"depth_top_p must be in (0, 1], got {p} at depth {d}.")
+            processors.append(TopPLogitsWarper(float(p)))
+        warpers.append(processors)
+    return warpers
+
+
+def _check_left_padded(name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, boi_token_id: int) -> None:
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"{name}: input_ids and attention_mask must both be (batch, length).")
+    mask = attention_mask.bool()
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        raise ValueError(f"{name}: prompts must be left-padded (padding_side='left') for image generation.")
+    if not mask[:, -1].all() or (input_ids[:, -1] != boi_token_id).any():
+        raise ValueError(
+            f"{name}: every prompt must end with the image start token (id {boi_token_id}); build prompts with "
+            "EvoTokProcessor(text=..., generation_mode='image')."
+        )
+
+
+def _left_pad_together(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(ids.shape[1] for ids, _ in parts)
+    all_ids, all_masks = [], []
+    for ids, mask in parts:
+        pad = length - ids.shape[1]
+        all_ids.append(torch.nn.functional.pad(ids, (pad, 0), value=0))
+        all_masks.append(torch.nn.functional.pad(mask, (pad, 0), value=0))
+    return torch.cat(all_ids), torch.cat(all_masks)
+
+
+@torch.no_grad()
+def generate_image_codes(
+    model,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    negative_input_ids: torch.LongTensor | None = None,
+    negative_attention_mask: torch.Tensor | None = None,
+    guidance_scale: float | None = None,
+    do_sample: bool | None = None,
+    depth_temperature=None,
+    depth_top_k=None,
+    depth_top_p=None,
+    num_return_sequences: int = 1,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    streamer=None,
+    generation_config=None,
+    **unexpected,
+) -> torch.LongTensor:
+    """Generate images' pixel codes from text prompts (`EvoTokForConditionalGeneration.generate(...,
+    generation_mode="image")` calls this).
+
+    Args:
+        input_ids / attention_mask (`(batch, length)`): left-padded prompts ending with the image start token
+            (`EvoTokProcessor(text=prompts, generation_mode="image")`).
+        negative_input_ids / negative_attention_mask (`(batch or 1, length)`, *optional*): the unconditional half of
+            classifier-free guidance (the processor returns the default one, a user turn holding " ").
+        guidance_scale (`float`, *optional*): CFG scale; 1.0 (or None with no default) runs the conditional rows only.
+        do_sample (`bool`, *optional*): sample (with the warpers below) or take the argmax at every depth.
+        depth_temperature / depth_top_k / depth_top_p: a scalar for every depth or a list of `pixel_depth` values.
+        num_return_sequences (`int`): images per prompt.
+        generator (`torch.Generator`, *optional*): the randomness of sampling, for reproducible images.
+        use_cache (`bool`): key/value caches in the LLM (across positions) and in the depth head (across depths).
+        streamer (*optional*): an object with `put(codes)` (called per position with that position's codes,
+            `(batch * num_return_sequences, pixel_depth)`) and `end()`, e.g. a progress bar.
+        generation_config (`GenerationConfig`, *optional*): read for `image_generation` defaults (else the model's).
+
+    Returns:
+        `torch.LongTensor` of shape `(batch * num_return_sequences, grid, grid, pixel_depth)`: decode with
+        `model.decode_image_tokens`.
+    """
+    config = model.config
+    if not config.has_generation_head:
+        raise ValueError("This checkpoint has no generation head (has_generation_head=False).")
+    if unexpected:
+        raise ValueError(f"Unknown arguments for generation_mode='image': {sorted(unexpected)}.")
+    if input_ids is None:
+        raise ValueError("generation_mode='image' needs `input_ids` (EvoTokProcessor(text=..., generation_mode='image')).")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    generation_config = generation_config if generation_config is not None else model.generation_config
+    defaults = {**IMAGE_GENERATION_DEFAULTS, **(getattr(generation_config, "image_generation", None) or {})}
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    do_sample = defaults["do_sample"] if do_sample is None else do_sample
+    depth_temperature = defaults["depth_temperature"] if depth_temperature is None else depth_temperature
+    depth_top_k = defaults["depth_top_k"] if depth_top_k is None else depth_top_k
+    depth_top_p = defaults["depth_top_p"] if depth_top_p is None else depth_top_p
+    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be a positive int, got {num_return_sequences!r}.")
+
+    vision = config.vision_config
+    pixel_depth, grid = vision.pixel_depth, vision.grid_size
+    warpers = build_depth_warpers(depth_temperature, depth_top_k, depth_top_p, pixel_depth, vision.codebook_size)
+    guided = guidance_scale is not None and guidance_scale != 1.0
+
+    _check_left_padded("input_ids", input_ids, attention_mask, config.boi_token_id)
+    batch = input_ids.shape[0]
+    parts = [(input_ids.repeat_interleave(num_return_sequences, 0),
+              attention_mask.repeat_interleave(num_return_sequences, 0))]  # fmt: skip
+    if guided:
+        if negative_input_ids is None:
+            raise ValueError(
+                "Classifier-free guidance needs the unconditional prompt: pass `negative_input_ids` (EvoTokProcessor "
+                "returns the default one with generation_mode='image'), or guidance_scale=1.0."
+            )
+        if negative_attention_mask is None:
+            negative_attention_mask = torch.ones_like(negative_input_ids)
+        _check_left_padded("negative_input_ids", negative_input_ids, negative_attention_mask, config.boi_token_id)
+        if negative_input_ids.shape[0] not in (1, batch):
+            raise ValueError(
+                f"negative prompts: {negative_input_ids.shape[0]} rows for {batch} prompts (give 1 or one per prompt)."
+            )
+        expand = batch * num_return_sequences // negative_input_ids.shape[0]
+        parts.append((negative_input_ids.repeat_interleave(expand, 0),
+                      negative_attention_mask.repeat_interleave(expand, 0)))  # fmt: skip
+    rows = batch * num_return_sequences
+    ids, mask = _left_pad_together([(i.to(model.device), m.to(model.device)) for i, m in parts])
+
+    language_model, head = model.model.language_model, model.depth_head
+    quantizer = model.vision_tower.quantizer
+    embeddings = model.get_input_embeddings()(ids)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def run_llm(inputs_embeds, attention, position_ids, cache):
+        out = language_model(inputs_embeds=inputs_embeds, attention_mask=attention, position_ids=position_ids,
+                             past_key_values=cache, use_cache=use_cache)  # fmt: skip
+        return out.last_hidden_state[:, -1], (out.past_key_values if use_cache else None)
+
+    hidden, llm_cache = run_llm(embeddings, mask, positions, None)
+    codes = torch.zeros(rows, grid * grid, pixel_depth, dtype=torch.long, device=ids.device)
+    for position in range(grid * grid):
+        codes[:, position] = _sample_depths(head, quantizer, hidden, warpers, guided, guidance_scale, do_sample,
+                                            generator, use_cache, rows)  # fmt: skip
+        if streamer is not None:
+            streamer.put(codes[:, position].cpu())
+        if position == grid * grid - 1:
+            break
+        next_codes = codes[:, position]
+        next_embedding = model.model.get_generation_embeddings(torch.cat([next_codes] * (2 if guided else 1)))
+        next_embedding = next_embedding[:, None].to(embeddings.dtype)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        next_position = positions[:, -1:] + 1
+        positions = torch.cat([positions, next_position], dim=1)
+        if use_cache:
+            hidden, llm_cache = run_llm(next_embedding, mask, next_position, llm_cache)
+        else:
+            embeddings = torch.cat([embeddings, next_embedding], dim=1)
+            hidden, _ = run_llm(embeddings, mask, positions, None)
+    if streamer is not None:
+        streamer.end()
+    return codes.view(rows, grid, grid, pixel_depth)
+
+
+def _sample_depths(head, quantizer, hidden, warpers, guided, guidance_scale, do_sample, generator, use_cache, rows):
+    """The codes of one position, depth by depth: `(rows, pixel_depth)`."""
+    depth = len(warpers)
+    hidden = hidden.to(head.dtype)
+    chosen = torch.zeros(rows, depth, dtype=torch.long, device=hidden.device)
+    out = head(hidden_states=hidden, use_cache=use_cache)
+    sums = []
+    for d in range(depth):
+        logits = out.logits[:, -1].float()
+        if guided:
+            cond, uncond = logits[:rows], logits[rows:]
+            logits = uncond + guidance_scale * (cond - uncond)
+        if do_sample:
+            scores = warpers[d](chosen[:, :d], logits)
+            probs = torch.softmax(scores, dim=-1)
+            chosen[:, d] = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        else:
+            chosen[:, d] = logits.argmax(dim=-1)
+        if d == depth - 1:
+            break
+        running = quantizer.embed_codes(chosen[:, : d + 1]).to(head.dtype)  # e(c_0) + ... + e(c_d)
+        if guided:
+            running = torch.cat([running, running])
+        if use_cache:
+            out = head(code_embedding_sums=running[:, None], past_key_values=out.past_key_values, use_cache=True)
+        else:
+            sums.append(running)
+            out = head(hidden_states=hidden, code_embedding_sums=torch.stack(sums, dim=1))
+    return chosen
+
+
+__all__ = ["IMAGE_GENERATION_DEFAULTS", "build_depth_warpers", "generate_image_codes"]

@@ -1,0 +1,322 @@
+"""Image generation: the depth head inside the VLM, the generation loss, and generate(generation_mode="image")."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config
+
+from evotok_hf import EvoTokConfig, EvoTokForConditionalGeneration, EvoTokImageProcessor, EvoTokProcessor, EvoTokVLMConfig
+from evotok_hf.processing.processing_evotok import DEFAULT_CHAT_TEMPLATE
+
+SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>", "<boi>", "<eoi>"]
+CORPUS = ["system user assistant You are a helpful assistant.", "a red bicycle on a green hill", "a cat, a dog."]
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer():
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    backend.train_from_iterator(CORPUS * 10, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>", additional_special_tokens=SPECIAL[1:]
+    )
+
+
+def make_config(tokenizer, **overrides):
+    vision = EvoTokConfig.from_preset("evotok-tiny")
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    kwargs = dict(
+        vision_config=vision.to_dict(), text_config=text.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), boi_token_id=tokenizer.convert_tokens_to_ids("<boi>"),
+        eoi_token_id=tokenizer.convert_tokens_to_ids("<eoi>"), has_generation_head=True, has_understanding_head=False,
+        wrap_image_tokens=True,
+        depth_head_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "resid_dropout": 0.0},
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return EvoTokVLMConfig(**kwargs)
+
+
+def build_model(tokenizer, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = EvoTokForConditionalGeneration(make_config(tokenizer, **overrides)).eval()
+    # A random depth head gives nearly flat logits; sharpen the classifiers so argmax / sampling differences show.
+    with torch.no_grad():
+        for classifier in model.depth_head.classifiers:
+            classifier.proj.weight.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(text_tokenizer):
+    return build_model(text_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def processor(text_tokenizer):
+    vision = EvoTokConfig.from_preset("evotok-tiny")
+    return EvoTokProcessor(
+        image_processor=EvoTokImageProcessor(size={"height": vision.image_size, "width": vision.image_size}),
+        tokenizer=text_tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE, num_image_tokens=vision.grid_size**2,
+        boi_token="<boi>", eoi_token="<eoi>", wrap_image_tokens=True,
+    )  # fmt: skip
+
+
+PROMPTS = ["a red bicycle on a green hill", "a cat"]
+
+
+def generate(model, processor, prompts=PROMPTS, negative_prompt=None, **kwargs):
+    inputs = processor(text=prompts, generation_mode="image", negative_prompt=negative_prompt, return_tensors="pt")
+    return model.generate(**inputs, generation_mode="image", **kwargs)
+
+
+# ----------------------------------------------------------------------------- structure and config
+def test_generation_head_structure(model, text_tokenizer):
+    config = model.config
+    head = config.depth_head_config
+    vision = config.vision_config
+    assert (head.code_dim, head.codebook_size, head.pixel_depth, head.llm_hidden_size) == (
+        vision.codebook_dim, vision.codebook_size, vision.pixel_depth, config.text_config.hidden_size
+    )  # fmt: skip
+    assert len(model.depth_head.classifiers) == vision.pixel_depth  # no dead classifier heads
+    assert model.generation_projector.linear_1.in_features == vision.codebook_dim
+    assert not hasattr(model.model, "multi_modal_projector")  # generation-only checkpoint
+    with pytest.raises(ValueError, match="boi_token_id"):
+        make_config(text_tokenizer, boi_token_id=None, wrap_image_tokens=False)
+    with pytest.raises(ValueError, match="no understanding head"):
+        model.get_image_features(pixel_values=torch.zeros(1, 3, vision.image_size, vision.image_size))
+
+
+def test_processor_image_mode(processor, text_tokenizer):
+    inputs = processor(text=PROMPTS, generation_mode="image", return_tensors="pt")
+    boi = text_tokenizer.convert_tokens_to_ids("<boi>")
+    assert (inputs["input_ids"][:, -1] == boi).all() and (inputs["negative_input_ids"][:, -1] == boi).all()
+    assert inputs["attention_mask"][0].all() and not inputs["attention_mask"][1].all()  # left padding
+    text = text_tokenizer.decode(inputs["input_ids"][0][inputs["attention_mask"][0].bool()])
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    f"{PROMPTS[0]}<|im_end|>\n<|im_start|>assistant\n<boi>")  # fmt: skip
+    negative = text_tokenizer.decode(inputs["negative_input_ids"][0][inputs["negative_attention_mask"][0].bool()])
+    assert "<|im_start|>user\n <|im_end|>" in negative  # the authors' unconditional prompt: a single space
+    with pytest.raises(ValueError, match="generation_mode"):
+        processor(text="x", generation_mode="video")
+
+
+# ----------------------------------------------------------------------------- training loss
+def image_batch(processor, prompts):
+    """Chat texts whose assistant turn is an image to generate (wrapped in the image start / end tokens)."""
+    texts = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": [{"type": "image"}]}]  # fmt: skip
+        text = processor.apply_chat_template(messages, tokenize=False)
+        texts.append(text.replace(processor.image_token, processor.image_token_sequence(wrap=True)))
+    return dict(processor.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False))
+
+
+def test_loss_is_text_plus_depth_head_cross_entropy(model, processor, text_tokenizer):
+    vision = model.config.vision_config
+    batch = image_batch(processor, PROMPTS)
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, vision.codebook_size, (2, vision.grid_size, vision.grid_size, vision.pixel_depth), generator=g)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        out = model(**batch, generation_codes=codes, labels=labels)
+        torch.testing.assert_close(out.loss, out.text_loss + out.image_loss)
+        # manual image loss: for every image position p, the hidden state at p - 1 starts a fresh, uncached depth
+        # sequence over the true codes, one position at a time
+        hidden = model.model(**batch, generation_codes=codes).last_hidden_state
+        terms = []
+        for row in range(2):
+            positions = (batch["input_ids"][row] == model.config.image_token_id).nonzero().flatten().tolist()
+            assert batch["input_ids"][row, positions[0] - 1] == model.config.boi_token_id
+            for index, p in enumerate(positions):
+                target = codes[row].reshape(-1, vision.pixel_depth)[index]
+                embeddings = model.vision_tower.quantizer.codebook[torch.arange(vision.pixel_depth), target]
+                sums = embeddings.cumsum(0)[None, :-1]
+                logits = model.depth_head(hidden_states=hidden[row, p - 1][None], code_embedding_sums=sums).logits[0]
+                terms.append(F.cross_entropy(logits.double(), target, reduction="none"))
+        torch.testing.assert_close(out.image_loss.double(), torch.cat(terms).mean(), rtol=1e-5, atol=1e-6)
+        # manual text loss: shifted cross-entropy where labels are set
+        shifted = labels[:, 1:]
+        keep = shifted != -100
+        text = F.cross_entropy(out.logits[:, :-1][keep].double(), shifted[keep])
+        torch.testing.assert_close(out.text_loss.double(), text, rtol=1e-5, atol=1e-6)
+        # the image positions take the generation projector's embeddings of the code sums
+        summed = model.vision_tower.quantizer.embed_codes(codes.flatten(1, 2))
+        expected = model.generation_projector(summed)
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        merged = model.model._merge(embeds, batch["input_ids"] == model.config.image_token_id, expected, "x")
+        reference = model.model.language_model(inputs_embeds=merged, attention_mask=batch["attention_mask"])
+        torch.testing.assert_close(hidden, reference.last_hidden_state)
+
+
+# ----------------------------------------------------------------------------- generate(generation_mode="image")
+def test_greedy_with_and_without_caches_is_identical(model, processor):
+    cached = generate(model, processor, do_sample=False, guidance_scale=3.0)
+    uncached = generate(model, processor, do_sample=False, guidance_scale=3.0, use_cache=False)
+    vision = model.config.vision_config
+    assert cached.shape == (2, vision.grid_size, vision.grid_size, vision.pixel_depth)
+    assert cached.dtype == torch.long and torch.equal(cached, uncached)
+    assert cached.unique().numel() > 4  # not a degenerate constant output
+
+
+def test_guidance_scale_one_equals_unguided(model, processor):
+    one = generate(model, processor, do_sample=False, guidance_scale=1.0)
+    inputs = processor(text=PROMPTS, generation_mode="image", return_tensors="pt")
+    inputs.pop("negative_input_ids"), inputs.pop("negative_attention_mask")
+    unguided = model.generate(**inputs, generation_mode="image", do_sample=False, guidance_scale=1.0)
+    assert torch.equal(one, unguided)
+    guided = generate(model, processor, do_sample=False, guidance_scale=5.0)
+    assert not torch.equal(one, guided)  # guidance changes the picture
+
+
+def test_cfg_logits_combine_conditional_and_unconditional(model, processor):
+    """The first code equals the argmax of uncond + s * (cond - uncond), each half computed on its own prompt."""
+    scale = 4.0
+    codes = generate(model, processor, prompts=PROMPTS[:1], do_sample=False, guidance_scale=scale)
+    inputs = processor(text=PROMPTS[:1], generation_mode="image", return_tensors="pt")
+    with torch.no_grad():
+        lm = model.model.language_model
+        cond = lm(input_ids=inputs["input_ids"]).last_hidden_state[:, -1]
+        uncond = lm(input_ids=inputs["negative_input_ids"]).last_hidden_state[:, -1]
+        cond_logits = model.depth_head(hidden_states=cond).logits[:, 0]
+        uncond_logits = model.depth_head(hidden_states=uncond).logits[:, 0]
+    expected = (uncond_logits + scale * (cond_logits - uncond_logits)).argmax(-1)
+    assert codes[0, 0, 0, 0] == expected[0]
+    # a different negative prompt changes the result
+    other = generate(model, processor, prompts=PROMPTS[:1], negative_prompt="a dog", do_sample=False,
+                     guidance_scale=scale)  # fmt: skip
+    assert not torch.equal(codes, other)
+
+
+def test_top_k_one_per_depth_equals_greedy(model, processor):
+    greedy = generate(model, processor, do_sample=False, guidance_scale=2.0)
+    topk1 = generate(model, processor, do_sample=True, depth_top_k=[1, 1], depth_top_p=None, guidance_scale=2.0,
+                     generator=torch.Generator().manual_seed(5))  # fmt: skip
+    assert torch.equal(greedy, topk1)
+    with pytest.raises(ValueError, match="pixel_depth=2"):
+        generate(model, processor, do_sample=True, depth_top_k=[1, 1, 1])
+
+
+def test_seeds_reproduce_and_differ(model, processor):
+    def sample(seed):
+        return generate(model, processor, do_sample=True, guidance_scale=2.0, depth_top_k=0, depth_top_p=1.0,
+                        depth_temperature=[1.5, 1.0], generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+    first, again, other = sample(0), sample(0), sample(1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_batched_prompts_equal_one_by_one(model, processor):
+    batched = generate(model, processor, do_sample=False, guidance_scale=3.0)
+    for row, prompt in enumerate(PROMPTS):
+        single = generate(model, processor, prompts=[prompt], do_sample=False, guidance_scale=3.0)
+        assert torch.equal(batched[row], single[0])
+
+
+def test_num_return_sequences_and_streamer(model, processor):
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, codes):
+            self.puts.append(codes)
+
+        def end(self):
+            self.ended = True
+
+    recorder = Recorder()
+    codes = generate(model, processor, do_sample=True, num_return_sequences=3, streamer=recorder,
+                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    vision = model.config.vision_config
+    assert codes.shape == (6, vision.grid_size, vision.grid_size, vision.pixel_depth)
+    assert len(recorder.puts) == vision.grid_size**2 and recorder.ended
+    assert torch.equal(torch.stack(recorder.puts, 1).view_as(codes), codes)
+    greedy = generate(model, processor, do_sample=False, num_return_sequences=2)
+    assert torch.equal(greedy[0], greedy[1]) and torch.equal(greedy[2], greedy[3])
+
+
+def test_decode_image_tokens_and_postprocess(model, processor):
+    codes = generate(model, processor, do_sample=False)
+    pixels = model.decode_image_tokens(codes)
+    size = model.config.vision_config.image_size
+    assert pixels.shape == (2, 3, size, size)
+    latents = model.vision_tower.quantizer.embed_codes(codes).permute(0, 3, 1, 2)  # the sum of the pixel depths
+    torch.testing.assert_close(pixels, model.vision_tower.decode_latents(latents))
+    images = processor.image_processor.postprocess(pixels, return_tensors="PIL.Image.Image")
+    assert len(images) == 2 and images[0].size == (size, size)
+
+
+def test_image_mode_errors(model, processor, text_tokenizer):
+    inputs = processor(text=PROMPTS, generation_mode="image", return_tensors="pt")
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(input_ids=inputs["input_ids"].flip(1), attention_mask=inputs["attention_mask"].flip(1),
+                       generation_mode="image", guidance_scale=1.0)  # fmt: skip
+    with pytest.raises(ValueError, match="negative_input_ids"):
+        model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       generation_mode="image", guidance_scale=2.0)  # fmt: skip
+    with pytest.raises(ValueError, match="Unknown arguments"):
+        model.generate(**inputs, generation_mode="image", top_q=3)
+    with pytest.raises(ValueError, match="image start token"):
+        ids = text_tokenizer(["a cat"], return_tensors="pt")["input_ids"]
+        model.generate(input_ids=ids, generation_mode="image", guidance_scale=1.0)
+
+
+def test_save_load_round_trip_keeps_generation(model, processor, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.has_generation_head and loaded.config.depth_head_config.hidden_size == 32
+    assert torch.equal(generate(loaded, processor, do_sample=False), generate(model, processor, do_sample=False))
+
+
+def test_generation_pixel_values_are_tokenised_on_the_fly(model, processor):
+    vision = model.config.vision_config
+    batch = image_batch(processor, PROMPTS)
+    pixels = torch.rand(2, 3, vision.image_size, vision.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    with torch.no_grad():
+        codes = model.vision_tower.encode(pixels).codes[..., : vision.pixel_depth]
+        from_pixels = model(**batch, generation_pixel_values=pixels, labels=labels)
+        from_codes = model(**batch, generation_codes=codes, labels=labels)
+    torch.testing.assert_close(from_pixels.loss, from_codes.loss)
+    torch.testing.assert_close(from_pixels.image_loss, from_codes.image_loss)
+
+
+def test_joint_model_reads_and_writes_images_in_one_sequence(text_tokenizer):
+    """A model with both heads: an unwrapped image to read in the user turn, a wrapped image to write in the
+    assistant turn; each set of positions gets its own embeddings."""
+    model = build_model(text_tokenizer, has_understanding_head=True, wrap_image_tokens=False)
+    vision = model.config.vision_config
+    read_tokens = "<image>" * vision.grid_size**2
+    write_tokens = "<boi>" + "<image>" * vision.grid_size**2 + "<eoi>"
+    text = f"<|im_start|>user\n{read_tokens}\na cat<|im_end|>\n<|im_start|>assistant\n{write_tokens}<|im_end|>\n"
+    input_ids = text_tokenizer([text], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    reading, writing = model.model.split_image_positions(input_ids)
+    boi = (input_ids[0] == model.config.boi_token_id).nonzero().item()
+    eoi = (input_ids[0] == model.config.eoi_token_id).nonzero().item()
+    expected_writing = torch.zeros_like(writing)
+    expected_writing[0, boi + 1 : eoi] = True
+    assert torch.equal(writing, expected_writing)
+    assert torch.equal(reading, (input_ids == model.config.image_token_id) & ~expected_writing)
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 3, vision.image_size, vision.image_size, generator=g) * 2 - 1
+    codes = torch.randint(0, vision.codebook_size, (1, vision.grid_size, vision.grid_size, vision.pixel_depth),
+                          generator=g)  # fmt: skip
+    labels = input_ids.masked_fill(input_ids == model.config.image_token_id, -100)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=pixels, generation_codes=codes, labels=labels)
+        embeds = model.get_input_embeddings()(input_ids)
+        embeds[reading] = model.get_image_features(pixel_values=pixels)[0]
+        embeds[writing] = model.model.get_generation_embeddings(codes.flatten(1, 2))[0]
+        reference = model.lm_head(model.language_model(inputs_embeds=embeds).last_hidden_state)
+    torch.testing.assert_close(out.logits, reference)
+    assert torch.isfinite(out.image_loss) and torch.isfinite(out.text_loss)
