@@ -1,8 +1,11 @@
-"""Train the EvoTok VLM (understanding) in the LLaVA recipe with TRL's SFTTrainer (or the plain transformers Trainer).
+"""Train the EvoTok VLM in the LLaVA recipe with TRL's SFTTrainer (or the plain transformers Trainer): understanding,
+text-to-image generation, or both.
 
-Stage 1 (`--stage pretrain`) trains the projector only; stage 2 (`--stage sft`) trains the projector and the
-language model, fully or with LoRA (`--use_lora`, adapters on the LLM's linear layers only). The EvoTok tokenizer is
-frozen throughout. Every `trl.SFTConfig` / `transformers.TrainingArguments` flag works (`--learning_rate`,
+Stage 1 (`--stage pretrain`) trains the new parts only (projectors; for generation also the depth head); stage 2
+(`--stage sft`) also trains the language model, fully or with LoRA (`--use_lora`, adapters on the LLM's linear layers
+only). The EvoTok tokenizer is frozen throughout. `--task` says which heads a VLM assembled from a tokenizer and an LLM
+gets (understanding, generation, joint); a loaded VLM must carry the heads its data needs. Images in assistant turns
+(or the `image` of a `text` + `image` row) are images to generate. Every `trl.SFTConfig` / `transformers.TrainingArguments` flag works (`--learning_rate`,
 `--activation_checkpointing`, `--save_steps`, `--bf16`, `--report_to`, ...); `--max_length` truncates sequences.
 
     # stage 1: a fresh projector between an EvoTok tokenizer and an LLM, on LLaVA-Pretrain-558k
@@ -15,6 +18,10 @@ frozen throughout. Every `trl.SFTConfig` / `transformers.TrainingArguments` flag
     accelerate launch --multi_gpu --num_processes 8 scripts/train_vlm.py --stage sft \\
         --model_name_or_path outputs/evotok-vlm-stage1 --dtype bfloat16 --dataset <sft.json> --image_folder <dir> \\
         --learning_rate 2e-5 --num_train_epochs 1 --activation_checkpointing --bf16 --output_dir outputs/evotok-vlm
+    # text-to-image: stage 1 trains the generation projector and the depth head; rows {"text": ..., "image": ...}
+    accelerate launch --multi_gpu --num_processes 8 scripts/train_vlm.py --task generation --stage pretrain \
+        --tokenizer_name_or_path <evotok-tokenizer> --llm_name_or_path Qwen/Qwen2.5-7B-Instruct --dtype bfloat16 \
+        --dataset <t2i hub id | folder> --learning_rate 1e-3 --bf16 --output_dir outputs/evotok-gen-stage1
     # resume an interrupted run from its newest checkpoint
     python scripts/train_vlm.py ... --resume_from_checkpoint latest
 """
@@ -39,11 +46,20 @@ from evotok_hf.training.vlm import (
 
 logger = logging.getLogger("train_vlm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# task -> (has_understanding_head, has_generation_head)
+TASK_HEADS = {"understanding": (True, False), "generation": (False, True), "joint": (True, True)}
 
 
 @dataclass
 class VLMScriptArguments(VLMLoraArguments):
-    stage: str = field(default="sft", metadata={"help": "pretrain (projector only) or sft", "choices": ["pretrain", "sft"]})
+    stage: str = field(default="sft", metadata={"help": "pretrain (new parts only) or sft", "choices": ["pretrain", "sft"]})
+    task: str = field(
+        default="understanding",
+        metadata={"choices": list(TASK_HEADS), "help": "heads of a VLM assembled from --tokenizer/--llm"},
+    )
+    depth_head_config: str | None = field(
+        default=None, metadata={"help": "JSON overrides of the depth head of an assembled VLM (e.g. its width)"}
+    )
     model_name_or_path: str | None = field(default=None, metadata={"help": "an EvoTok VLM folder or Hub id"})
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "EvoTok tokenizer folder / Hub id, with --llm_name_or_path (new projector)"}
@@ -54,7 +70,11 @@ class VLMScriptArguments(VLMLoraArguments):
     dataset: str = field(default=None, metadata={"help": "LLaVA .json/.jsonl, a save_to_disk folder, or a Hub id"})
     dataset_split: str = "train"
     image_folder: str | None = field(default=None, metadata={"help": "root of the LLaVA image paths"})
-    trainer: str = field(default="trl", metadata={"choices": ["trl", "hf"], "help": "TRL SFTTrainer or Trainer"})
+    trainer: str = field(
+        default="auto",
+        metadata={"choices": ["auto", "trl", "hf"], "help": "TRL SFTTrainer, Trainer, or auto (TRL unless the model "
+                  "has a generation head)"},
+    )
     merge_lora: bool = field(default=True, metadata={"help": "also save the LoRA-merged full model"})
     lora_target_modules: list[str] = field(default_factory=lambda: list(LLM_LINEAR_LAYERS))
 
@@ -88,9 +108,15 @@ def load_model_and_processor(args: VLMScriptArguments):
     from evotok_hf.processing.processing_evotok import DEFAULT_CHAT_TEMPLATE
 
     dtype = DTYPES[args.dtype]
+    understanding, generation = TASK_HEADS[args.task]
     if args.model_name_or_path is not None:
         model = EvoTokForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=dtype)
         processor = EvoTokProcessor.from_pretrained(args.model_name_or_path)
+        missing = [name for name, wanted, present in (
+            ("understanding", understanding, model.config.has_understanding_head),
+            ("generation", generation, model.config.has_generation_head)) if wanted and not present]  # fmt: skip
+        if missing:
+            raise ValueError(f"--task {args.task} needs the {missing} head(s), which {args.model_name_or_path} lacks.")
         return model, processor
     llm_kwargs = {"gguf_file": args.llm_gguf_file} if args.llm_gguf_file else {}
     text_tokenizer = None
@@ -99,8 +125,12 @@ def load_model_and_processor(args: VLMScriptArguments):
 
         text_tokenizer = AutoTokenizer.from_pretrained(args.llm_name_or_path, gguf_file=args.llm_gguf_file)
     model, text_tokenizer = EvoTokForConditionalGeneration.from_components(
-        args.tokenizer_name_or_path, args.llm_name_or_path, text_tokenizer=text_tokenizer, dtype=dtype, **llm_kwargs
-    )
+        args.tokenizer_name_or_path, args.llm_name_or_path, text_tokenizer=text_tokenizer, dtype=dtype,
+        has_understanding_head=understanding, has_generation_head=generation,
+        # the authors' generation model wraps images in start / end tokens; their understanding model does not
+        wrap_image_tokens=generation and not understanding,
+        depth_head_config=json.loads(args.depth_head_config) if args.depth_head_config else None, **llm_kwargs,
+    )  # fmt: skip
     if text_tokenizer.pad_token is None:
         text_tokenizer.pad_token = text_tokenizer.eos_token
     size = model.config.vision_config.image_size
@@ -155,13 +185,25 @@ def main(argv=None) -> str:
 
     model, processor = load_model_and_processor(script_args)
     model = prepare_model_for_stage(model, script_args.stage, script_args)
-    logger.info("stage %s, trainable parameters: %s", script_args.stage, trainable_parameter_summary(model))
+    summary = trainable_parameter_summary(model)
+    logger.info("task %s, stage %s, trainable parameters: %s", script_args.task, script_args.stage, summary)
 
     train_dataset = load_conversation_dataset(script_args.dataset, script_args.dataset_split)
     collator = EvoTokVLMDataCollator(
         processor, max_length=training_args.max_length, image_folder=script_args.image_folder
     )
-    if script_args.trainer == "trl":
+    trainer_kind = script_args.trainer
+    has_generation_head = model.config.has_generation_head  # a PeftModel forwards `config` to the VLM
+    if trainer_kind == "auto":
+        # TRL's SFTTrainer computes the loss itself from the LM head (its fused head), so the depth head's image loss
+        # would never be trained: models that generate images train with the plain Trainer and the model's own loss.
+        trainer_kind = "hf" if has_generation_head else "trl"
+    elif trainer_kind == "trl" and has_generation_head:
+        raise ValueError(
+            "--trainer trl cannot train a generation head: TRL's SFTTrainer computes the loss from the LM head only, "
+            "so the depth head's image loss would be dropped. Use --trainer hf (or auto)."
+        )
+    if trainer_kind == "trl":
         from trl import SFTTrainer
 
         trainer = SFTTrainer(
@@ -176,7 +218,7 @@ def main(argv=None) -> str:
     save_final(trainer, trainer.model, processor, script_args, training_args.output_dir)
     if trainer.is_world_process_zero():
         with open(os.path.join(training_args.output_dir, "train_results.json"), "w") as f:
-            json.dump({"stage": script_args.stage, **result.metrics}, f, indent=2)
+            json.dump({"task": script_args.task, "stage": script_args.stage, **result.metrics}, f, indent=2)
     return training_args.output_dir
 
 

@@ -3,55 +3,25 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config
+from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor, tiny_vlm_config
 
-from evotok_hf import EvoTokConfig, EvoTokForConditionalGeneration, EvoTokImageProcessor, EvoTokProcessor, EvoTokVLMConfig
-from evotok_hf.processing.processing_evotok import DEFAULT_CHAT_TEMPLATE
+from evotok_hf import EvoTokForConditionalGeneration
 
-SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>", "<boi>", "<eoi>"]
 CORPUS = ["system user assistant You are a helpful assistant.", "a red bicycle on a green hill", "a cat, a dog."]
 
 
 @pytest.fixture(scope="module")
 def text_tokenizer():
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    backend.train_from_iterator(CORPUS * 10, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>", additional_special_tokens=SPECIAL[1:]
-    )
+    return bpe_tokenizer(CORPUS, vocab_size=300)
 
 
 def make_config(tokenizer, **overrides):
-    vision = EvoTokConfig.from_preset("evotok-tiny")
-    text = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    kwargs = dict(
-        vision_config=vision.to_dict(), text_config=text.to_dict(),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), boi_token_id=tokenizer.convert_tokens_to_ids("<boi>"),
-        eoi_token_id=tokenizer.convert_tokens_to_ids("<eoi>"), has_generation_head=True, has_understanding_head=False,
-        wrap_image_tokens=True,
-        depth_head_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "resid_dropout": 0.0},
-    )  # fmt: skip
-    kwargs.update(overrides)
-    return EvoTokVLMConfig(**kwargs)
+    return tiny_vlm_config(tokenizer, **{"has_generation_head": True, "has_understanding_head": False,
+                                         "wrap_image_tokens": True, **overrides})  # fmt: skip
 
 
 def build_model(tokenizer, seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = EvoTokForConditionalGeneration(make_config(tokenizer, **overrides)).eval()
-    # A random depth head gives nearly flat logits; sharpen the classifiers so argmax / sampling differences show.
-    with torch.no_grad():
-        for classifier in model.depth_head.classifiers:
-            classifier.proj.weight.mul_(20)
-    return model
+    return tiny_generation_vlm(tokenizer, seed=seed, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +31,7 @@ def model(text_tokenizer):
 
 @pytest.fixture(scope="module")
 def processor(text_tokenizer):
-    vision = EvoTokConfig.from_preset("evotok-tiny")
-    return EvoTokProcessor(
-        image_processor=EvoTokImageProcessor(size={"height": vision.image_size, "width": vision.image_size}),
-        tokenizer=text_tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE, num_image_tokens=vision.grid_size**2,
-        boi_token="<boi>", eoi_token="<eoi>", wrap_image_tokens=True,
-    )  # fmt: skip
+    return tiny_processor(text_tokenizer, wrap_image_tokens=True, resize_mode="center_crop")
 
 
 PROMPTS = ["a red bicycle on a green hill", "a cat"]

@@ -6,17 +6,15 @@ import runpy
 from pathlib import Path
 
 import datasets
-import numpy as np
 import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForImageTextToText
+from vlm_helpers import bpe_tokenizer, tiny_processor, tiny_vlm_config
 
-from evotok_hf import EvoTokConfig, EvoTokForConditionalGeneration, EvoTokImageProcessor, EvoTokProcessor, EvoTokVLMConfig
-from evotok_hf.processing.processing_evotok import DEFAULT_CHAT_TEMPLATE
+from evotok_hf import EvoTokConfig, EvoTokForConditionalGeneration, EvoTokProcessor
 from evotok_hf.training.vlm import (
     IGNORE_INDEX,
     EvoTokVLMDataCollator,
@@ -26,7 +24,6 @@ from evotok_hf.training.vlm import (
     prepare_model_for_stage,
 )
 
-SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>", "<boi>", "<eoi>"]
 CORPUS = [
     "system user assistant You are a helpful assistant.",
     "Describe the image. A cat on a red mat. What colour is the sky? Blue, with white clouds.",
@@ -38,16 +35,7 @@ TURNS = [("Describe the image.", "A cat on a red mat."), ("What colour is the sk
 @pytest.fixture(scope="module")
 def text_tokenizer():
     # Byte-level BPE: decoding reproduces the text exactly, so labels can be checked against the assistant strings.
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator(CORPUS * 10, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>", additional_special_tokens=SPECIAL[1:]
-    )
+    return bpe_tokenizer(CORPUS)
 
 
 @pytest.fixture(scope="module")
@@ -56,33 +44,13 @@ def vision_config():
 
 
 @pytest.fixture(scope="module")
-def processor(text_tokenizer, vision_config):
-    size = vision_config.image_size
-    return EvoTokProcessor(
-        image_processor=EvoTokImageProcessor(size={"height": size, "width": size}, resize_mode="squash"),
-        tokenizer=text_tokenizer,
-        chat_template=DEFAULT_CHAT_TEMPLATE,
-        num_image_tokens=vision_config.grid_size**2,
-        boi_token="<boi>",
-        eoi_token="<eoi>",
-    )
+def processor(text_tokenizer):
+    return tiny_processor(text_tokenizer)
 
 
 def build_vlm(text_tokenizer, vision_config, seed=0):
-    text_config = Qwen2Config(
-        vocab_size=len(text_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        pad_token_id=text_tokenizer.pad_token_id, eos_token_id=text_tokenizer.eos_token_id,
-    )  # fmt: skip
-    config = EvoTokVLMConfig(
-        vision_config=vision_config.to_dict(),
-        text_config=text_config.to_dict(),
-        image_token_id=text_tokenizer.convert_tokens_to_ids("<image>"),
-        boi_token_id=text_tokenizer.convert_tokens_to_ids("<boi>"),
-        eoi_token_id=text_tokenizer.convert_tokens_to_ids("<eoi>"),
-    )
     torch.manual_seed(seed)
-    return EvoTokForConditionalGeneration(config)
+    return EvoTokForConditionalGeneration(tiny_vlm_config(text_tokenizer, vision_config=vision_config.to_dict()))
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,17 @@ AutoModelForCausalLM.register(EvoTokVLMConfig, EvoTokForConditionalGeneration, e
 AutoImageProcessor.register(EvoTokVLMConfig, image_processor_classes={"pil": EvoTokImageProcessor}, exist_ok=True)
 AutoProcessor.register(EvoTokVLMConfig, EvoTokProcessor, exist_ok=True)
 
+
+
+def __getattr__(name):
+    # The diffusers pipeline is imported on first use, so `import evotok_hf` does not pull in diffusers.
+    if name in ("EvoTokPipeline", "EvoTokPipelineOutput"):
+        from . import pipelines
+
+        return getattr(pipelines, name)
+    raise AttributeError(f"module 'evotok_hf' has no attribute {name!r}")
+
+
 __all__ = [
     "EVOTOK_PRESETS",
     "EvoTokConfig",
@@ -52,6 +63,8 @@ __all__ = [
     "EvoTokImageProcessor",
     "EvoTokModel",
     "EvoTokModelOutput",
+    "EvoTokPipeline",
+    "EvoTokPipelineOutput",
     "EvoTokPreTrainedModel",
     "EvoTokProcessor",
     "EvoTokResidualQuantizer",

@@ -1,19 +1,23 @@
-"""Fine-tuning the EvoTok VLM (understanding side): conversation data, assistant-only labels, stage set-up, LoRA.
+"""Fine-tuning the EvoTok VLM (understanding and generation): conversation data, assistant-only labels, stages, LoRA.
 
-The recipe is LLaVA's, as in the paper: stage 1 ("pretrain") trains only the projector on image-caption pairs
-(LLaVA-Pretrain-558k), stage 2 ("sft") trains the projector and the language model (fully, or through LoRA adapters)
-on instruction data. The EvoTok image tokenizer is frozen in both.
+The recipe is LLaVA's, as in the paper: stage 1 ("pretrain") trains only the new parts (the understanding projector;
+for generation the generation projector and the depth head) on image-caption pairs (LLaVA-Pretrain-558k), stage 2
+("sft") also trains the language model (fully, or through LoRA adapters). The EvoTok image tokenizer is frozen in
+both. An image placeholder in an assistant turn is an image the model writes (text-to-image); the others are images
+it reads.
 
-Two dataset layouts are read, row by row, inside the collator (so images are opened lazily and a 558k-row JSON needs
+Three dataset layouts are read, row by row, inside the collator (so images are opened lazily and a 558k-row JSON needs
 no preprocessing pass):
 
 - LLaVA JSON: `{"image": "rel/path.jpg" | [paths], "conversations": [{"from": "human", "value": "<image>\\n..."},
   {"from": "gpt", "value": "..."}]}` with images under `image_folder`;
 - Hugging Face / TRL messages: `{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text",
-  "text": "..."}]}, {"role": "assistant", "content": "..."}], "images": [PIL.Image, ...]}`.
+  "text": "..."}]}, {"role": "assistant", "content": "..."}], "images": [PIL.Image, ...]}`;
+- text-to-image: `{"text": "a red bicycle", "image": PIL.Image | path}`.
 
-A row may carry `image_codes` (a list of `(grid, grid, semantic_depth)` code arrays, from a `datasets.map` over the
-tokenizer) instead of images; the model then skips the image tokenizer's encoder.
+A row may instead carry pre-tokenised codes (`pretokenize_images`, a `datasets.map` over the tokenizer):
+`image_codes` (one `(grid, grid, semantic_depth)` array per image to read) and `generation_codes` (one
+`(grid, grid, pixel_depth)` array per image to write); the model then skips the image tokenizer's encoder.
 """
 
 from __future__ import annotations
@@ -68,64 +72,70 @@ def _image_paths(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def example_to_conversation(example: dict, image_folder: str | None = None, image_token: str = "<image>"):
-    """One dataset row (either layout) -> `(messages, images, image_codes)`; `images` are PIL images (opened from
-    `image_folder` for LLaVA rows), `image_codes` a list of code tensors or None."""
+def _open_image(path: str, image_folder: str | None, row):
     import PIL.Image
 
-    if "conversations" in example and example["conversations"] is not None:
+    full = path if image_folder is None else os.path.join(image_folder, path)
+    if not os.path.isfile(full):
+        raise FileNotFoundError(
+            f"Dataset row {row!r}: image {full!r} does not exist (set --image_folder to the folder the image paths "
+            "are relative to)."
+        )
+    with PIL.Image.open(full) as image:
+        return image.convert("RGB")
+
+
+def example_to_conversation(example: dict, image_folder: str | None = None, image_token: str = "<image>"):
+    """One dataset row -> `(messages, images)`, the images (PIL, or None for pre-tokenised rows) in placeholder
+    order. Layouts: LLaVA `conversations` (+ `image` paths under `image_folder`), HF `messages` (+ `images`), and
+    text-to-image `text` + `image` (a user turn holding the text, an assistant turn holding the image to write)."""
+    row = example.get("id", "?")
+    pretokenised = example.get("image_codes") is not None or example.get("generation_codes") is not None
+    if example.get("conversations") is not None:
         messages = llava_to_messages(example["conversations"], image_token)
-        images = []
-        for path in _image_paths(example.get("image")):
-            full = path if image_folder is None else os.path.join(image_folder, path)
-            if not os.path.isfile(full):
-                raise FileNotFoundError(
-                    f"LLaVA row {example.get('id', '?')!r}: image {full!r} does not exist "
-                    "(set --image_folder to the folder the image paths are relative to)."
-                )
-            with PIL.Image.open(full) as image:
-                images.append(image.convert("RGB"))
-    elif "messages" in example and example["messages"] is not None:
+        paths = [] if pretokenised else _image_paths(example.get("image"))
+        images = [_open_image(path, image_folder, row) for path in paths]
+    elif example.get("messages") is not None:
         messages = example["messages"]
         images = list(example.get("images") or [])
+    elif example.get("text") is not None and ("image" in example or "generation_codes" in example):
+        messages = [{"role": "user", "content": example["text"]},
+                    {"role": "assistant", "content": [{"type": "image"}]}]  # fmt: skip
+        image = example.get("image")
+        if isinstance(image, str) and not pretokenised:
+            image = _open_image(image, image_folder, row)
+        images = [] if pretokenised else [image]
     else:
         raise ValueError(
-            f"Dataset row has neither `conversations` (LLaVA JSON) nor `messages` (HF chat format); keys: "
-            f"{sorted(example)}."
+            "Dataset row has neither `conversations` (LLaVA JSON), `messages` (HF chat format) nor `text` + `image` "
+            f"(text-to-image); keys: {sorted(example)}."
         )
-    codes = example.get("image_codes")
-    if codes is not None:
-        codes = [torch.as_tensor(c, dtype=torch.long) for c in codes]
-        images = []
-    return messages, images, codes
-
-
-def _count_image_parts(messages: list[dict]) -> int:
-    count = 0
-    for message in messages:
-        if not isinstance(message["content"], str):
-            count += sum(1 for part in message["content"] if part.get("type") == "image")
-    return count
+    return messages, images
 
 
 # ----------------------------------------------------------------------------------------------- collator
 @dataclass
 class EvoTokVLMDataCollator:
-    """Rows -> a padded batch `input_ids`, `attention_mask`, `labels`, and `pixel_values` or `image_codes`.
+    """Rows -> a padded batch `input_ids`, `attention_mask`, `labels`, plus the images: `pixel_values` / `image_codes`
+    for images to read, `generation_pixel_values` / `generation_codes` for images to write.
 
-    The conversation is rendered with the processor's chat template, each image placeholder expanded to the image
-    tokens, and tokenized once. Labels keep only the tokens of assistant turns (their text and the template's
-    end-of-turn marker, so the model learns to stop); system, user and image tokens are `-100`. The assistant spans are
-    found in characters by rendering growing prefixes of the conversation (`messages[:i]` with the generation prompt,
-    then `messages[:i + 1]`), which needs a template whose renderings of a prefix are prefixes of the whole rendering
-    (ChatML and every common chat template are), and mapped to tokens with the tokenizer's offsets.
+    The conversation is rendered with the processor's chat template and tokenized once. An image placeholder in an
+    assistant turn is an image the model writes (text-to-image): it is expanded wrapped in the image start / end tokens
+    and its codes become depth-head targets; any other placeholder is an image to read (expanded as the processor
+    does). Labels keep only the tokens of assistant turns (their text, the image start / end tokens and the template's
+    end-of-turn marker, so the model learns to open and close images and to stop); image tokens, system and user
+    tokens are `-100`. The assistant spans are found in characters by rendering growing prefixes of the conversation
+    (`messages[:i]` with the generation prompt, then `messages[:i + 1]`), which needs a template whose renderings of a
+    prefix are prefixes of the whole rendering (ChatML and every common chat template are), and mapped to tokens with
+    the tokenizer's offsets.
 
     Args:
         processor ([`EvoTokProcessor`]): image processor + text tokenizer (a fast one) + chat template.
         max_length (`int`, *optional*): truncate longer sequences; a sequence whose truncation would cut an image's
             tokens raises (raise `max_length` or filter such rows).
         image_folder (`str`, *optional*): where LLaVA image paths are relative to.
-        train_on_system_and_user (`bool`): label every token, not only the assistant's (off in the paper's recipe).
+        train_on_system_and_user (`bool`): label every text token, not only the assistant's (off in the paper's
+            recipe).
     """
 
     processor: object
@@ -140,18 +150,16 @@ class EvoTokVLMDataCollator:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def _expand(self, text: str) -> str:
-        return self.processor.image_token_sequence().join(text.split(self.processor.image_token))
-
-    def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The expanded full text and the character spans `[start, end)` of the assistant turns in it."""
-        full = self._expand(self._render(messages, add_generation_prompt=False))
+    def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]], list[bool]]:
+        """The expanded text, the character spans `[start, end)` of the assistant turns in it, and for each image
+        placeholder (in order) whether it is an image to write."""
+        full = self._render(messages, add_generation_prompt=False)
         spans = []
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = self._expand(self._render(messages[:index], add_generation_prompt=True))
-            through = self._expand(self._render(messages[: index + 1], add_generation_prompt=False))
+            prompt = self._render(messages[:index], add_generation_prompt=True)
+            through = self._render(messages[: index + 1], add_generation_prompt=False)
             if not (full.startswith(through) and through.startswith(prompt)):
                 raise ValueError(
                     "The chat template does not render a conversation's prefixes as prefixes of the whole "
@@ -159,20 +167,49 @@ class EvoTokVLMDataCollator:
                     "template (e.g. ChatML)."
                 )
             spans.append((len(prompt), len(through)))
-        return full, spans
+
+        token = self.processor.image_token
+        pieces = full.split(token)
+        writes, expanded, shifts = [], [pieces[0]], []  # shifts: (position in `full`, growth in characters)
+        position = len(pieces[0])
+        for piece in pieces[1:]:
+            write = any(start <= position < end for start, end in spans)
+            sequence = self.processor.image_token_sequence(wrap=True if write else None)
+            writes.append(write)
+            shifts.append((position, len(sequence) - len(token)))
+            expanded.extend([sequence, piece])
+            position += len(token) + len(piece)
+
+        def moved(offset: int) -> int:
+            return offset + sum(growth for at, growth in shifts if at < offset)
+
+        return "".join(expanded), [(moved(start), moved(end)) for start, end in spans], writes
 
     def encode_example(self, example: dict) -> dict:
-        tokenizer = self.processor.tokenizer
-        messages, images, codes = example_to_conversation(example, self.image_folder, self.processor.image_token)
-        num_images = len(codes) if codes is not None else len(images)
-        if _count_image_parts(messages) != num_images:
-            raise ValueError(
-                f"Dataset row {example.get('id', '?')!r}: the conversation has {_count_image_parts(messages)} image "
-                f"placeholder(s) but {num_images} image(s)."
-            )
-        text, spans = self.assistant_spans(messages)
+        tokenizer, row = self.processor.tokenizer, example.get("id", "?")
+        messages, images = example_to_conversation(example, self.image_folder, self.processor.image_token)
+        text, spans, writes = self.render(messages)
+        num_write = sum(writes)
+        num_read = len(writes) - num_write
+        read_codes, write_codes = _codes(example.get("image_codes")), _codes(example.get("generation_codes"))
+        if read_codes is not None or write_codes is not None:
+            read_images, write_images = [], []
+            if (read_codes is None and num_read) or (write_codes is None and num_write):
+                raise ValueError(f"Dataset row {row!r}: pre-tokenised rows need codes for every image.")
+        else:
+            if len(images) != len(writes):
+                raise ValueError(
+                    f"Dataset row {row!r}: the conversation has {len(writes)} image placeholder(s) but "
+                    f"{len(images)} image(s)."
+                )
+            read_images = [image for image, write in zip(images, writes) if not write]
+            write_images = [image for image, write in zip(images, writes) if write]
+        for name, codes, wanted in (("image_codes", read_codes, num_read), ("generation_codes", write_codes, num_write)):
+            if codes is not None and len(codes) != wanted:
+                raise ValueError(f"Dataset row {row!r}: {len(codes)} `{name}` for {wanted} image placeholder(s).")
         if not spans:
-            raise ValueError(f"Dataset row {example.get('id', '?')!r} has no assistant turn to learn from.")
+            raise ValueError(f"Dataset row {row!r} has no assistant turn to learn from.")
+
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
         starts = torch.tensor([start for start, _ in encoding["offset_mapping"]], dtype=torch.long)
@@ -188,11 +225,14 @@ class EvoTokVLMDataCollator:
             image_positions = (input_ids == self.processor.image_token_id).nonzero()
             if image_positions.numel() and int(image_positions.max()) >= self.max_length:
                 raise ValueError(
-                    f"Dataset row {example.get('id', '?')!r}: {input_ids.numel()} tokens; truncating to max_length="
-                    f"{self.max_length} would cut its image tokens. Raise max_length or filter long rows."
+                    f"Dataset row {row!r}: {input_ids.numel()} tokens; truncating to max_length={self.max_length} "
+                    "would cut its image tokens. Raise max_length or filter long rows."
                 )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
-        return {"input_ids": input_ids, "labels": labels, "images": images, "image_codes": codes}
+        return {
+            "input_ids": input_ids, "labels": labels, "read_images": read_images, "write_images": write_images,
+            "read_codes": read_codes, "write_codes": write_codes,
+        }  # fmt: skip
 
     def __call__(self, examples: list[dict]) -> dict:
         encoded = [self.encode_example(example) for example in examples]
@@ -207,19 +247,25 @@ class EvoTokVLMDataCollator:
             n = e["input_ids"].numel()
             input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = e["input_ids"], e["labels"], 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-        with_codes = [e["image_codes"] is not None for e in encoded]
-        if any(with_codes) and not all(with_codes):
-            raise ValueError("A batch mixes rows with `image_codes` and rows with images; pre-tokenise all or none.")
-        if all(with_codes):
-            codes = [c for e in encoded for c in e["image_codes"]]
-            if codes:
-                batch["image_codes"] = torch.stack(codes)
-        else:
-            images = [image for e in encoded for image in e["images"]]
-            if images:
-                batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        image_processor = self.processor.image_processor
+        for kind, codes_key, pixels_key in (("read", "image_codes", "pixel_values"),
+                                            ("write", "generation_codes", "generation_pixel_values")):  # fmt: skip
+            with_codes = [e[f"{kind}_codes"] is not None for e in encoded]
+            if any(with_codes) and not all(with_codes):
+                raise ValueError(f"A batch mixes rows with `{codes_key}` and rows with images; pre-tokenise all or none.")
+            if all(with_codes):
+                codes = [c for e in encoded for c in e[f"{kind}_codes"]]
+                if codes:
+                    batch[codes_key] = torch.stack(codes)
+            else:
+                images = [image for e in encoded for image in e[f"{kind}_images"]]
+                if images:
+                    batch[pixels_key] = image_processor(images, return_tensors="pt")["pixel_values"]
         return batch
+
+
+def _codes(value) -> list[torch.Tensor] | None:
+    return None if value is None else [torch.as_tensor(c, dtype=torch.long) for c in value]
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -241,17 +287,29 @@ def lora_target_regex(layer_names) -> str:
     return rf"(.*\.)?language_model\..*\.({names})"
 
 
+def new_module_names(model: EvoTokForConditionalGeneration) -> list[str]:
+    """The parts a fresh VLM adds on top of the pretrained LLM and tokenizer (trained from stage 1 on)."""
+    names = []
+    if model.config.has_understanding_head:
+        names.append("multi_modal_projector")
+    if model.config.has_generation_head:
+        names += ["generation_projector", "depth_head"]
+    return names
+
+
 def prepare_model_for_stage(model: EvoTokForConditionalGeneration, stage: str, lora: VLMLoraArguments | None = None):
-    """Set which weights train: `pretrain` -> the projector only; `sft` -> projector + language model (+ LM head), or
-    with `lora.use_lora` the projector (fully) + LoRA adapters on the language model's linear layers. The image
-    tokenizer is frozen in every stage. Returns the model to train (a `PeftModel` with LoRA)."""
+    """Set which weights train: `pretrain` -> the new parts only (projectors, depth head); `sft` -> those + the
+    language model (+ LM head), or with `lora.use_lora` those (fully) + LoRA adapters on the language model's linear
+    layers. The image tokenizer is frozen in every stage. Returns the model to train (a `PeftModel` with LoRA)."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}.")
     model.requires_grad_(False)
-    model.multi_modal_projector.requires_grad_(True)
+    new_modules = new_module_names(model)
+    for name in new_modules:
+        getattr(model, name).requires_grad_(True)
     use_lora = lora is not None and lora.use_lora
     if stage == "pretrain" and use_lora:
-        raise ValueError("LoRA applies to stage 2 (sft); stage 1 (pretrain) trains the projector only.")
+        raise ValueError("LoRA applies to stage 2 (sft); stage 1 (pretrain) trains the projectors / depth head only.")
     if stage == "sft" and not use_lora:
         model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
@@ -266,16 +324,44 @@ def prepare_model_for_stage(model: EvoTokForConditionalGeneration, stage: str, l
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
         target_modules=lora_target_regex(lora.lora_target_modules),
-        modules_to_save=["multi_modal_projector"],
+        modules_to_save=new_modules,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
     wrapped = [name for name, _ in peft_model.named_modules() if name.endswith(".lora_A")]
     if not wrapped:
         raise ValueError(f"LoRA matched no layer of the language model for {lora.lora_target_modules}.")
-    if any(".vision_tower." in name for name in wrapped):
-        raise AssertionError("LoRA adapters must never be placed in the image tokenizer.")
+    if any(".vision_tower." in name or ".depth_head." in name for name in wrapped):
+        raise AssertionError("LoRA adapters belong in the language model only.")
     return peft_model
+
+
+def pretokenize_images(dataset, tokenizer_model, image_processor, kind: str = "generation", image_column: str = "image",
+                       batch_size: int = 16):  # fmt: skip
+    """`datasets.map` step that replaces each row's image (column `image_column`: a PIL image or a list of them) by
+    its codes, so training skips the tokenizer's encoder: `kind="generation"` writes `generation_codes` (the first
+    `pixel_depth` depths; the text-to-image layout), `kind="understanding"` writes `image_codes` (all depths)."""
+    if kind not in ("generation", "understanding"):
+        raise ValueError(f"kind must be 'generation' or 'understanding', got {kind!r}.")
+    if image_column not in dataset.column_names:
+        raise ValueError(f"the dataset has no column {image_column!r}; columns: {dataset.column_names}.")
+    depth = tokenizer_model.config.pixel_depth if kind == "generation" else tokenizer_model.config.semantic_depth
+    output_column = "generation_codes" if kind == "generation" else "image_codes"
+    tokenizer_model = tokenizer_model.eval()
+
+    def encode(batch):
+        per_row = [value if isinstance(value, list) else [value] for value in batch[image_column]]
+        flat = [image for images in per_row for image in images]
+        pixel_values = image_processor(flat, return_tensors="pt")["pixel_values"].to(tokenizer_model.device)
+        with torch.no_grad():
+            codes = tokenizer_model.encode(pixel_values.to(tokenizer_model.dtype)).codes[..., :depth].cpu()
+        out, start = [], 0
+        for images in per_row:
+            out.append(codes[start : start + len(images)].tolist())
+            start += len(images)
+        return {output_column: out}
+
+    return dataset.map(encode, batched=True, batch_size=batch_size, remove_columns=[image_column])
 
 
 def trainable_parameter_summary(model: torch.nn.Module) -> dict:
@@ -286,6 +372,8 @@ def trainable_parameter_summary(model: torch.nn.Module) -> dict:
 
 __all__ = [
     "EvoTokVLMDataCollator",
+    "new_module_names",
+    "pretokenize_images",
     "IGNORE_INDEX",
     "LLM_LINEAR_LAYERS",
     "VLMLoraArguments",

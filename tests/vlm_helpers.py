@@ -1,0 +1,62 @@
+"""Tiny text tokenizers and VLMs shared by the VLM test modules (imported by name: pytest puts tests/ on sys.path)."""
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config
+
+from evotok_hf import EvoTokConfig, EvoTokForConditionalGeneration, EvoTokImageProcessor, EvoTokProcessor, EvoTokVLMConfig
+from evotok_hf.processing.processing_evotok import DEFAULT_CHAT_TEMPLATE
+
+CHATML_SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>", "<boi>", "<eoi>"]
+
+
+def bpe_tokenizer(corpus: list[str], vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the fly (decoding reproduces text exactly) with the ChatML and image
+    special tokens."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHATML_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    backend.train_from_iterator(corpus * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>",
+                                   additional_special_tokens=CHATML_SPECIAL_TOKENS[1:])  # fmt: skip
+
+
+def tiny_vlm_config(tokenizer, **overrides) -> EvoTokVLMConfig:
+    """The "evotok-tiny" tokenizer + a 2-layer, 32-wide Qwen2 (+ a 2-layer, 32-wide depth head when generating)."""
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    kwargs = dict(
+        vision_config=EvoTokConfig.from_preset("evotok-tiny").to_dict(), text_config=text.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), boi_token_id=tokenizer.convert_tokens_to_ids("<boi>"),
+        eoi_token_id=tokenizer.convert_tokens_to_ids("<eoi>"),
+        depth_head_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "resid_dropout": 0.0},
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return EvoTokVLMConfig(**kwargs)
+
+
+def tiny_generation_vlm(tokenizer, seed: int = 0, sharpen: float = 20.0, **overrides):
+    """A generation-only tiny VLM (images wrapped in start / end tokens, as the authors' generation model). A random
+    depth head gives nearly flat logits; `sharpen` scales its classifiers so argmax / sampling differences show."""
+    overrides = {"has_generation_head": True, "has_understanding_head": False, "wrap_image_tokens": True, **overrides}
+    torch.manual_seed(seed)
+    model = EvoTokForConditionalGeneration(tiny_vlm_config(tokenizer, **overrides)).eval()
+    with torch.no_grad():
+        for classifier in model.depth_head.classifiers:
+            classifier.proj.weight.mul_(sharpen)
+    return model
+
+
+def tiny_processor(tokenizer, wrap_image_tokens: bool = False, resize_mode: str = "squash") -> EvoTokProcessor:
+    vision = EvoTokConfig.from_preset("evotok-tiny")
+    return EvoTokProcessor(
+        image_processor=EvoTokImageProcessor(size={"height": vision.image_size, "width": vision.image_size},
+                                             resize_mode=resize_mode),
+        tokenizer=tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE, num_image_tokens=vision.grid_size**2,
+        boi_token="<boi>", eoi_token="<eoi>", wrap_image_tokens=wrap_image_tokens,
+    )  # fmt: skip
