@@ -8,6 +8,10 @@
     # the understanding MLLM: the LLaVA output folder + the converted tokenizer -> an EvoTokForConditionalGeneration
     python scripts/convert_official.py understanding --understanding-dir work_dir/EvoTok-..._sft_llava665k \\
         --tokenizer converted/evotok --output-dir converted/evotok-qwen2.5-7b
+    # the generation MLLM (LLaVA folder with the depth head `rqtransformer`) -> a generation-only VLM folder whose
+    # text tokenizer holds <boi> / <eoi> at the authors' image start / end ids
+    python scripts/convert_official.py generation --generation-dir work_dir/EvoTok-..._gen_sft \\
+        --tokenizer converted/evotok --output-dir converted/evotok-qwen2.5-7b-gen
 
 An existing non-empty output folder is refused unless --overwrite; it is replaced only once the new one is complete.
 """
@@ -20,7 +24,11 @@ import logging
 
 import torch
 
-from evotok_hf.hub.convert_official import convert_tokenizer_checkpoint, convert_understanding_checkpoint
+from evotok_hf.hub.convert_official import (
+    convert_generation_checkpoint,
+    convert_tokenizer_checkpoint,
+    convert_understanding_checkpoint,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,15 +46,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                            help='JSON object of EvoTokConfig fields, e.g. \'{"semantic_decoder_num_heads": 12}\'')
     tokenizer.add_argument("--overwrite", action="store_true")
 
-    understanding = modes.add_parser("understanding", help="official understanding MLLM (LLaVA folder) -> VLM folder")
-    understanding.add_argument("--understanding-dir", required=True, help="the authors' LLaVA output folder")
-    understanding.add_argument("--tokenizer", required=True, help="converted EvoTok tokenizer (folder or Hub id)")
-    understanding.add_argument("--output-dir", required=True)
-    understanding.add_argument("--text-tokenizer", default=None,
-                               help="text tokenizer folder or Hub id (default: the understanding folder's own)")
-    understanding.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                               help="weights dtype of the output (default: that of the LLM weights)")
-    understanding.add_argument("--overwrite", action="store_true")
+    for head in ("understanding", "generation"):
+        mllm = modes.add_parser(head, help=f"official {head} MLLM (LLaVA folder) -> VLM folder")
+        mllm.add_argument(f"--{head}-dir", required=True, help=f"the authors' LLaVA output folder ({head} model)")
+        mllm.add_argument("--tokenizer", required=True, help="converted EvoTok tokenizer (folder or Hub id)")
+        mllm.add_argument("--output-dir", required=True)
+        mllm.add_argument("--text-tokenizer", default=None,
+                          help=f"text tokenizer folder or Hub id (default: the {head} folder's own)")
+        mllm.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                          help="weights dtype of the output (default: that of the LLM weights)")
+        mllm.add_argument("--overwrite", action="store_true")
+        if head == "generation":
+            mllm.add_argument(
+                "--depth-head-config", type=json.loads, default=None,
+                help='JSON object of EvoTokDepthHeadConfig fields for what the weights cannot tell, e.g. '
+                     '\'{"num_attention_heads": 40}\' (needed only for a depth-head width other than the authors\' '
+                     '2560)',
+            )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -62,12 +78,22 @@ def main(argv=None) -> str:
             base_config=args.base_config,
             config_overrides=args.config_overrides,
         )
-    else:
+    elif args.mode == "understanding":
         convert_understanding_checkpoint(
             args.understanding_dir,
             args.tokenizer,
             args.output_dir,
             text_tokenizer=args.text_tokenizer,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            overwrite=args.overwrite,
+        )
+    else:
+        convert_generation_checkpoint(
+            args.generation_dir,
+            args.tokenizer,
+            args.output_dir,
+            text_tokenizer=args.text_tokenizer,
+            depth_head_config=args.depth_head_config,
             dtype=getattr(torch, args.dtype) if args.dtype else None,
             overwrite=args.overwrite,
         )

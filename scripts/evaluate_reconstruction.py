@@ -2,7 +2,8 @@
 a teacher, codebook usage and perplexity by depth, k-means clusters of the cumulative latents (the paper's Fig. 6)
 and linear-probe / k-NN accuracy by depth.
 
-Writes to --output-dir: report.json, report.md (tables), per_depth.png (metric vs depth), kmeans_depths.png,
+Writes to --output-dir: report.json (which also records --dataset and --split, for the model card of
+scripts/push_to_hub.py --eval-json), report.md (tables), per_depth.png (metric vs depth), kmeans_depths.png,
 probe.json; prints the tables.
 
 ImageNet-1K validation at 256 (the paper's rFID protocol: resize shortest side + centre crop, Inception features;
@@ -91,6 +92,7 @@ def main(argv=None) -> dict:
         model, dataset, processor, depths=args.pixel_depths, semantic_depths=args.semantic_depths, metrics=metrics,
         batch_size=args.batch_size, feature_network=args.feature_network, teacher=teacher,
         lpips=args.lpips if "lpips" in metrics else None, max_images=args.max_images, progress=not args.no_progress,
+        dataset_name=args.dataset, split=args.split,
     )
     outputs = {
         "report": report.save_json(os.path.join(args.output_dir, "report.json")),

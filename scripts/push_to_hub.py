@@ -7,12 +7,13 @@ never modified: everything is written to a staging folder that is moved to --out
 
     # a tokenizer trained with this project, with its evaluation report, loadable without evotok_hf
     python scripts/push_to_hub.py --model-dir outputs/demo/model --repo-id me/evotok-small --license apache-2.0 \\
-        --eval-json outputs/eval/report.json --eval-dataset bundled-photos --remote-code
+        --eval-json outputs/eval/report.json --remote-code
 
     # converted official weights (no licence is stated by the authors: the card says so), written locally only
     python scripts/push_to_hub.py --model-dir converted/evotok --repo-id me/evotok --official --dry-run
 
-Uploading needs a Hub token (`huggingface-cli login` or HF_TOKEN); --dry-run never touches the network.
+Uploading needs a Hub token (`huggingface-cli login` or HF_TOKEN); --dry-run never touches the network. The demo
+Space that serves published models: scripts/push_space.py.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--official", action="store_true",
                    help="the weights are converted from the EvoTok authors' checkpoints (card: no licence stated)")
     p.add_argument("--eval-json", default=None, help="a reconstruction report.json measured on these weights")
-    p.add_argument("--eval-dataset", default=None, help="the dataset the report was measured on (Hub id or name)")
-    p.add_argument("--eval-split", default=None)
+    p.add_argument("--eval-dataset", default=None,
+                   help="override the dataset the report records (Hub id or name); default: the report's 'dataset'")
+    p.add_argument("--eval-split", default=None, help="override the split the report records")
     p.add_argument("--base-model", action="append", default=None, help="Hub id of a base model (repeatable)")
     p.add_argument("--dataset", action="append", default=None, help="Hub id of a training dataset (repeatable)")
     p.add_argument("--remote-code", action="store_true",

@@ -28,3 +28,15 @@ def tiny_images(tiny_config):
     g = torch.Generator().manual_seed(1)
     size = tiny_config.image_size
     return torch.rand(3, 3, size, size, generator=g) * 2 - 1
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state (mixed precision, device): a Trainer run with bf16 (TRL's default) would
+    make a later Accelerator with other settings refuse to start. Each test starts from a clean state, as a fresh
+    process does."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=True)

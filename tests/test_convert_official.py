@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import pathlib
+import re
 import runpy
 import shutil
 
@@ -31,6 +32,7 @@ from evotok_hf import EvoTokConfig, EvoTokForConditionalGeneration, EvoTokModel
 from evotok_hf.hub.convert_official import (
     CheckpointConversionError,
     check_state_dict,
+    convert_generation_checkpoint,
     convert_tokenizer_checkpoint,
     convert_understanding_checkpoint,
     infer_tokenizer_config,
@@ -475,6 +477,219 @@ def test_malformed_understanding_checkpoint_lists_every_problem(llava, converted
     assert not (tmp_path / "vlm").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 
 
+# ----------------------------------------------------------------------------- generation MLLM
+# The paper's residual depths at tiny size: 16 semantic codebooks, of which the first 4 are the pixel ones; the
+# authors' depth head builds one classifier per semantic depth (16) and trains the first 4.
+GEN_TOKENIZER = dict(semantic_depth=16, pixel_depth=4)
+HEAD_WIDTH, HEAD_LAYERS, HEAD_HEADS = 16, 2, 4
+RQ = "model.vision_tower.rqtransformer."
+# The authors' RQTransformer block names -> ours (written from their module structure, EVOTOK_REFERENCE.md).
+DEPTH_HEAD_BLOCK = {"ln1": "input_layernorm", "attn.query": "attn.q_proj", "attn.key": "attn.k_proj",
+                    "attn.value": "attn.v_proj", "attn.proj": "attn.o_proj", "ln2": "post_attention_layernorm",
+                    "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2"}  # fmt: skip
+
+
+def ours_depth_head_name(official: str, pixel_depth: int) -> str | None:
+    """Our `depth_head.*` name of an official depth-head tensor (relative to the head); None for the classifiers the
+    authors never train."""
+    if official == "pos_emb_d":
+        return "depth_embeddings"
+    if m := re.fullmatch(r"in_mlp_([12])\.(weight|bias)", official):
+        return f"{'code_proj' if m[1] == '1' else 'hidden_proj'}.{m[2]}"
+    if m := re.fullmatch(r"head_transformer\.blocks\.(\d+)\.(.+)\.(weight|bias)", official):
+        return f"layers.{m[1]}.{DEPTH_HEAD_BLOCK[m[2]]}.{m[3]}"
+    m = re.fullmatch(r"classifiers\.(\d+)\.([01])\.(weight|bias)", official)
+    if int(m[1]) >= pixel_depth:
+        return None
+    return f"classifiers.{m[1]}.{'norm' if m[2] == '0' else 'proj'}.{m[3]}"
+
+
+def official_depth_head(config: EvoTokConfig, llm_hidden: int, seed: int) -> dict:
+    """The authors' RQTransformer state dict (relative names): input MLPs, depth embeddings, GPT blocks with
+    query / key / value / proj, and one [LayerNorm, Linear] classifier per semantic depth."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.2
+
+    e, codes = HEAD_WIDTH, config.codebook_size
+    head = {"in_mlp_1.weight": rand(e, config.codebook_dim), "in_mlp_1.bias": rand(e), "in_mlp_2.weight":
+            rand(e, llm_hidden), "in_mlp_2.bias": rand(e), "pos_emb_d": rand(1, config.pixel_depth, e)}  # fmt: skip
+    for i in range(HEAD_LAYERS):
+        block = f"head_transformer.blocks.{i}."
+        for norm in ("ln1", "ln2"):
+            head.update({f"{block}{norm}.weight": 1 + rand(e), f"{block}{norm}.bias": rand(e)})
+        for linear in ("query", "key", "value", "proj"):
+            head.update({f"{block}attn.{linear}.weight": rand(e, e), f"{block}attn.{linear}.bias": rand(e)})
+        head.update({f"{block}mlp.0.weight": rand(4 * e, e), f"{block}mlp.0.bias": rand(4 * e),
+                     f"{block}mlp.2.weight": rand(e, 4 * e), f"{block}mlp.2.bias": rand(e)})  # fmt: skip
+    for d in range(config.semantic_depth):
+        head.update({f"classifiers.{d}.0.weight": 1 + rand(e), f"classifiers.{d}.0.bias": rand(e),
+                     f"classifiers.{d}.1.weight": rand(codes, e), f"classifiers.{d}.1.bias": rand(codes)})  # fmt: skip
+    return head
+
+
+def chat_tokenizer(image_tokens: bool = True) -> PreTrainedTokenizerFast:
+    """The text tokenizer as the authors' generation trainer saves it: `[PAD]` added, then `<im_start>` / `<im_end>`
+    (`mm_use_im_start_end`); `image_tokens=False` stops before those two."""
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=SPECIAL))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>")
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    if image_tokens:
+        tokenizer.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def gen_tokenizer(tiny_config, tmp_path_factory):
+    """(converted tokenizer folder, official tokenizer state dict) with 16 semantic / 4 pixel depths."""
+    config = EvoTokConfig.from_preset("evotok-tiny", **GEN_TOKENIZER)
+    ema = official_state_dict(config, 7)
+    args = argparse.Namespace(**{**TINY_ARGS, "vqgan_depth": 4, "vqkd_depth": 16})
+    folder = tmp_path_factory.mktemp("gen_tokenizer")
+    torch.save(official_checkpoint(ema=ema, model=official_state_dict(config, 8), args=args), folder / "last.pt")
+    convert_tokenizer_checkpoint(folder / "last.pt", folder / "evotok", base_config="evotok-tiny")
+    return folder / "evotok", ema
+
+
+@pytest.fixture(scope="module")
+def gen_llava(gen_tokenizer, tmp_path_factory):
+    """The authors' generation output folder at tiny size (MM_MODE=generation): Qwen2 + `model.mm_projector.{0,2}`
+    over the 8-d code sums + the depth head under `model.vision_tower.rqtransformer.*` + the tokenizer copy; their
+    config.json (no depth-head config in it: the authors hard-code it) and text tokenizer."""
+    folder = tmp_path_factory.mktemp("gen_llava") / "EvoTok-llava-qwen2.5_gen_sft"
+    folder.mkdir()
+    text_tokenizer = chat_tokenizer()
+    text_tokenizer.save_pretrained(folder)
+    rows = len(text_tokenizer)
+    config = llava_qwen_config(rows, text_tokenizer.eos_token_id, text_tokenizer.pad_token_id)
+    config.update(mm_hidden_size=8, mm_use_im_start_end=True, mm_with_depth_transformer=True,
+                  image_aspect_ratio="pad", tune_mm_depth_transformer=False)  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    GenerationConfig(eos_token_id=text_tokenizer.eos_token_id, pad_token_id=text_tokenizer.pad_token_id,
+                     top_k=20, top_p=0.8, temperature=0.7, do_sample=True).save_pretrained(folder)  # fmt: skip
+
+    torch.manual_seed(1)
+    llm = Qwen2ForCausalLM(Qwen2Config(**qwen2_fields(config))).eval()
+    g = torch.Generator().manual_seed(9)
+    weights = {k: v.clone() for k, v in llm.state_dict().items()}
+    weights.update({
+        "model.mm_projector.0.weight": torch.randn(32, 8, generator=g),
+        "model.mm_projector.0.bias": torch.randn(32, generator=g),
+        "model.mm_projector.2.weight": torch.randn(32, 32, generator=g),
+        "model.mm_projector.2.bias": torch.randn(32, generator=g),
+    })  # fmt: skip
+    head = official_depth_head(EvoTokConfig.from_preset("evotok-tiny", **GEN_TOKENIZER), 32, seed=11)
+    weights.update({RQ + k: v for k, v in head.items()})
+    weights.update({f"model.vision_tower.vision_tower.{k}": v for k, v in gen_tokenizer[1].items()})
+    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors")
+    return folder, llm, weights, head, rows
+
+
+def test_generation_checkpoint_converts_to_a_generation_vlm(gen_llava, gen_tokenizer, tmp_path, caplog):
+    folder, llm, weights, head, rows = gen_llava
+    output = tmp_path / "vlm"
+    with caplog.at_level(logging.INFO, logger="evotok_hf.hub.convert_official"):
+        convert_generation_checkpoint(folder, gen_tokenizer[0], output,
+                                      depth_head_config={"num_attention_heads": HEAD_HEADS})  # fmt: skip
+    assert "differ" not in caplog.text  # the tokenizer copy in the folder is the converted tokenizer
+    # the unused classifiers are reported as dropped, not as problems
+    assert "classifiers for depths [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] (48 tensors)" in caplog.text
+
+    model = AutoModelForImageTextToText.from_pretrained(output).eval()
+    processor = AutoProcessor.from_pretrained(output)
+    config = model.config
+    assert isinstance(model, EvoTokForConditionalGeneration)
+    assert (config.has_understanding_head, config.has_generation_head, config.wrap_image_tokens) == (False, True, True)
+    # the authors' image start / end rows (the last two) are now real <boi> / <eoi> tokens; <image> is a new row
+    vocab = processor.tokenizer.get_vocab()
+    assert "<im_start>" not in vocab and "<im_end>" not in vocab
+    assert (config.boi_token_id, config.eoi_token_id, config.image_token_id) == (rows - 2, rows - 1, rows)
+    assert (vocab["<boi>"], vocab["<eoi>"], vocab["<image>"]) == (rows - 2, rows - 1, rows)
+    assert (processor.boi_token_id, processor.eoi_token_id, processor.image_token_id) == (rows - 2, rows - 1, rows)
+    assert processor.wrap_image_tokens and processor.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert config.text_config.vocab_size == rows + 1
+    head_config = config.depth_head_config
+    assert (head_config.hidden_size, head_config.num_hidden_layers, head_config.num_attention_heads,
+            head_config.intermediate_size) == (HEAD_WIDTH, HEAD_LAYERS, HEAD_HEADS, 4 * HEAD_WIDTH)  # fmt: skip
+    assert (head_config.code_dim, head_config.codebook_size, head_config.pixel_depth, head_config.llm_hidden_size) == (
+        8, 64, 4, 32)  # fmt: skip
+    generation_config = model.generation_config
+    assert generation_config.image_generation == {"guidance_scale": 7.5, "do_sample": True, "depth_temperature": 1.0,
+                                                  "depth_top_k": 900, "depth_top_p": 0.96}  # fmt: skip
+    assert {rows - 2, rows - 1, rows} <= set(generation_config.suppress_tokens) and generation_config.top_k == 20
+
+    # every tensor equals its source
+    language_model = model.language_model.state_dict()
+    for key, value in llm.state_dict().items():
+        ours = model.lm_head.weight if key == "lm_head.weight" else language_model[key[len("model."):]]
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):  # trained <im_start> / <im_end> rows kept
+            assert torch.equal(ours[:rows], value) and torch.allclose(ours[rows], value.mean(0)), key
+        else:
+            assert torch.equal(ours, value), key
+    projector = model.generation_projector.state_dict()
+    for i, ours in ((0, "linear_1"), (2, "linear_2")):
+        for p in ("weight", "bias"):
+            assert torch.equal(projector[f"{ours}.{p}"], weights[f"model.mm_projector.{i}.{p}"])
+    assert not hasattr(model.model, "multi_modal_projector")
+    depth_head = model.depth_head.state_dict()
+    expected = {ours_depth_head_name(k, 4): v for k, v in head.items() if ours_depth_head_name(k, 4) is not None}
+    assert set(depth_head) == set(expected)  # the 12 unused classifiers are gone
+    assert len(model.depth_head.classifiers) == 4 and len(expected) == len(head) - 12 * 4
+    for key, value in expected.items():
+        assert torch.equal(depth_head[key], value), key
+    vision_tower = model.vision_tower.state_dict()
+    for key, value in EvoTokModel.from_pretrained(gen_tokenizer[0]).state_dict().items():
+        assert torch.equal(vision_tower[key], value), key
+
+    # text-to-image runs end to end: greedy without guidance, and the saved defaults (CFG 7.5, sampling)
+    inputs = processor(text=["a cat on a red mat"], generation_mode="image", return_tensors="pt")
+    assert inputs.input_ids[0, -1] == rows - 2
+    codes = model.generate(**inputs, generation_mode="image", do_sample=False, guidance_scale=1.0)
+    assert codes.shape == (1, 4, 4, 4) and codes.dtype == torch.long and 0 <= codes.min() and codes.max() < 64
+    sampled = model.generate(**inputs, generation_mode="image", generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (1, 4, 4, 4)
+    assert model.decode_image_tokens(codes).shape == (1, 3, 32, 32)
+
+
+def test_malformed_generation_checkpoint_lists_every_problem(gen_llava, gen_tokenizer, tmp_path):
+    folder, _, weights, _, _ = gen_llava
+    bad_folder = tmp_path / "bad"
+    shutil.copytree(folder, bad_folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    config = json.loads((folder / "config.json").read_text())
+    config["mm_hidden_size"] = 24
+    (bad_folder / "config.json").write_text(json.dumps(config))
+    bad = dict(weights)
+    del bad[RQ + "head_transformer.blocks.1.attn.key.weight"]
+    bad[RQ + "classifiers.2.1.weight"] = torch.zeros(65, HEAD_WIDTH)
+    bad[RQ + "ln_f.weight"] = torch.ones(HEAD_WIDTH)
+    save_file({k: v.contiguous() for k, v in bad.items()}, bad_folder / "model.safetensors")
+    heads = {"num_attention_heads": HEAD_HEADS}
+    with pytest.raises(CheckpointConversionError) as info:
+        convert_generation_checkpoint(bad_folder, gen_tokenizer[0], tmp_path / "vlm", depth_head_config=heads)
+    message = str(info.value)
+    assert len(info.value.problems) == 4, message
+    for fragment in ("mm_hidden_size=24 but the generation projector reads the tokenizer's 8-d",
+                     f"'{RQ}ln_f.weight' has no counterpart in the depth head",
+                     "depth_head.layers.1.attn.k_proj.weight' is missing",
+                     "shape mismatch for 'depth_head.classifiers.2.proj.weight' (from "
+                     f"'{RQ}classifiers.2.1.weight'): checkpoint (65, "):  # fmt: skip
+        assert fragment in message
+
+    # heads leave no trace in the weights, and the authors store no depth-head config
+    with pytest.raises(CheckpointConversionError, match="cannot tell the depth head's attention heads"):
+        convert_generation_checkpoint(folder, gen_tokenizer[0], tmp_path / "vlm")
+    # a text tokenizer whose last ids are not the authors' image start / end tokens
+    other = chat_tokenizer(image_tokens=False)
+    other.add_tokens(["<im_end>"], special_tokens=True)
+    with pytest.raises(CheckpointConversionError, match=r"does not match the checkpoint's image start / end rows"):
+        convert_generation_checkpoint(folder, gen_tokenizer[0], tmp_path / "vlm", text_tokenizer=other,
+                                      depth_head_config=heads)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
 # ----------------------------------------------------------------------------- script
 def test_script_converts_a_tokenizer_checkpoint(official, tmp_path):
     namespace = runpy.run_path(str(ROOT / "scripts" / "convert_official.py"), run_name="not_main")
@@ -482,9 +697,36 @@ def test_script_converts_a_tokenizer_checkpoint(official, tmp_path):
         ["understanding", "--understanding-dir", "a", "--tokenizer", "b", "--output-dir", "c"]
     )
     assert (args.mode, args.understanding_dir, args.tokenizer, args.dtype) == ("understanding", "a", "b", None)
+    args = namespace["parse_args"](["generation", "--generation-dir", "a", "--tokenizer", "b", "--output-dir", "c",
+                                    "--depth-head-config", '{"num_attention_heads": 40}'])  # fmt: skip
+    assert (args.mode, args.generation_dir, args.depth_head_config) == ("generation", "a", {"num_attention_heads": 40})
     output = namespace["main"](["tokenizer", "--tokenizer-checkpoint", str(official[0]),
                                 "--output-dir", str(tmp_path / "tok"), "--base-config", "evotok-tiny",
                                 "--keep-training-state"])  # fmt: skip
     loaded = EvoTokModel.from_pretrained(output)
     assert int(loaded.quantizer.ema_step) == WARMUP_STEP
     assert torch.equal(loaded.post_quant_conv.weight, official[1]["ema"]["post_quant_conv.weight"])
+
+
+def test_script_converts_a_generation_checkpoint_with_a_stored_depth_head_config(gen_llava, gen_tokenizer, tmp_path):
+    """An RQTransformerConfig stored in config.json gives the heads; a text tokenizer saved before the trainer added
+    the image start / end tokens gets <boi> / <eoi> appended at the authors' ids."""
+    folder, _, _, _, rows = gen_llava
+    variant = tmp_path / "gen"
+    shutil.copytree(folder, variant, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    config = json.loads((folder / "config.json").read_text())
+    config["rqtransformer_config"] = {
+        "model_type": "rqtransformer_model", "code_depths": [4, 16], "input_embed_dim_1": 8, "input_embed_dim_2": 32,
+        "embed_dim": HEAD_WIDTH, "vocab_size": 64, "head": {"block": {"n_head": HEAD_HEADS}, "n_layer": HEAD_LAYERS},
+    }  # fmt: skip
+    (variant / "config.json").write_text(json.dumps(config))
+    chat_tokenizer(image_tokens=False).save_pretrained(tmp_path / "text")
+    namespace = runpy.run_path(str(ROOT / "scripts" / "convert_official.py"), run_name="not_main")
+    output = namespace["main"](["generation", "--generation-dir", str(variant), "--tokenizer", str(gen_tokenizer[0]),
+                                "--text-tokenizer", str(tmp_path / "text"), "--output-dir", str(tmp_path / "vlm"),
+                                "--dtype", "bfloat16"])  # fmt: skip
+    model = EvoTokForConditionalGeneration.from_pretrained(output)
+    vocab = AutoProcessor.from_pretrained(output).tokenizer.get_vocab()
+    assert model.config.depth_head_config.num_attention_heads == HEAD_HEADS
+    assert (vocab["<boi>"], vocab["<eoi>"], vocab["<image>"]) == (rows - 2, rows - 1, rows)
+    assert model.depth_head.layers[0].attn.q_proj.weight.dtype == torch.bfloat16

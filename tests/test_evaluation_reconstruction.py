@@ -62,7 +62,8 @@ def test_report_matches_independent_computations(setup, tmp_path):
     model, processor, images = setup
     report = evaluate_reconstruction(
         model, images, processor, metrics=("psnr", "ssim", "rfid", "semantic", "usage"), batch_size=7,
-        feature_network=PixelFeatures(), teacher=GridTeacher(), progress=False,
+        feature_network=PixelFeatures(), teacher=GridTeacher(), progress=False, dataset_name="random-noise",
+        split="test",
     )
     assert report.num_images == 20 and report.pixel_depths == [1, 2] and report.semantic_depths == [1, 2, 3, 4]
     assert report.feature_network == "test-pixel-projection"
@@ -89,8 +90,10 @@ def test_report_matches_independent_computations(setup, tmp_path):
     # outputs: JSON round trip, markdown table, plot
     data = json.loads(pathlib.Path(report.save_json(str(tmp_path / "r.json"))).read_text())
     assert data["psnr"]["1"] == pytest.approx(report.psnr[1])
+    assert data["dataset"] == "random-noise" and data["split"] == "test"  # what a model card cites
     table = report.to_markdown()
     assert "| depth k | PSNR (dB) | SSIM | rFID |" in table and "test-pixel-projection" in table
+    assert "20 images of random-noise (test split)" in table
     assert pathlib.Path(report.plot(str(tmp_path / "p.png"))).stat().st_size > 10_000
 
 
@@ -130,6 +133,8 @@ def test_bad_arguments(setup):
         evaluate_reconstruction(model, images, processor, metrics=("semantic",), progress=False)
     with pytest.raises(ValueError, match="no image"):
         evaluate_reconstruction(model, images[:0], processor, metrics=("psnr",), progress=False)
+    with pytest.raises(ValueError, match="dataset_name must be a non-empty string"):
+        evaluate_reconstruction(model, images, processor, metrics=("psnr",), progress=False, dataset_name="")
 
 
 def test_evaluation_script_offline_on_bundled_photos(tmp_path):
@@ -145,5 +150,6 @@ def test_evaluation_script_offline_on_bundled_photos(tmp_path):
         assert pathlib.Path(out["outputs"][key]).exists(), key
     data = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert data["num_images"] == 15 and "efficientnet-lite0" in data["feature_network"]
+    assert data["dataset"] == "bundled" and data["split"] == "validation"
     probe = json.loads((tmp_path / "eval" / "probe.json").read_text())["by_depth"]
     assert set(probe) == {"1", "2", "4"}

@@ -1,6 +1,6 @@
-"""Hub publishing: rendered model cards (metadata, licence rules, model-index, executed usage snippets),
-scripts/push_to_hub.py (dry run offline, upload arguments) and the flat remote-code export, loaded in a clean process
-where evotok_hf cannot be imported."""
+"""Hub publishing: rendered model cards (metadata, licence rules, model-index, executed usage snippets, for a
+tokenizer, an understanding VLM and a generation-only VLM), scripts/push_to_hub.py (dry run offline, upload arguments)
+and the flat remote-code export, loaded in a clean process where evotok_hf cannot be imported."""
 
 import hashlib
 import json
@@ -19,6 +19,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config
+from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor
 
 from evotok_hf import (
     EvoTokConfig,
@@ -35,7 +36,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAPER_LABEL = "reported in the paper (not measured on these weights)"
 REPO_TOK = "evotok-test/evotok-tiny"
 REPO_VLM = "evotok-test/evotok-tiny-vlm"
+REPO_GEN = "evotok-test/evotok-tiny-t2i"
 PROMPT = "user <image> describe the image please"
+T2I_PROMPT = "a red bicycle on a green hill"  # the prompt of the card's text-to-image snippets
 
 
 def load_main(path):
@@ -55,10 +58,22 @@ def python_blocks(card_text):
     return [block.split("```", 1)[0] for block in card_text.split("```python\n")[1:]]
 
 
+def card_snippet_image(folder):
+    """The image the card's text-to-image snippets write, computed with the package's classes on `folder`."""
+    model = EvoTokForConditionalGeneration.from_pretrained(folder).eval()
+    processor = EvoTokProcessor.from_pretrained(folder)
+    inputs = processor(text=T2I_PROMPT, generation_mode="image", return_tensors="pt")
+    with torch.no_grad():
+        codes = model.generate(**inputs, generation_mode="image", guidance_scale=7.5,
+                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+        return codes, processor.image_processor.postprocess(model.decode_image_tokens(codes))[0]
+
+
 # ----------------------------------------------------------------------------- tiny saved models
 @pytest.fixture(scope="module")
 def source_dirs(tmp_path_factory):
-    """A saved tiny tokenizer and a saved tiny VLM (each with its processor), as a user's checkpoints."""
+    """A saved tiny tokenizer, a saved tiny VLM and a saved tiny generation-only VLM (each with its processor), as a
+    user's checkpoints."""
     root = tmp_path_factory.mktemp("sources")
     torch.manual_seed(0)
     config = EvoTokConfig.from_preset("evotok-tiny")
@@ -91,18 +106,24 @@ def source_dirs(tmp_path_factory):
         image_processor=EvoTokImageProcessor(size=size, resize_mode="squash"), tokenizer=tokenizer,
         num_image_tokens=config.grid_size**2,
     ).save_pretrained(root / "vlm")  # fmt: skip
-    return {"tok": root / "tok", "vlm": root / "vlm"}
+
+    text_tokenizer = bpe_tokenizer(["system user assistant You are a helpful assistant.", T2I_PROMPT], vocab_size=300)
+    tiny_generation_vlm(text_tokenizer).save_pretrained(root / "gen")
+    tiny_processor(text_tokenizer, wrap_image_tokens=True).save_pretrained(root / "gen")
+    return {"tok": root / "tok", "vlm": root / "vlm", "gen": root / "gen"}
 
 
 @pytest.fixture(scope="module")
 def eval_json(tmp_path_factory):
-    """A small ReconstructionReport JSON (as report.save_json writes it: depth keys become strings)."""
+    """A small ReconstructionReport JSON (as report.save_json writes it: depth keys become strings; the data it was
+    measured on recorded as scripts/evaluate_reconstruction.py records it)."""
     path = tmp_path_factory.mktemp("eval") / "report.json"
     report = {
         "num_images": 15, "pixel_depths": [1, 2], "semantic_depths": [1, 2, 3, 4],
         "psnr": {"1": 17.25, "2": 19.5}, "ssim": {"1": 0.41, "2": 0.52}, "rfid": {"1": 80.0, "2": 61.5},
         "lpips": {}, "semantic_cosine": {"1": 0.2}, "codebook_usage": [0.5] * 4, "perplexity": [9.0] * 4,
-        "feature_network": "efficientnet-lite0", "teacher": "efficientnet-lite0", "seconds": 1.0,
+        "feature_network": "efficientnet-lite0", "teacher": "efficientnet-lite0", "dataset": "bundled",
+        "split": "validation", "seconds": 1.0,
     }  # fmt: skip
     path.write_text(json.dumps(report))
     return path
@@ -110,11 +131,11 @@ def eval_json(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def published(source_dirs, eval_json, tmp_path_factory):
-    """push_to_hub --dry-run of both models, with and without --remote-code."""
+    """push_to_hub --dry-run of the three models, with and without --remote-code."""
     main = load_main("scripts/push_to_hub.py")
     out = tmp_path_factory.mktemp("published")
     folders = {}
-    for kind, repo_id in (("tok", REPO_TOK), ("vlm", REPO_VLM)):
+    for kind, repo_id in (("tok", REPO_TOK), ("vlm", REPO_VLM), ("gen", REPO_GEN)):
         for remote in (False, True):
             name = f"{kind}-remote" if remote else kind
             argv = ["--model-dir", str(source_dirs[kind]), "--repo-id", repo_id, "--license", "apache-2.0",
@@ -169,6 +190,16 @@ def test_vlm_card_metadata_and_pipeline_tags(published, source_dirs):
     generation_config.has_generation_head = True
     generating = render_vlm_card(generation_config, repo_id=REPO_VLM, license="mit")
     assert generating.data.pipeline_tag == "any-to-any" and "image-generation head" in generating.text
+    blocks = python_blocks(generating.text)  # both heads: understanding (2) and text to image (2)
+    assert len(blocks) == 4 and sum('generation_mode="image"' in b for b in blocks) == 1
+    assert "EvoTokPipeline.from_pretrained" in blocks[3]
+
+    generation_only = ModelCard.load(published["gen"] / "README.md")
+    assert generation_only.data.pipeline_tag == "any-to-any" and "text-to-image" in generation_only.data.tags
+    assert "image-generation head" in generation_only.text and "Describe this image" not in generation_only.text
+    remote = ModelCard.load(published["gen-remote"] / "README.md")
+    assert len(python_blocks(remote.text)) == 1  # the diffusers pipeline needs evotok_hf: named, not a snippet
+    assert "EvoTokPipeline.from_pretrained" in remote.text
 
 
 @pytest.mark.parametrize("render", [render_tokenizer_card, render_vlm_card])
@@ -186,6 +217,18 @@ def test_official_weights_state_no_licence(render, tmp_path):
         render(config, repo_id="org/evotok", official=True, license="apache-2.0")
 
 
+def test_card_cites_the_data_the_report_records_unless_overridden(eval_json):
+    config = EvoTokConfig.from_preset("evotok-tiny")
+    card = render_tokenizer_card(config, repo_id="org/x", license="mit", eval_results_path=eval_json)
+    assert {(r.dataset_type, r.dataset_name, r.dataset_split) for r in card.data.eval_results} == {
+        ("bundled", "bundled", "validation")
+    }
+    assert "15 images of `bundled` (validation split)" in card.text
+    card = render_tokenizer_card(config, repo_id="org/x", license="mit", eval_results_path=eval_json,
+                                 eval_dataset="org/photos", eval_split="test")  # fmt: skip
+    assert {(r.dataset_name, r.dataset_split) for r in card.data.eval_results} == {("org/photos", "test")}
+
+
 def test_card_input_validation(eval_json, tmp_path):
     config = EvoTokConfig.from_preset("evotok-tiny")
     with pytest.raises(ValueError, match="license is required"):
@@ -200,8 +243,14 @@ def test_card_input_validation(eval_json, tmp_path):
         render_vlm_card(config, repo_id="org/x", license="mit")
     with pytest.raises(ValueError, match="base_model"):
         render_tokenizer_card(config, repo_id="org/x", license="mit", base_model="a/b/c")
+    unnamed = json.loads(eval_json.read_text())
+    del unnamed["dataset"], unnamed["split"]  # a report from before reports recorded their data
+    (tmp_path / "unnamed.json").write_text(json.dumps(unnamed))
     with pytest.raises(ValueError, match="eval_dataset"):
-        render_tokenizer_card(config, repo_id="org/x", license="mit", eval_results_path=eval_json)
+        render_tokenizer_card(config, repo_id="org/x", license="mit", eval_results_path=tmp_path / "unnamed.json")
+    card = render_tokenizer_card(config, repo_id="org/x", license="mit", eval_results_path=tmp_path / "unnamed.json",
+                                 eval_dataset="my/photos")  # fmt: skip
+    assert {(r.dataset_name, r.dataset_split) for r in card.data.eval_results} == {("my/photos", None)}
     (tmp_path / "other.json").write_text(json.dumps({"accuracy": 1.0}))
     with pytest.raises(ValueError, match="not a reconstruction report"):
         render_tokenizer_card(config, repo_id="org/x", license="mit", eval_results_path=tmp_path / "other.json",
@@ -226,16 +275,24 @@ def test_pipeline_tag_matches_what_the_feature_extraction_pipeline_returns(sourc
 
 
 # ----------------------------------------------------------------------------- (b) the card snippets run
-@pytest.mark.parametrize("name, repo_id", [("tok", REPO_TOK), ("vlm", REPO_VLM)])
+@pytest.mark.parametrize("name, repo_id", [("tok", REPO_TOK), ("vlm", REPO_VLM), ("gen", REPO_GEN)])
 def test_card_usage_snippets_run(published, name, repo_id, image_cwd):
     folder = published[name]
     blocks = python_blocks((folder / "README.md").read_text())
     assert len(blocks) == (1 if name == "tok" else 2)
+    generated = []
     for block in blocks:
         assert repo_id in block
         exec(compile(block.replace(repo_id, str(folder)), f"{name}/README.md", "exec"), {"__name__": "card"})
+        if name == "gen":  # each snippet (generate + decode, then the pipeline) writes generated.png
+            generated.append(np.asarray(PIL.Image.open(image_cwd / "generated.png").convert("RGB")))
     if name == "tok":
         assert PIL.Image.open(image_cwd / "reconstruction.png").size == (32, 32)
+    if name == "gen":
+        expected = np.asarray(card_snippet_image(folder)[1])
+        assert expected.shape == (32, 32, 3)
+        for image in generated:  # same prompt, seed and settings: the same image both ways
+            np.testing.assert_array_equal(image, expected)
 
 
 # ----------------------------------------------------------------------------- (c) push_to_hub.py
@@ -252,7 +309,7 @@ def test_dry_run_writes_a_complete_folder_offline(source_dirs, eval_json, tmp_pa
     main = load_main("scripts/push_to_hub.py")
 
     result = main(["--model-dir", str(source_dirs["vlm"]), "--repo-id", REPO_VLM, "--official", "--dry-run",
-                   "--output-dir", str(tmp_path / "vlm"), "--eval-json", str(eval_json), "--eval-dataset", "d"])
+                   "--output-dir", str(tmp_path / "vlm"), "--eval-json", str(eval_json)])
     folder = pathlib.Path(result["folder"])
     assert result["uploaded"] is False and folder == tmp_path / "vlm"
     assert str(folder) in capsys.readouterr().out
@@ -358,6 +415,7 @@ from transformers import (AutoImageProcessor, AutoModel, AutoModelForCausalLM, A
                           AutoProcessor)
 
 tok_dir, vlm_dir, workdir, out_path = sys.argv[1:5]
+gen_dir, t2i_prompt = sys.argv[8:10]
 image = PIL.Image.open(os.path.join(workdir, "image.jpg"))
 out = {}
 model = AutoModel.from_pretrained(tok_dir, trust_remote_code=True).eval()
@@ -379,14 +437,21 @@ with torch.no_grad():
     out["vlm_generated"] = vlm.generate(**inputs, max_new_tokens=4, do_sample=False)
 causal = AutoModelForCausalLM.from_pretrained(vlm_dir, trust_remote_code=True)
 
+t2i_vlm = AutoModelForImageTextToText.from_pretrained(gen_dir, trust_remote_code=True).eval()
+t2i_processor = AutoProcessor.from_pretrained(gen_dir, trust_remote_code=True)
+inputs = t2i_processor(text=t2i_prompt, generation_mode="image", return_tensors="pt")
+out["gen_codes"] = t2i_vlm.generate(**inputs, generation_mode="image", guidance_scale=7.5,
+                                    generator=torch.Generator().manual_seed(0))
+
 os.chdir(workdir)
-for name, folder, repo_id in (("tok", tok_dir, sys.argv[6]), ("vlm", vlm_dir, sys.argv[7])):
+cards = (("tok", tok_dir, sys.argv[6]), ("vlm", vlm_dir, sys.argv[7]), ("gen", gen_dir, sys.argv[10]))
+for name, folder, repo_id in cards:
     text = open(os.path.join(folder, "README.md")).read()
     for block in [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]:
         exec(compile(block.replace(repo_id, folder), name + "/README.md", "exec"), {"__name__": "card"})
 
 classes = [type(model), type(image_processor), type(vlm), type(processor), type(processor.image_processor),
-           type(causal)]
+           type(causal), type(t2i_vlm), type(t2i_processor)]
 out["info"] = {
     "modules": [c.__module__ for c in classes],
     "causal_is_vlm_class": type(causal).__name__ == type(vlm).__name__,
@@ -398,10 +463,11 @@ torch.save(out, out_path)
 
 
 def test_remote_code_loads_without_evotok_hf_and_matches_the_package(published, source_dirs, image_cwd, tmp_path):
-    for name in ("tok-remote", "vlm-remote"):
+    for name in ("tok-remote", "vlm-remote", "gen-remote"):
         names = {p.name for p in published[name].iterdir()}
         assert {"configuration_evotok.py", "modeling_evotok.py", "quantizer.py", "image_processing_evotok.py",
                 "processing_evotok.py"} <= names and "__init__.py" not in names  # fmt: skip
+    assert {"generation.py", "depth_head.py"} <= {p.name for p in published["gen-remote"].iterdir()}
     config = json.loads((published["vlm-remote"] / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_evotok_vlm.EvoTokForConditionalGeneration"
 
@@ -417,7 +483,8 @@ def test_remote_code_loads_without_evotok_hf_and_matches_the_package(published, 
     }
     proc = subprocess.run(
         [sys.executable, "-I", "-c", CLEAN_PROCESS, str(published["tok-remote"]), str(published["vlm-remote"]),
-         str(image_cwd), str(out_path), PROMPT, REPO_TOK, REPO_VLM],
+         str(image_cwd), str(out_path), PROMPT, REPO_TOK, REPO_VLM, str(published["gen-remote"]), T2I_PROMPT,
+         REPO_GEN],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -425,7 +492,10 @@ def test_remote_code_loads_without_evotok_hf_and_matches_the_package(published, 
     info = remote.pop("info")
     assert info["network"] == [] and info["evotok_hf_imported"] is False and info["causal_is_vlm_class"]
     assert all(module.startswith("transformers_modules.") for module in info["modules"]), info["modules"]
-    assert (image_cwd / "reconstruction.png").is_file()  # the remote-code card snippet ran there
+    assert (image_cwd / "reconstruction.png").is_file()  # the remote-code card snippets ran there
+    gen_codes, gen_image = card_snippet_image(source_dirs["gen"])
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(image_cwd / "generated.png").convert("RGB")),
+                                  np.asarray(gen_image))  # fmt: skip
 
     # The same computation with the package's classes on the source folders.
     image = PIL.Image.open(image_cwd / "image.jpg")
@@ -443,6 +513,7 @@ def test_remote_code_loads_without_evotok_hf_and_matches_the_package(published, 
             "vlm_input_ids": inputs.input_ids,
             "vlm_logits": vlm(**inputs).logits,
             "vlm_generated": vlm.generate(**inputs, max_new_tokens=4, do_sample=False),
+            "gen_codes": gen_codes,
         }
     assert remote.keys() == expected.keys()
     for key, value in expected.items():

@@ -1,11 +1,20 @@
 """The Hub Space demo (spaces/evotok-demo/app.py), served for real: a tiny tokenizer and a tiny VLM saved to folders,
-loaded by `load_models`, called through gradio_client and through headless Chromium."""
+loaded by `load_models`, called through gradio_client and through headless Chromium (a second server with a tiny
+generation-only VLM serves the Text-to-image tab); and scripts/push_space.py, which builds the Space folder (dry run
+offline, upload arguments, the package copy the folder's app imports)."""
 
+import ast
 import importlib.util
+import json
 import os
 import re
+import runpy
+import shutil
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -15,6 +24,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config
+from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor, tiny_vlm_config
 
 from evotok_hf import (
     EvoTokConfig,
@@ -26,7 +36,8 @@ from evotok_hf import (
 )
 from evotok_hf.data import load_bundled_photos
 
-APP_PATH = Path(__file__).resolve().parents[1] / "spaces" / "evotok-demo" / "app.py"
+ROOT = Path(__file__).resolve().parents[1]
+APP_PATH = ROOT / "spaces" / "evotok-demo" / "app.py"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
@@ -35,6 +46,8 @@ CHROMIUM_ARGS = [
 MAX_UPLOAD_PIXELS = 1_200_000
 MAX_UPLOAD_BYTES = 2_000_000
 CHAT_TOKENS = 6
+T2I_PROMPT = "a red bicycle on a green hill"
+T2I_CORPUS = ["system user assistant You are a helpful assistant.", T2I_PROMPT, "a cat, a dog, blurry."]
 
 
 def load_app():
@@ -76,6 +89,13 @@ def save_tiny_vlm(folder: Path, vision_config: EvoTokConfig) -> None:
     ).save_pretrained(folder)  # fmt: skip
 
 
+def save_tiny_generation_vlm(folder: Path) -> None:
+    """A random tiny generation-only VLM (generation head, no understanding head) with its processor."""
+    text_tokenizer = bpe_tokenizer(T2I_CORPUS, vocab_size=300)
+    tiny_generation_vlm(text_tokenizer).save_pretrained(folder)
+    tiny_processor(text_tokenizer, wrap_image_tokens=True).save_pretrained(folder)
+
+
 def png_claiming_size(path: Path, width: int, height: int) -> None:
     """A PNG whose header claims width x height RGB pixels, with almost no pixel data (readers see the size first)."""
 
@@ -102,6 +122,7 @@ def files(tmp_path_factory):
     size = config.image_size
     EvoTokImageProcessor(size={"height": size, "width": size}).save_pretrained(root / "tokenizer")
     save_tiny_vlm(root / "vlm", config)
+    save_tiny_generation_vlm(root / "generation_vlm")
     load_bundled_photos(["astronaut"])["astronaut"].save(root / "astronaut.png")
     PIL.Image.new("RGB", (1500, 1500), (40, 90, 160)).save(root / "too_many_pixels.png")  # 2.25 MP, a few kB
     noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
@@ -128,12 +149,10 @@ def app():
     return module
 
 
-@pytest.fixture(scope="module")
-def server(app, files):
-    """The demo, loaded with `load_models` from the saved folders and served on a free port, once for the module."""
+def serve(app, files, models):
+    """Serve the demo of `models` on a free port until the generator is closed; yields its URL."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(files / "gradio"))
-        models = app.load_models(str(files / "tokenizer"), str(files / "vlm"), device="cpu")
         demo = app.build_demo(*models, max_upload_pixels=MAX_UPLOAD_PIXELS, max_upload_bytes=MAX_UPLOAD_BYTES)
         port = free_port()
         app.launch_demo(demo, port=port, max_upload_bytes=MAX_UPLOAD_BYTES, prevent_thread_lock=True)
@@ -144,10 +163,34 @@ def server(app, files):
 
 
 @pytest.fixture(scope="module")
+def server(app, files):
+    """The demo, loaded with `load_models` from the saved folders and served on a free port, once for the module."""
+    yield from serve(app, files, app.load_models(str(files / "tokenizer"), str(files / "vlm"), device="cpu"))
+
+
+@pytest.fixture(scope="module")
 def client(server, files):
     from gradio_client import Client
 
     return Client(server, verbose=False, download_files=str(files / "downloads"))
+
+
+@pytest.fixture(scope="module")
+def generation_models(app, files):
+    return app.load_models(str(files / "tokenizer"), str(files / "generation_vlm"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def generation_server(app, files, generation_models):
+    """A second demo, serving the tiny generation-only VLM (Text-to-image tab, no Chat tab)."""
+    yield from serve(app, files, generation_models)
+
+
+@pytest.fixture(scope="module")
+def generation_client(generation_server, files):
+    from gradio_client import Client
+
+    return Client(generation_server, verbose=False, download_files=str(files / "generation_downloads"))
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +300,114 @@ def test_without_vlm_the_chat_tab_is_a_note(app, tokenizer):
     assert {d["api_name"] for d in demo.config["dependencies"]} == {"reconstruct", "semantic_depths"}
 
 
+# ----------------------------------------------------------------------------- text to image
+def elem_ids_and_endpoints(demo):
+    return ({c["props"].get("elem_id") for c in demo.config["components"]},
+            {d["api_name"] for d in demo.config["dependencies"]})  # fmt: skip
+
+
+T2I_IDS = {"t2i-prompt", "t2i-negative", "t2i-guidance", "t2i-sample", "t2i-seed", "t2i-button", "t2i-output",
+           "t2i-codes"}  # fmt: skip
+CHAT_IDS = {"chat-image", "chat-question", "chat-button", "chat-answer"}
+
+
+def test_tabs_follow_the_vlm_heads(app, tokenizer, generation_models):
+    elem_ids, endpoints = elem_ids_and_endpoints(app.build_demo(*generation_models))
+    assert T2I_IDS <= elem_ids and not (CHAT_IDS | {"chat-note", "tab-chat"}) & elem_ids  # no head to chat with
+    assert endpoints == {"reconstruct", "semantic_depths", "text_to_image"}
+    text_tokenizer = bpe_tokenizer(T2I_CORPUS, vocab_size=300)
+    both = EvoTokForConditionalGeneration(tiny_vlm_config(text_tokenizer, has_generation_head=True)).eval()
+    demo = app.build_demo(*tokenizer, both, tiny_processor(text_tokenizer))
+    elem_ids, endpoints = elem_ids_and_endpoints(demo)
+    assert T2I_IDS | CHAT_IDS | {"tab-chat", "tab-text-to-image"} <= elem_ids
+    assert endpoints == {"reconstruct", "semantic_depths", "chat", "text_to_image"}
+    guidance = next(c for c in demo.config["components"] if c["props"].get("elem_id") == "t2i-guidance")
+    assert guidance["props"]["value"] == 7.5  # the model's default
+
+
+def direct_text_to_image(folder, prompt, negative_prompt, guidance_scale, do_sample, seed, **settings):
+    """What the endpoint must return, computed here with the model and processor loaded from the folder."""
+    vlm = EvoTokForConditionalGeneration.from_pretrained(folder).eval()
+    processor = EvoTokProcessor.from_pretrained(folder)
+    inputs = processor(text=prompt, generation_mode="image", negative_prompt=negative_prompt, return_tensors="pt")
+    with torch.no_grad():
+        codes = vlm.generate(**inputs, generation_mode="image", guidance_scale=guidance_scale, do_sample=do_sample,
+                             generator=torch.Generator().manual_seed(seed), **settings)  # fmt: skip
+        image = processor.image_processor.postprocess(vlm.decode_image_tokens(codes))[0]
+    return image, codes[0, ..., 0].numpy()
+
+
+@pytest.mark.parametrize(
+    "negative, guidance, do_sample, seed, boxes, settings",
+    [
+        ("", 7.5, False, 0, ("", "", ""), {}),
+        ("blurry", 3.0, True, 5, ("1.0", "20, 10", "0.9"),
+         {"depth_temperature": 1.0, "depth_top_k": [20, 10], "depth_top_p": 0.9}),
+    ],
+    ids=["greedy", "sampled"],
+)  # fmt: skip
+def test_text_to_image_matches_direct_generate(generation_client, files, negative, guidance, do_sample, seed, boxes,
+                                               settings):  # fmt: skip
+    image, code_map, table = generation_client.predict(T2I_PROMPT, negative, guidance, do_sample, seed, *boxes,
+                                                       api_name="/text_to_image")  # fmt: skip
+    expected_image, expected_codes = direct_text_to_image(files / "generation_vlm", T2I_PROMPT, negative or None,
+                                                          guidance, do_sample, seed, **settings)  # fmt: skip
+    returned = PIL.Image.open(image)
+    assert returned.format == "PNG" and returned.size == expected_image.size == (32, 32)
+    np.testing.assert_array_equal(np.asarray(returned.convert("RGB")), np.asarray(expected_image))
+    np.testing.assert_array_equal(np.asarray(table["data"]), expected_codes)
+    assert PIL.Image.open(code_map).size[0] % expected_codes.shape[1] == 0
+    if do_sample:  # the seed matters
+        _, other_codes = direct_text_to_image(files / "generation_vlm", T2I_PROMPT, negative, guidance, True,
+                                              seed + 1, **settings)  # fmt: skip
+        assert not np.array_equal(other_codes, expected_codes)
+
+
+def test_text_to_image_progress_and_errors(app, generation_models, generation_client):
+    handlers = app.EvoTokDemo(*generation_models)
+    steps = []
+    handlers.text_to_image(T2I_PROMPT, "", 7.5, True, 0, "", "", "", progress=lambda step, **kw: steps.append(step))
+    grid = generation_models.vlm.config.vision_config.grid_size
+    assert steps == [(i, grid * grid) for i in range(grid * grid + 1)]  # one step per generated position
+    for boxes, message in [
+        (("", "ten", ""), "Top-k: expected one int"),
+        (("", "1, 2, 3", ""), "give one value or 2"),
+        (("", "", "0"), "depth_top_p must be in"),  # the model's ValueError, as a gr.Error
+    ]:
+        with pytest.raises(Exception, match=message):
+            handlers.text_to_image(T2I_PROMPT, "", 7.5, True, 0, *boxes, progress=lambda *a, **kw: None)
+    with pytest.raises(Exception, match="Type a prompt"):
+        generation_client.predict(" ", "", 7.5, True, 0, "", "", "", api_name="/text_to_image")
+
+
+@pytest.mark.browser
+def test_browser_text_to_image(generation_server, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    screenshot = tmp_path / "text_to_image.png"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1200})
+            page.goto(generation_server, wait_until="domcontentloaded")
+            page.get_by_role("tab", name="Text to image").click()
+            page.wait_for_selector("#t2i-prompt textarea")
+            page.fill("#t2i-prompt textarea", T2I_PROMPT)
+            page.click("#t2i-button")
+            page.wait_for_selector("#t2i-output img", timeout=30_000)
+            page.wait_for_selector("#t2i-codes img")
+            page.screenshot(path=str(screenshot), full_page=True)
+            natural_size = page.eval_on_selector("#t2i-output img", "img => [img.naturalWidth, img.naturalHeight]")
+        finally:
+            browser.close()
+    assert natural_size == [32, 32]  # the generated image itself, shown enlarged
+    assert screenshot.stat().st_size > 10_000
+    shot = np.asarray(PIL.Image.open(screenshot).convert("RGB"))
+    assert shot.shape[1] == 1280 and shot.std() > 5
+
+
 @pytest.mark.browser
 def test_browser_reconstruct(server, files, tokenizer, tmp_path):
     if not os.path.exists(CHROMIUM):
@@ -286,3 +437,165 @@ def test_browser_reconstruct(server, files, tokenizer, tmp_path):
     assert screenshot.stat().st_size > 10_000
     shot = np.asarray(PIL.Image.open(screenshot).convert("RGB"))
     assert shot.shape[1] == 1280 and shot.std() > 5
+
+
+# ----------------------------------------------------------------------------- the published models
+def test_space_config_sets_defaults_below_the_environment(app, tmp_path, monkeypatch):
+    monkeypatch.delenv("EVOTOK_TOKENIZER", raising=False)
+    monkeypatch.delenv("EVOTOK_VLM", raising=False)
+    monkeypatch.setattr(app, "SPACE_CONFIG_PATH", tmp_path / "space_config.json")
+    with pytest.raises(SystemExit):  # no tokenizer anywhere
+        app.parse_args([])
+    (tmp_path / "space_config.json").write_text(json.dumps({"tokenizer": "org/tok", "vlm": "org/vlm"}))
+    args = app.parse_args([])
+    assert (args.tokenizer, args.vlm) == ("org/tok", "org/vlm")
+    monkeypatch.setenv("EVOTOK_TOKENIZER", "env/tok")
+    monkeypatch.setenv("EVOTOK_VLM", "")  # an empty variable turns the VLM off
+    args = app.parse_args([])
+    assert (args.tokenizer, args.vlm) == ("env/tok", "")
+    assert app.parse_args(["--tokenizer", "flag/tok"]).tokenizer == "flag/tok"
+    (tmp_path / "space_config.json").write_text(json.dumps({"vlm": "org/vlm"}))
+    with pytest.raises(ValueError, match="must hold"):
+        app.parse_args([])
+
+
+def test_requirements_list_the_package_dependencies():
+    """requirements.txt says it holds evotok_hf's dependencies (the Space imports a copy of the package)."""
+    setup = ast.parse((ROOT / "setup.py").read_text())
+    install_requires = next(
+        ast.literal_eval(node.value) for node in ast.walk(setup)
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "install_requires"
+    )  # fmt: skip
+    lines = (APP_PATH.parent / "requirements.txt").read_text().splitlines()
+    requirements = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert set(install_requires) <= requirements
+    assert not any(line.startswith("gradio") for line in requirements)  # the SDK pins it
+
+
+# ----------------------------------------------------------------------------- scripts/push_space.py
+SPACE_REPO = "evotok-test/evotok-demo"
+SPACE_MODELS = ["evotok-test/evotok-tiny", "evotok-test/evotok-tiny-vlm"]
+
+# Run in the built Space folder, as the Space runs `python app.py`: the app's folder first on sys.path, and the
+# editable install of evotok_hf taken away, as on a Space where the package is not installed.
+SPACE_PROCESS = r"""
+import importlib.util, json, os, socket, sys
+
+sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "evotok_hf"))]
+assert importlib.util.find_spec("evotok_hf") is None
+sys.path.insert(0, os.getcwd())
+
+def no_network(*args, **kwargs):
+    raise OSError("network access is blocked in this process")
+
+socket.socket.connect = no_network
+spec = importlib.util.spec_from_file_location("app", "app.py")
+app = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(app)
+args = app.parse_args([])
+modules = {name: getattr(module, "__file__", None) for name, module in sys.modules.items()
+           if name.split(".")[0] == "evotok_hf"}
+print(json.dumps({"modules": modules, "tokenizer": args.tokenizer, "vlm": args.vlm}))
+"""
+
+
+def load_push_space():
+    return runpy.run_path(str(ROOT / "scripts" / "push_space.py"), run_name="not_main")
+
+
+def relative_files(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_space_dry_run_builds_a_space_that_imports_the_copied_package(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi, SpaceCard
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run must not touch the network")
+
+    for method in ("create_repo", "upload_folder", "upload_file", "create_commit", "whoami"):
+        monkeypatch.setattr(HfApi, method, refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    # the package as the script reads it, with bytecode that must not be copied
+    package = tmp_path / "src" / "evotok_hf"
+    shutil.copytree(ROOT / "src" / "evotok_hf", package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "data.cpython-311.pyc").write_bytes(b"stale")
+    main = load_push_space()["main"]
+    monkeypatch.setitem(main.__globals__, "PACKAGE_DIR", package)
+
+    folder = Path(main(["--repo-id", SPACE_REPO, "--tokenizer", SPACE_MODELS[0], "--vlm", SPACE_MODELS[1],
+                        "--dry-run", "--output-dir", str(tmp_path / "space")])["folder"])  # fmt: skip
+    assert folder == tmp_path / "space" and str(folder) in capsys.readouterr().out
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"app.py", "README.md", "requirements.txt", "LICENSE", "space_config.json", "evotok_hf"}
+    source = {k: v for k, v in relative_files(package).items() if "__pycache__" not in k}
+    assert relative_files(folder / "evotok_hf") == source  # the whole package, no bytecode
+    assert (folder / "app.py").read_bytes() == APP_PATH.read_bytes()
+    assert (folder / "LICENSE").read_bytes() == (ROOT / "LICENSE").read_bytes()
+    card = SpaceCard.load(folder / "README.md")
+    assert card.data.models == SPACE_MODELS and card.data.sdk == "gradio" and card.data.app_file == "app.py"
+    assert card.text == SpaceCard.load(APP_PATH.parent / "README.md").text
+    assert json.loads((folder / "space_config.json").read_text()) == {"tokenizer": SPACE_MODELS[0],
+                                                                      "vlm": SPACE_MODELS[1]}  # fmt: skip
+
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-I", "-c", SPACE_PROCESS], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["modules"]["evotok_hf"] == str(folder / "evotok_hf" / "__init__.py")
+    assert all(path is None or path.startswith(str(folder / "evotok_hf") + os.sep) for path in info["modules"].values())
+    assert (info["tokenizer"], info["vlm"]) == tuple(SPACE_MODELS)
+
+    # without --vlm, only the tokenizer; the default folder is a new temporary one
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    folder = Path(main(["--repo-id", SPACE_REPO, "--tokenizer", SPACE_MODELS[0], "--dry-run"])["folder"])
+    assert folder.parent == tmp_path / "tmp" and folder.name.startswith("evotok-space-evotok-demo-")
+    assert SpaceCard.load(folder / "README.md").data.models == SPACE_MODELS[:1]
+    assert json.loads((folder / "space_config.json").read_text()) == {"tokenizer": SPACE_MODELS[0], "vlm": None}
+
+    with pytest.raises(ValueError, match="local path"):
+        main(["--repo-id", SPACE_REPO, "--tokenizer", str(tmp_path / "space"), "--dry-run"])
+    with pytest.raises(ValueError, match="org/name"):
+        main(["--repo-id", "evotok-demo", "--tokenizer", SPACE_MODELS[0], "--dry-run"])
+    with pytest.raises(ValueError, match="not a valid Hub repository id"):
+        main(["--repo-id", SPACE_REPO, "--tokenizer", "org/bad--name", "--dry-run"])
+    with pytest.raises(ValueError, match="not an empty folder"):
+        main(["--repo-id", SPACE_REPO, "--tokenizer", SPACE_MODELS[0], "--dry-run", "--output-dir",
+              str(tmp_path / "space")])  # fmt: skip
+    with pytest.raises(ValueError, match="overlaps the source"):
+        main(["--repo-id", SPACE_REPO, "--tokenizer", SPACE_MODELS[0], "--dry-run", "--output-dir",
+              str(package / "space")])  # fmt: skip
+    assert not [p.name for p in tmp_path.iterdir() if "staging" in p.name]  # no staging folder left behind
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == [folder.name]
+
+
+def test_push_space_upload_arguments(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    calls = []
+
+    def record(name, returns):
+        def method(self, *args, **kwargs):
+            calls.append((name, args, kwargs))
+            return returns
+
+        return method
+
+    monkeypatch.setattr(HfApi, "create_repo", record("create_repo", f"https://huggingface.co/spaces/{SPACE_REPO}"))
+    monkeypatch.setattr(HfApi, "upload_folder", record("upload_folder", "commit-url"))
+    result = load_push_space()["main"](
+        ["--repo-id", SPACE_REPO, "--tokenizer", SPACE_MODELS[0], "--private", "--output-dir", str(tmp_path / "out"),
+         "--commit-message", "first upload"]
+    )  # fmt: skip
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    _, args, kwargs = calls[0]
+    assert args == (SPACE_REPO,)
+    assert kwargs == {"repo_type": "space", "space_sdk": "gradio", "private": True, "exist_ok": True}
+    _, args, kwargs = calls[1]
+    assert kwargs == {"repo_id": SPACE_REPO, "repo_type": "space", "folder_path": str(tmp_path / "out"),
+                      "commit_message": "first upload", "delete_patterns": ["evotok_hf/**"]}  # fmt: skip
+    assert result["uploaded"] is True and (tmp_path / "out" / "evotok_hf" / "__init__.py").is_file()

@@ -1,18 +1,22 @@
 """EvoTok demo (a Hugging Face Space): tokenize and reconstruct an image, look at its semantic features per residual
-depth, and ask the EvoTok VLM about it.
+depth, ask the EvoTok VLM about it, and generate an image from text with a VLM that has the generation head.
 
     python app.py --tokenizer org/evotok [--vlm org/evotok-qwen2.5-7b]       # Hub ids or local folders
     EVOTOK_TOKENIZER=... EVOTOK_VLM=... python app.py                        # the same through the environment
 
-Models are loaded in `main()` (or by the caller of `load_models`), never at import. The server binds 127.0.0.1
-unless `--host` or GRADIO_SERVER_NAME (set by Hugging Face Spaces) says otherwise.
+Without a flag or an environment variable, the models named in `space_config.json` next to this file are served: a
+Space folder built by scripts/push_space.py carries one. Models are loaded in `main()` (or by the caller of
+`load_models`), never at import. The server binds 127.0.0.1 unless `--host` or GRADIO_SERVER_NAME (set by Hugging
+Face Spaces) says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
@@ -26,17 +30,21 @@ import torch.nn.functional as F  # noqa: E402
 
 from evotok_hf import EvoTokForConditionalGeneration, EvoTokImageProcessor, EvoTokModel, EvoTokProcessor  # noqa: E402
 from evotok_hf.evaluation.metrics import psnr  # noqa: E402
+from evotok_hf.modeling.generation import IMAGE_GENERATION_DEFAULTS  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+# The models a published Space serves, written by scripts/push_space.py: {"tokenizer": id, "vlm": id or null}.
+SPACE_CONFIG_PATH = Path(__file__).with_name("space_config.json")
 DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DISPLAY_SIZE = 256  # code grids and feature maps are drawn with nearest-neighbour cells up to about this size
 GOLDEN_RATIO_CONJUGATE = 0.618033988749895  # hue step that keeps neighbouring code indices far apart in colour
 # Images smaller than their box (a tiny tokenizer's 32 x 32) are scaled up to fill it, with sharp pixels.
 CSS = """
-#recon-preprocessed img, #recon-output img { width: 100%; height: 100%; object-fit: contain; }
+#recon-preprocessed img, #recon-output img, #t2i-output img { width: 100%; height: 100%; object-fit: contain; }
 #recon-preprocessed img, #recon-output img, #recon-codes img, #semantic-pca img { image-rendering: pixelated; }
+#t2i-output img, #t2i-codes img { image-rendering: pixelated; }
 """
 
 
@@ -91,6 +99,61 @@ def pca_rgb(features: list[torch.Tensor], reference: torch.Tensor, grid: int) ->
         rgb = F.pad(rgb, (0, 3 - rgb.shape[1]))  # fewer than three components when the features have low rank
         pictures.append(_enlarge(np.rint(rgb.reshape(grid, grid, 3).numpy() * 255).astype(np.uint8)))
     return pictures
+
+
+def code_table(codes: np.ndarray) -> pd.DataFrame:
+    """(grid, grid) code indices -> a table with one column per grid column."""
+    return pd.DataFrame(codes, columns=[str(c) for c in range(codes.shape[1])])
+
+
+# ----------------------------------------------------------------------------- text-to-image settings
+def image_generation_defaults(vlm: EvoTokForConditionalGeneration) -> dict:
+    """The sampling settings `generate(..., generation_mode="image")` uses when given none: the checkpoint's
+    `generation_config.image_generation`, else IMAGE_GENERATION_DEFAULTS."""
+    return {**IMAGE_GENERATION_DEFAULTS, **(getattr(vlm.generation_config, "image_generation", None) or {})}
+
+
+def format_depth_setting(value) -> str:
+    """A per-depth setting as its settings box shows it: 900 -> "900", [900, 500] -> "900, 500", None -> ""."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return ", ".join("" if v is None else str(v) for v in values)
+
+
+def parse_depth_setting(text: str | None, name: str, kind: type, pixel_depth: int):
+    """A settings box -> a value for every depth ("900" -> 900), one per pixel depth ("900, 500" -> [900, 500]), or
+    None for an empty box (the checkpoint's default)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        values = [kind(part) for part in text.split(",")]
+    except ValueError as err:
+        raise gr.Error(
+            f"{name}: expected one {kind.__name__} or {pixel_depth} comma-separated ones (one per pixel depth), "
+            f"got {text!r}."
+        ) from err
+    if len(values) == 1:
+        return values[0]
+    if len(values) != pixel_depth:
+        raise gr.Error(f"{name}: give one value or {pixel_depth} (one per pixel depth), got {len(values)}.")
+    return values
+
+
+class ProgressStreamer:
+    """The `streamer` of image generation: reports every generated grid position to a `gr.Progress`."""
+
+    def __init__(self, progress, total: int):
+        self.progress = progress
+        self.total = total
+        self.done = 0
+        progress((0, total), desc="Generating image positions", unit="positions")
+
+    def put(self, codes: torch.Tensor) -> None:
+        self.done += 1
+        self.progress((self.done, self.total), desc="Generating image positions", unit="positions")
+
+    def end(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------- the handlers
@@ -173,7 +236,7 @@ class EvoTokDemo:
             self.image_processor.postprocess(reconstruction)[0],
             psnr_text,
             code_colour_map(first_depth),
-            pd.DataFrame(first_depth, columns=[str(c) for c in range(first_depth.shape[1])]),
+            code_table(first_depth),
         )
 
     @torch.inference_mode()
@@ -200,6 +263,8 @@ class EvoTokDemo:
         """Image + question -> the VLM's greedy answer (the processor's chat template, one user turn)."""
         if self.vlm is None:
             raise gr.Error("No VLM is configured: start the demo with --vlm or EVOTOK_VLM.")
+        if not self.vlm.config.has_understanding_head:
+            raise gr.Error("This VLM has no understanding head: it cannot read images.")
         if not question or not question.strip():
             raise gr.Error("Type a question about the image.")
         image = self.open_upload(path)
@@ -218,6 +283,56 @@ class EvoTokDemo:
         answer = output[0, inputs["input_ids"].shape[1] :]
         return self.vlm_processor.tokenizer.decode(answer, skip_special_tokens=True).strip()
 
+    @torch.inference_mode()
+    def text_to_image(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        guidance_scale: float,
+        do_sample: bool,
+        seed: float | None,
+        temperature: str | None,
+        top_k: str | None,
+        top_p: str | None,
+        progress=gr.Progress(),
+    ):
+        """Prompt (+ optional negative prompt) and sampling settings -> (generated image, depth-1 code colour map,
+        depth-1 code table). The same as `vlm.generate(**vlm_processor(text=prompt, generation_mode="image",
+        negative_prompt=...), generation_mode="image", ..., generator=torch.Generator().manual_seed(seed))`, decoded
+        by `vlm.decode_image_tokens` and `vlm_processor.image_processor.postprocess`; an empty negative prompt is the
+        model's default one, an empty settings box the checkpoint's default."""
+        if self.vlm is None or not self.vlm.config.has_generation_head:
+            raise gr.Error("No VLM with a generation head is configured: start the demo with such a --vlm.")
+        if not prompt or not prompt.strip():
+            raise gr.Error("Type a prompt.")
+        if seed is None or not float(seed).is_integer() or not 0 <= seed < 2**63:
+            raise gr.Error(f"The seed must be a whole number between 0 and 2**63 - 1, got {seed}.")
+        vision = self.vlm.config.vision_config
+        settings = {
+            "depth_temperature": parse_depth_setting(temperature, "Temperature", float, vision.pixel_depth),
+            "depth_top_k": parse_depth_setting(top_k, "Top-k", int, vision.pixel_depth),
+            "depth_top_p": parse_depth_setting(top_p, "Top-p", float, vision.pixel_depth),
+        }
+        negative_prompt = negative_prompt if negative_prompt and negative_prompt.strip() else None
+        inputs = self.vlm_processor(text=prompt, generation_mode="image", negative_prompt=negative_prompt,
+                                    return_tensors="pt").to(self.vlm.device)  # fmt: skip
+        generator = torch.Generator(device=self.vlm.device).manual_seed(int(seed))
+        try:
+            codes = self.vlm.generate(
+                **inputs,
+                generation_mode="image",
+                guidance_scale=float(guidance_scale),
+                do_sample=bool(do_sample),
+                generator=generator,
+                streamer=ProgressStreamer(progress, vision.grid_size**2),
+                **settings,
+            )
+        except ValueError as err:  # e.g. a top-p outside (0, 1]
+            raise gr.Error(str(err)) from err
+        image = self.vlm_processor.image_processor.postprocess(self.vlm.decode_image_tokens(codes))[0]
+        first_depth = codes[0, ..., 0].cpu().numpy()
+        return image, code_colour_map(first_depth), code_table(first_depth)
+
 
 # ----------------------------------------------------------------------------- the page
 def _model_summary(tokenizer: EvoTokModel, vlm: EvoTokForConditionalGeneration | None) -> str:
@@ -230,7 +345,11 @@ def _model_summary(tokenizer: EvoTokModel, vlm: EvoTokForConditionalGeneration |
         f"codebooks of {config.codebook_size}.",
     ]
     if vlm is not None:
-        lines.append(f"VLM `{vlm.config.name_or_path or 'in memory'}`.")
+        heads = {"understanding (chat)": vlm.config.has_understanding_head,
+                 "generation (text to image)": vlm.config.has_generation_head}  # fmt: skip
+        heads = [name for name, present in heads.items() if present]
+        lines.append(f"VLM `{vlm.config.name_or_path or 'in memory'}` with the {' and '.join(heads)} head"
+                     f"{'s' if len(heads) > 1 else ''}.")  # fmt: skip
     return "\n\n".join(lines)
 
 
@@ -298,6 +417,46 @@ def _chat_tab(handlers: EvoTokDemo) -> None:
     button.click(handlers.chat, inputs=[image, question, max_new_tokens], outputs=[answer], api_name="chat")
 
 
+def _text_to_image_tab(handlers: EvoTokDemo) -> None:
+    defaults = image_generation_defaults(handlers.vlm)
+    guidance = float(defaults["guidance_scale"] or 1.0)
+    pixel_depth = handlers.vlm.config.vision_config.pixel_depth
+    per_depth = f"one value, or {pixel_depth} comma-separated (one per pixel depth)"
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox(label="Prompt", value="A red bicycle on a green hill.", elem_id="t2i-prompt")
+            negative = gr.Textbox(label="Negative prompt (optional)", elem_id="t2i-negative",
+                                  placeholder="Empty: the model's unconditional prompt")  # fmt: skip
+            guidance_scale = gr.Slider(1.0, max(15.0, guidance), value=guidance, step=0.1, label="Guidance scale",
+                                       info="Classifier-free guidance; 1 turns it off",
+                                       elem_id="t2i-guidance")  # fmt: skip
+            with gr.Row():
+                do_sample = gr.Checkbox(value=bool(defaults["do_sample"]), label="Sample",
+                                        info="Off: the most likely code at every depth",
+                                        elem_id="t2i-sample")  # fmt: skip
+                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="t2i-seed")
+            with gr.Accordion("Sampling settings", open=False):
+                temperature = gr.Textbox(label="Temperature", value=format_depth_setting(defaults["depth_temperature"]),
+                                         info=per_depth, elem_id="t2i-temperature")  # fmt: skip
+                top_k = gr.Textbox(label="Top-k", value=format_depth_setting(defaults["depth_top_k"]),
+                                   info=f"{per_depth}; 0 turns it off", elem_id="t2i-top-k")  # fmt: skip
+                top_p = gr.Textbox(label="Top-p", value=format_depth_setting(defaults["depth_top_p"]),
+                                   info=f"{per_depth}; 1.0 turns it off", elem_id="t2i-top-p")  # fmt: skip
+            button = gr.Button("Generate", variant="primary", elem_id="t2i-button")
+        with gr.Column():
+            output = gr.Image(label="Generated image", format="png", interactive=False, height=DISPLAY_SIZE,
+                              elem_id="t2i-output")  # fmt: skip
+            code_map = gr.Image(label="Depth-1 codes (one colour per code)", format="png", interactive=False,
+                                elem_id="t2i-codes")  # fmt: skip
+    codes = gr.Dataframe(label="Depth-1 codes", interactive=False, elem_id="t2i-code-table")
+    button.click(
+        handlers.text_to_image,
+        inputs=[prompt, negative, guidance_scale, do_sample, seed, temperature, top_k, top_p],
+        outputs=[output, code_map, codes],
+        api_name="text_to_image",
+    )
+
+
 def build_demo(
     tokenizer: EvoTokModel,
     image_processor: EvoTokImageProcessor,
@@ -306,7 +465,8 @@ def build_demo(
     max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
     max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
 ) -> gr.Blocks:
-    """The demo page. Endpoints (api_name): "reconstruct", "semantic_depths", and "chat" when a VLM is given."""
+    """The demo page. Endpoints (api_name): "reconstruct", "semantic_depths", "chat" when the VLM has the understanding
+    head and "text_to_image" when it has the generation head. Without a VLM the Chat tab says how to configure one."""
     handlers = EvoTokDemo(tokenizer, image_processor, vlm, vlm_processor, max_upload_pixels, max_upload_bytes)
     with gr.Blocks(title="EvoTok demo") as demo:
         gr.Markdown(_model_summary(tokenizer, vlm), elem_id="model-info")
@@ -315,15 +475,12 @@ def build_demo(
                 _reconstruct_tab(handlers)
             with gr.Tab("Semantic depths", id="semantic", elem_id="tab-semantic"):
                 _semantic_tab(handlers)
-            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                _chat_tab(handlers)
+            if vlm is None or vlm.config.has_understanding_head:
+                with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                    _chat_tab(handlers)
             if vlm is not None and vlm.config.has_generation_head:
                 with gr.Tab("Text to image", id="text-to-image", elem_id="tab-text-to-image"):
-                    # PLACE FOR TEXT TO IMAGE: filled in together with image generation (vlm.generate(...,
-                    # generation_mode="image") -> codes -> tokenizer.decode). Until then no loadable VLM has a
-                    # generation head, so this tab is never shown.
-                    gr.Markdown("Text-to-image generation is not available in this version of the demo.",
-                                elem_id="t2i-note")  # fmt: skip
+                    _text_to_image_tab(handlers)
     return demo
 
 
@@ -345,12 +502,31 @@ def launch_demo(
     )
 
 
+def space_defaults(path: str | os.PathLike | None = None) -> dict[str, str | None]:
+    """The models named in a Space's `space_config.json` (default: SPACE_CONFIG_PATH); {} when there is none."""
+    path = Path(path or SPACE_CONFIG_PATH)
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("tokenizer"), str)
+        or not isinstance(data.get("vlm"), (str, type(None)))
+    ):
+        raise ValueError(f'{path} must hold {{"tokenizer": "<Hub id>", "vlm": "<Hub id>" or null}}, got {data!r}')
+    return {"tokenizer": data["tokenizer"], "vlm": data.get("vlm")}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", default=os.environ.get("EVOTOK_TOKENIZER"),
-                        help="EvoTok tokenizer: Hub id or local folder (env EVOTOK_TOKENIZER)")  # fmt: skip
-    parser.add_argument("--vlm", default=os.environ.get("EVOTOK_VLM"),
-                        help="EvoTok VLM: Hub id or local folder (env EVOTOK_VLM); enables the Chat tab")  # fmt: skip
+    defaults = space_defaults()  # below the environment: a Space variable overrides the published models
+    parser.add_argument("--tokenizer", default=os.environ.get("EVOTOK_TOKENIZER", defaults.get("tokenizer")),
+                        help="EvoTok tokenizer: Hub id or local folder (env EVOTOK_TOKENIZER, then "
+                             "space_config.json)")  # fmt: skip
+    parser.add_argument("--vlm", default=os.environ.get("EVOTOK_VLM", defaults.get("vlm")),
+                        help="EvoTok VLM: Hub id or local folder (env EVOTOK_VLM, then space_config.json); enables "
+                             "the Chat tab (understanding head) and the Text-to-image tab (generation head); an empty "
+                             "EVOTOK_VLM turns it off")  # fmt: skip
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to bind (default 127.0.0.1; Spaces set GRADIO_SERVER_NAME=0.0.0.0)")  # fmt: skip
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -361,7 +537,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest accepted image, in megapixels")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.tokenizer:
-        parser.error("no tokenizer: pass --tokenizer <Hub id or folder> or set EVOTOK_TOKENIZER")
+        parser.error(
+            "no tokenizer: pass --tokenizer <Hub id or folder>, set EVOTOK_TOKENIZER, or build the Space folder with "
+            "scripts/push_space.py (it writes space_config.json)"
+        )
     if args.max_upload_mb <= 0 or args.max_upload_megapixels <= 0:
         parser.error("upload limits must be positive")
     return args

@@ -28,7 +28,8 @@ ALL_METRICS = ("psnr", "ssim", "rfid", "lpips", "semantic", "usage")
 
 @dataclasses.dataclass
 class ReconstructionReport:
-    """Per-depth results. Dicts are keyed by depth k (the first k residual depths)."""
+    """Per-depth results. Dicts are keyed by depth k (the first k residual depths). `dataset` / `split` name the data
+    measured on (a Hub id, a folder, "bundled"...; None when not given), so a model card can cite them."""
 
     num_images: int
     pixel_depths: list[int]
@@ -42,6 +43,8 @@ class ReconstructionReport:
     perplexity: list[float] = dataclasses.field(default_factory=list)
     feature_network: str | None = None
     teacher: str | None = None
+    dataset: str | None = None
+    split: str | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -54,7 +57,8 @@ class ReconstructionReport:
 
     def to_markdown(self) -> str:
         """Two tables: pixel depths (PSNR / SSIM / rFID / LPIPS) and all depths (semantic cosine, usage, perplexity)."""
-        lines = [f"Reconstruction by pixel depth ({self.num_images} images"
+        source = (f" of {self.dataset}" + (f" ({self.split} split)" if self.split else "")) if self.dataset else ""
+        lines = [f"Reconstruction by pixel depth ({self.num_images} images{source}"
                  + (f"; rFID features: {self.feature_network}" if self.rfid else "") + ")", ""]
         columns = [(name, getattr(self, name)) for name in ("psnr", "ssim", "rfid", "lpips") if getattr(self, name)]
         header = {"psnr": "PSNR (dB)", "ssim": "SSIM", "rfid": "rFID", "lpips": "LPIPS"}
@@ -172,6 +176,8 @@ def evaluate_reconstruction(
     max_images: int | None = None,
     image_column: str = "image",
     progress: bool = True,
+    dataset_name: str | None = None,
+    split: str | None = None,
 ) -> ReconstructionReport:
     """Evaluate `model` (an `EvoTokModel`) per residual depth on `dataset`.
 
@@ -186,10 +192,15 @@ def evaluate_reconstruction(
         teacher: for "semantic": a module mapping [-1, 1] images to (B, grid*grid, teacher_dim) features (see
             `evotok_hf.training.teacher.build_teacher`), or a spec string for `build_teacher`.
         lpips: for "lpips": a module (reconstruction, target) -> distance, or "lpips-vgg" (online extra).
+        dataset_name / split: what the data is called (a Hub id such as "ILSVRC/imagenet-1k", a folder, "bundled")
+            and its split; recorded in the report, where model cards read them.
     """
     unknown = [m for m in metrics if m not in ALL_METRICS]
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; choose from {ALL_METRICS}")
+    for name, value in (("dataset_name", dataset_name), ("split", split)):
+        if value is not None and not (isinstance(value, str) and value):
+            raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
     config = model.config
     pixel_depths = _depth_list(depths, config.pixel_depth, "pixel")
     sem_depths = _depth_list(semantic_depths, config.semantic_depth, "semantic") if "semantic" in metrics else []
@@ -258,7 +269,8 @@ def evaluate_reconstruction(
         raise ValueError("the dataset yielded no image")
 
     report = ReconstructionReport(num_images=count, pixel_depths=pixel_depths, semantic_depths=sem_depths,
-                                  teacher=teacher_name, seconds=time.perf_counter() - start)
+                                  teacher=teacher_name, dataset=dataset_name, split=split,
+                                  seconds=time.perf_counter() - start)
     for name in ("psnr", "ssim", "lpips"):
         if name in metrics:
             setattr(report, name, {k: v / count for k, v in sums[name].items()})

@@ -9,6 +9,11 @@ Understanding MLLM: the authors' LLaVA-style folder (`LlavaQwenForCausalLM`: Qwe
 `lm_head`, the projector `model.mm_projector.{0,2}`, usually a copy of the tokenizer under
 `model.vision_tower.vision_tower.*`) plus a converted tokenizer becomes one `EvoTokForConditionalGeneration` folder.
 
+Generation MLLM: the same layout (trained with `MM_MODE=generation`), where `model.mm_projector.{0,2}` reads the 32-d
+sums of the pixel-code embeddings and the depth head (`RQTransformer`) sits under `model.vision_tower.rqtransformer.*`
+(the authors' `VQTower.rqtransformer`); it becomes a generation-only `EvoTokForConditionalGeneration` whose image
+start / end tokens are real `<boi>` / `<eoi>` tokens of the saved text tokenizer.
+
 Every problem found (official keys without a counterpart, our keys left missing, shape mismatches) is reported in
 one `CheckpointConversionError`; nothing is loaded half-way. Outputs are written to a temporary sibling folder and
 renamed into place at the end, so a failure never leaves a half-written folder or clobbers an existing one.
@@ -27,6 +32,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -35,6 +41,7 @@ import torch
 
 from ..modeling.configuration_evotok import EvoTokConfig
 from ..modeling.configuration_evotok_vlm import EvoTokVLMConfig
+from ..modeling.depth_head import official_depth_head_key
 from ..modeling.modeling_evotok import EvoTokModel
 from ..modeling.modeling_evotok_vlm import EvoTokForConditionalGeneration
 from ..processing.image_processing_evotok import EvoTokImageProcessor
@@ -508,11 +515,14 @@ def convert_tokenizer_checkpoint(
 @dataclasses.dataclass(frozen=True)
 class LlavaHead:
     """How one of the authors' MLLM checkpoints converts: key rules tried before the shared LLM rules, our config
-    fields, and a check of the LLaVA config.json that appends problems."""
+    fields, a check of the LLaVA config.json that appends problems, where the depth head's weights sit (None: the
+    checkpoint has none), and the image-generation defaults saved in `generation_config.image_generation`."""
 
     key_rules: KeyRules
     config_fields: dict
     check_config: Callable[[dict, EvoTokConfig, list], None]
+    depth_head_prefix: str | None = None
+    image_generation: dict | None = None
 
 
 # Shared by every LLaVA checkpoint: the Qwen2 model and LM head; the tokenizer copy the authors' trainer saves along
@@ -526,9 +536,13 @@ _TOKENIZER_COPY_PREFIX = "model.vision_tower.vision_tower."
 _QUANTIZER_EMA_BUFFERS = ("quantizer.cluster_size_ema", "quantizer.embed_ema", "quantizer.ema_step")
 
 
-def _check_understanding_config(llava_config: dict, tokenizer_config: EvoTokConfig, problems: list) -> None:
+def _check_projector_type(llava_config: dict, problems: list) -> None:
     if llava_config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         problems.append(f"mm_projector_type {llava_config['mm_projector_type']!r}: only 'mlp2x_gelu' is supported")
+
+
+def _check_understanding_config(llava_config: dict, tokenizer_config: EvoTokConfig, problems: list) -> None:
+    _check_projector_type(llava_config, problems)
     if llava_config.get("mm_use_im_start_end"):
         problems.append("mm_use_im_start_end=True: the official understanding model does not wrap images")
     if llava_config.get("mm_with_depth_transformer"):
@@ -545,9 +559,36 @@ def _check_understanding_config(llava_config: dict, tokenizer_config: EvoTokConf
         )
 
 
-# One entry per MLLM head. The generation checkpoint adds "generation" here: its depth head
-# `model.vision_tower.rqtransformer.*` and its `model.mm_projector.*` (which there reads the 32-d sum of the pixel
-# codes) map to our depth head and generation projector, with has_generation_head=True, wrap_image_tokens=True.
+def _check_generation_config(llava_config: dict, tokenizer_config: EvoTokConfig, problems: list) -> None:
+    _check_projector_type(llava_config, problems)
+    if not llava_config.get("mm_with_depth_transformer"):
+        problems.append("mm_with_depth_transformer is not True: this is not a generation checkpoint (no depth head)")
+    if not llava_config.get("mm_use_im_start_end"):
+        problems.append(
+            "mm_use_im_start_end is not True: the official generation model writes images between image start / end "
+            "tokens"
+        )
+    # in generation mode the authors' vision tower reports the code width as its hidden size
+    width = llava_config.get("mm_hidden_size")
+    if width is not None and width != tokenizer_config.codebook_dim:
+        problems.append(
+            f"mm_hidden_size={width} but the generation projector reads the tokenizer's {tokenizer_config.codebook_dim}"
+            "-d code-embedding sums"
+        )
+
+
+# The authors' `VQTower` builds its depth head as `self.rqtransformer`, so the trainer saves it under this prefix.
+OFFICIAL_DEPTH_HEAD_PREFIX = "model.vision_tower.rqtransformer."
+# The authors never save the depth head's config: `VQTower.load_model` hard-codes RQTransformerConfig(embed_dim=2560,
+# head={"block": {"n_head": 40}, "n_layer": 6}) and the LLaVA config.json only records `mm_with_depth_transformer`.
+# Width and depth follow from the weights; the head count does not, so it comes from (in this order) the caller, an
+# RQTransformerConfig dict inside config.json (model_type below) when one is there, or the authors' fixed value.
+OFFICIAL_DEPTH_HEAD_HEADS_BY_WIDTH = {2560: 40}
+RQTRANSFORMER_MODEL_TYPE = "rqtransformer_model"
+# The authors' image start / end tokens (llava.constants); their code finds them by id (see `official_boi_eoi_ids`).
+OFFICIAL_IMAGE_START_END_TOKENS = ("<im_start>", "<im_end>")
+
+# One entry per MLLM head.
 LLAVA_HEADS: dict[str, LlavaHead] = {
     "understanding": LlavaHead(
         key_rules=[
@@ -556,6 +597,24 @@ LLAVA_HEADS: dict[str, LlavaHead] = {
         ],
         config_fields={"has_understanding_head": True, "has_generation_head": False, "wrap_image_tokens": False},
         check_config=_check_understanding_config,
+    ),
+    "generation": LlavaHead(
+        key_rules=[  # here the projector reads the sum of the pixel-code embeddings
+            (r"^model\.mm_projector\.0\.", "generation_projector.linear_1."),
+            (r"^model\.mm_projector\.2\.", "generation_projector.linear_2."),
+        ],
+        config_fields={"has_understanding_head": False, "has_generation_head": True, "wrap_image_tokens": True},
+        check_config=_check_generation_config,
+        depth_head_prefix=OFFICIAL_DEPTH_HEAD_PREFIX,
+        # The authors' sampling (top-k 900, top-p 0.96, temperature 1, hard-coded in their depth head) with the
+        # paper's guidance scale 7.5; their code defaults to 3.0 (`generate_image_content(cfg=3.0)`).
+        image_generation={
+            "guidance_scale": 7.5,
+            "do_sample": True,
+            "depth_temperature": 1.0,
+            "depth_top_k": 900,
+            "depth_top_p": 0.96,
+        },
     ),
 }
 
@@ -623,15 +682,165 @@ def _compare_tokenizer_copy(
         )
 
 
+# ----------------------------------------------------------------------------- MLLM: depth head and image tokens
+def _rqtransformer_config(llava_config: dict) -> dict | None:
+    """An RQTransformerConfig dict (as `RQTransformer.config.to_dict()` writes it) stored in the LLaVA config.json."""
+    dicts = (value for value in llava_config.values() if isinstance(value, dict))
+    return next((d for d in dicts if d.get("model_type") == RQTRANSFORMER_MODEL_TYPE), None)
+
+
+def infer_depth_head_config(
+    head_state_dict: Mapping[str, torch.Tensor], llava_config: dict, overrides: dict | None, problems: list[str]
+) -> dict | None:
+    """`EvoTokDepthHeadConfig` fields of an official depth head (keys relative to it: `in_mlp_1.weight`, ...), or None
+    (with the reasons appended to `problems`) when they cannot be told.
+
+    The width comes from `in_mlp_1` / `in_mlp_2` / `pos_emb_d`, the blocks from `head_transformer.blocks.{i}`, the MLP
+    width from the first block; the attention heads from `overrides`, else an RQTransformerConfig in `llava_config`,
+    else the authors' hard-coded count for their width (`OFFICIAL_DEPTH_HEAD_HEADS_BY_WIDTH`). A stored config is
+    cross-checked with the weights. `overrides` (EvoTokDepthHeadConfig fields) win over everything; the sizes tied to
+    the tokenizer and the LLM are not fields to set here (the VLM config derives them)."""
+    overrides = dict(overrides or {})
+    head = head_state_dict
+    fields: dict = {}
+    if "in_mlp_1.weight" in head or "in_mlp_2.weight" in head:
+        fields["hidden_size"] = head.get("in_mlp_1.weight", head.get("in_mlp_2.weight")).shape[0]
+    elif "pos_emb_d" in head:
+        fields["hidden_size"] = head["pos_emb_d"].shape[-1]
+    layers = _count(head, r"^head_transformer\.blocks\.(\d+)\.")
+    if layers:
+        fields["num_hidden_layers"] = layers
+    if "head_transformer.blocks.0.mlp.0.weight" in head:
+        fields["intermediate_size"] = head["head_transformer.blocks.0.mlp.0.weight"].shape[0]
+
+    stored = _rqtransformer_config(llava_config)
+    stored_heads = None
+    if stored is not None:
+        stack = stored.get("head") or {}
+        stored_heads = (stack.get("block") or {}).get("n_head")
+        for field, name, value in (("hidden_size", "embed_dim", stored.get("embed_dim")),
+                                   ("num_hidden_layers", "n_layer", stack.get("n_layer"))):  # fmt: skip
+            if value is not None and field in fields and value != fields[field]:
+                problems.append(f"the stored RQTransformer config says {name}={value}, the weights {fields[field]}")
+    if "num_attention_heads" not in overrides:
+        hidden = fields.get("hidden_size")
+        heads = stored_heads if stored_heads is not None else OFFICIAL_DEPTH_HEAD_HEADS_BY_WIDTH.get(hidden)
+        if heads is None:
+            problems.append(
+                f"cannot tell the depth head's attention heads: the checkpoint stores no RQTransformer config and its "
+                f"width {hidden} is not the authors' {sorted(OFFICIAL_DEPTH_HEAD_HEADS_BY_WIDTH)}; pass "
+                "depth_head_config={'num_attention_heads': ...}"
+            )
+        else:
+            fields["num_attention_heads"] = heads
+    fields.update(overrides)
+    for name, what in (("hidden_size", "'in_mlp_1.weight' / 'in_mlp_2.weight' / 'pos_emb_d'"),
+                       ("num_hidden_layers", "'head_transformer.blocks.{i}.*'")):  # fmt: skip
+        if name not in fields:
+            problems.append(f"cannot tell the depth head's {name}: the checkpoint has no {what}")
+    if "num_attention_heads" not in fields or "hidden_size" not in fields:
+        return None
+    if fields["hidden_size"] % fields["num_attention_heads"]:
+        problems.append(
+            f"the depth head's width {fields['hidden_size']} is not divisible by {fields['num_attention_heads']} heads"
+        )
+        return None
+    return fields
+
+
+def official_boi_eoi_ids(llava_config: dict, vocab_rows: int) -> tuple[int, int]:
+    """The ids of the authors' image start / end tokens. Their code finds them by position from the end of the
+    embeddings (llava_qwen.py): the trainer appends `<im_start>`, `<im_end>` last (and, with `mm_use_vi_start_end`,
+    the video start / end after them), so they are rows -2 / -1, or -4 / -3."""
+    first = vocab_rows - (4 if llava_config.get("mm_use_vi_start_end") else 2)
+    return first, first + 1
+
+
+def rename_added_tokens(tokenizer, renames: Mapping[int, str]):
+    """A copy of a fast tokenizer in which the added tokens at the ids of `renames` carry the new strings (same ids,
+    same flags). Done on the saved files: the tokenizers library can add tokens but not rename them."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        tokenizer.save_pretrained(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError("renaming tokens needs a fast tokenizer (one saved with a tokenizer.json)")
+        state = json.loads(path.read_text(encoding="utf-8"))
+        old_to_new = {}
+        for entry in state.get("added_tokens", []):
+            if entry["id"] in renames:
+                old_to_new[entry["content"]] = renames[entry["id"]]
+                entry["content"] = renames[entry["id"]]
+        if len(old_to_new) != len(renames):
+            raise ValueError(f"the ids {sorted(renames)} are not all added tokens of the text tokenizer")
+        path.write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
+
+        config_path = folder / "tokenizer_config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            for key, entry in (config.get("added_tokens_decoder") or {}).items():
+                if int(key) in renames:
+                    entry["content"] = renames[int(key)]
+
+            def renamed(token):
+                if isinstance(token, dict) and token.get("content") in old_to_new:
+                    return {**token, "content": old_to_new[token["content"]]}
+                return old_to_new.get(token, token) if isinstance(token, str) else token
+
+            for name in ("additional_special_tokens", "extra_special_tokens"):
+                value = config.get(name)
+                if isinstance(value, list):
+                    config[name] = [renamed(t) for t in value]
+                elif isinstance(value, dict):
+                    config[name] = {k: renamed(t) for k, t in value.items()}
+            config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def _install_boi_eoi(text_tokenizer, ids: tuple[int, int], vocab_rows: int, tokens: tuple[str, str], problems: list):
+    """The text tokenizer with `tokens` (ours, e.g. `<boi>` / `<eoi>`) at the official image start / end `ids`: the
+    authors' `<im_start>` / `<im_end>` there are renamed; a tokenizer that stops right before `ids` (one saved
+    before the trainer added them) gets them appended. Anything else is a tokenizer that does not match."""
+    present = [text_tokenizer.convert_ids_to_tokens(i) if i < len(text_tokenizer) else None for i in ids]
+    if present == list(tokens):
+        return text_tokenizer
+    vocab = text_tokenizer.get_vocab()
+    elsewhere = [t for t, i in zip(tokens, ids) if t in vocab and vocab[t] != i]
+    if elsewhere:
+        problems.append(
+            f"the text tokenizer already has {elsewhere} at other ids than the official image start / end {list(ids)}"
+        )
+        return text_tokenizer
+    if present == list(OFFICIAL_IMAGE_START_END_TOKENS):
+        logger.info("Renaming the authors' image tokens %s (ids %s) to %s.", present, list(ids), list(tokens))
+        try:
+            return rename_added_tokens(text_tokenizer, dict(zip(ids, tokens)))
+        except ValueError as err:
+            problems.append(f"cannot rename the text tokenizer's {present} to {list(tokens)}: {err}")
+            return text_tokenizer
+    if len(text_tokenizer) == ids[0] and ids[1] == vocab_rows - 1:
+        text_tokenizer.add_tokens(list(tokens), special_tokens=True)
+        return text_tokenizer
+    problems.append(
+        f"the text tokenizer ({len(text_tokenizer)} tokens) does not match the checkpoint's image start / end rows "
+        f"{list(ids)} (of {vocab_rows}): it has {present} there, not the authors' "
+        f"{list(OFFICIAL_IMAGE_START_END_TOKENS)}; give the tokenizer saved with the checkpoint"
+    )
+    return text_tokenizer
+
+
 # The parts of our VLM that the key rules name; where they sit in its state dict is read off the model itself.
-_VLM_PARTS = ("vision_tower", "multi_modal_projector", "language_model")
+_VLM_PARTS = ("vision_tower", "multi_modal_projector", "generation_projector", "language_model", "depth_head")
 
 
 def _place_parts(skeleton, converted: dict, sources: dict) -> tuple[dict, dict]:
     """Rename `part.rest` keys to the parts' full paths in `skeleton` (e.g. `model.language_model.rest` when the parts
-    sit in a base model); `lm_head` stays at the top."""
+    sit in a base model); `lm_head` stays at the top. Parts the skeleton lacks (a head it does not carry) stay as
+    they are, so the state-dict check reports them."""
     names = {id(module): name for name, module in skeleton.named_modules()}
-    prefixes = {f"{part}.": names[id(getattr(skeleton, part))] + "." for part in _VLM_PARTS}
+    prefixes = {f"{part}.": names[id(getattr(skeleton, part))] + "." for part in _VLM_PARTS if hasattr(skeleton, part)}
 
     def place(key: str) -> str:
         part, _, rest = key.partition(".")
@@ -653,6 +862,9 @@ def convert_llava_checkpoint(
     head: str = "understanding",
     text_tokenizer=None,
     image_token: str = "<image>",
+    boi_token: str = "<boi>",
+    eoi_token: str = "<eoi>",
+    depth_head_config: dict | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
 ) -> EvoTokForConditionalGeneration:
@@ -668,12 +880,20 @@ def convert_llava_checkpoint(
     rows equal to the mean of the existing ones. The row's value never matters as input (image features replace
     it); the id goes into `generation_config.suppress_tokens`, so it is never generated. Without a text tokenizer the
     image token takes the first id past the embeddings.
+
+    A head with a depth head (generation) also maps the authors' `RQTransformer` (its unused classifiers are dropped;
+    `depth_head_config` overrides the inferred sizes, see `infer_depth_head_config`) and wraps images in image start /
+    end tokens: their trained `<im_start>` / `<im_end>` rows (found by id, see `official_boi_eoi_ids`) become
+    `boi_token` / `eoi_token` of the text tokenizer, both also suppressed in text generation, and
+    `generation_config.image_generation` gets the head's sampling defaults.
     `dtype` defaults to the LLM weights' dtype; the tokenizer's codebooks stay fp32."""
     from transformers import AutoTokenizer, GenerationConfig
 
     if head not in LLAVA_HEADS:
         raise ValueError(f"Unknown MLLM head {head!r}; convertible: {sorted(LLAVA_HEADS)}.")
     spec = LLAVA_HEADS[head]
+    if depth_head_config and spec.depth_head_prefix is None:
+        raise ValueError(f"depth_head_config was given, but the {head} checkpoint has no depth head.")
     folder = Path(llava_dir)
     _check_output_dir(Path(output_dir), overwrite)
     llava_config = json.loads((folder / "config.json").read_text())
@@ -692,9 +912,13 @@ def convert_llava_checkpoint(
     converted: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
     tokenizer_copy: dict[str, torch.Tensor] = {}
+    depth_head_state: dict[str, torch.Tensor] = {}
     for key, tensor in weights.items():
         if key.startswith(_TOKENIZER_COPY_PREFIX):
             tokenizer_copy[key[len(_TOKENIZER_COPY_PREFIX):]] = tensor
+        if spec.depth_head_prefix is not None and key.startswith(spec.depth_head_prefix):
+            depth_head_state[key[len(spec.depth_head_prefix):]] = tensor
+            continue
         new = rename_key(key, spec.key_rules + LLAVA_SHARED_KEY_RULES)
         if new is _UNMATCHED:
             problems.append(f"official key {key!r} has no counterpart in the {head} model")
@@ -703,12 +927,30 @@ def convert_llava_checkpoint(
             sources[new] = key
     del weights
 
+    depth_head_fields = None
+    if spec.depth_head_prefix is not None:
+        depth_head_fields = _map_depth_head(
+            depth_head_state, spec.depth_head_prefix, llava_config, depth_head_config, vision.config.pixel_depth,
+            converted, sources, problems,
+        )  # fmt: skip
+        if depth_head_fields is None:  # without its sizes no model can be built to check the rest against
+            raise CheckpointConversionError(what, problems)
+
     if text_tokenizer is None and _has_text_tokenizer(folder):
         text_tokenizer = folder
     if text_tokenizer is not None and not hasattr(text_tokenizer, "convert_tokens_to_ids"):
         text_tokenizer = AutoTokenizer.from_pretrained(text_tokenizer)
     embed_key = "language_model.embed_tokens.weight"
     rows = converted[embed_key].shape[0] if embed_key in converted else text_config.vocab_size
+    wrapped = spec.config_fields.get("wrap_image_tokens", False)
+    boi_eoi_ids = official_boi_eoi_ids(llava_config, rows) if wrapped else (None, None)
+    if wrapped and text_tokenizer is not None:
+        text_tokenizer = _install_boi_eoi(text_tokenizer, boi_eoi_ids, rows, (boi_token, eoi_token), problems)
+    elif wrapped:
+        logger.warning(
+            "%s holds no text tokenizer: the image start / end tokens are ids %s; give the tokenizer you use the "
+            "tokens %r / %r at those ids.", folder, list(boi_eoi_ids), boi_token, eoi_token,
+        )
     if text_tokenizer is not None:
         if image_token not in text_tokenizer.get_vocab():
             text_tokenizer.add_tokens([image_token], special_tokens=True)
@@ -729,13 +971,24 @@ def convert_llava_checkpoint(
             if key in converted:
                 converted[key] = _grow_rows(converted[key], vocab_rows - rows)
     text_config.vocab_size = vocab_rows
+    # A tokenizer read from a folder records its float32 in its configs, which would keep the VLM's encoder (and so the
+    # dtype the VLM is saved with) at float32 whatever `dtype` says; the weights' dtype is `dtype`'s to decide.
+    vision_config = vision.config.to_dict()
+    for sub_config in (vision_config, vision_config.get("encoder_config") or {}):
+        sub_config.pop("dtype", None)
 
-    config = EvoTokVLMConfig(
-        vision_config=vision.config.to_dict(),
-        text_config=text_config.to_dict(),
-        image_token_id=image_token_id,
-        **spec.config_fields,
-    )
+    try:
+        config = EvoTokVLMConfig(
+            vision_config=vision_config,
+            text_config=text_config.to_dict(),
+            image_token_id=image_token_id,
+            boi_token_id=boi_eoi_ids[0],
+            eoi_token_id=boi_eoi_ids[1],
+            depth_head_config=depth_head_fields,
+            **spec.config_fields,
+        )
+    except ValueError as err:  # e.g. image token ids that clash: nothing left to check the weights against
+        raise CheckpointConversionError(what, [*problems, str(err)]) from err
     if config.tie_word_embeddings and "lm_head.weight" in converted:
         lm_head = converted.pop("lm_head.weight")
         if embed_key in converted and not torch.equal(lm_head, converted[embed_key]):
@@ -764,10 +1017,12 @@ def convert_llava_checkpoint(
     model.eval()
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    suppressed = set(model.generation_config.suppress_tokens or []) | {image_token_id}
-    model.generation_config.suppress_tokens = sorted(suppressed)
+    special_ids = {i for i in (image_token_id, *boi_eoi_ids) if i is not None}
+    model.generation_config.suppress_tokens = sorted(set(model.generation_config.suppress_tokens or []) | special_ids)
     if text_tokenizer is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = text_tokenizer.pad_token_id
+    if spec.image_generation is not None:
+        model.generation_config.image_generation = dict(spec.image_generation)
 
     processor = None
     if text_tokenizer is not None:
@@ -781,6 +1036,9 @@ def convert_llava_checkpoint(
             chat_template=DEFAULT_CHAT_TEMPLATE,
             image_token=image_token,
             num_image_tokens=config.num_image_tokens,
+            boi_token=boi_token if wrapped else None,
+            eoi_token=eoi_token if wrapped else None,
+            wrap_image_tokens=wrapped,
         )
     with atomic_output_dir(output_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
@@ -788,6 +1046,43 @@ def convert_llava_checkpoint(
             processor.save_pretrained(tmp)
     logger.info("Saved the converted %s model to %s.", head, output_dir)
     return model
+
+
+def _map_depth_head(
+    head_state: dict[str, torch.Tensor],
+    prefix: str,
+    llava_config: dict,
+    overrides: dict | None,
+    pixel_depth: int,
+    converted: dict,
+    sources: dict,
+    problems: list[str],
+) -> dict | None:
+    """Add the official depth head's tensors to `converted` under `depth_head.*` and return its config fields (None
+    when they cannot be told). The classifiers of depths >= `pixel_depth` (the authors build one per semantic depth
+    and train the first `pixel_depth`) are dropped and reported in the log."""
+    if not head_state:
+        problems.append(f"the checkpoint holds no depth head ('{prefix}*')")
+        return None
+    dropped = []
+    for name, tensor in head_state.items():
+        try:
+            new = official_depth_head_key(name, pixel_depth)
+        except ValueError:
+            problems.append(f"official key {prefix + name!r} has no counterpart in the depth head")
+            continue
+        if new is None:
+            dropped.append(name)
+        else:
+            converted[f"depth_head.{new}"] = tensor
+            sources[f"depth_head.{new}"] = prefix + name
+    if dropped:
+        depths = sorted({int(n.split(".")[1]) for n in dropped})
+        logger.info(
+            "Dropped the official depth head's classifiers for depths %s (%d tensors): built by the authors' code but "
+            "never trained or used (only depths 0..%d are predicted).", depths, len(dropped), pixel_depth - 1,
+        )
+    return infer_depth_head_config(head_state, llava_config, overrides, problems)
 
 
 def convert_understanding_checkpoint(
@@ -807,21 +1102,46 @@ def convert_understanding_checkpoint(
     )  # fmt: skip
 
 
+def convert_generation_checkpoint(
+    llava_dir: str | os.PathLike,
+    tokenizer,
+    output_dir: str | os.PathLike,
+    text_tokenizer=None,
+    depth_head_config: dict | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> EvoTokForConditionalGeneration:
+    """Convert the authors' generation MLLM (LLaVA folder trained with `MM_MODE=generation`: Qwen2 + `mm_projector`
+    over the 32-d pixel-code sums + the depth head `model.vision_tower.rqtransformer.*`, images between `<im_start>` /
+    `<im_end>`) and a converted tokenizer to one generation-only `EvoTokForConditionalGeneration` folder, whose text
+    tokenizer holds `<boi>` / `<eoi>` at the authors' ids. `depth_head_config` gives what the weights cannot tell
+    (the attention heads, for a width other than the authors' 2560). See `convert_llava_checkpoint`."""
+    return convert_llava_checkpoint(
+        llava_dir, tokenizer, output_dir, head="generation", text_tokenizer=text_tokenizer,
+        depth_head_config=depth_head_config, dtype=dtype, overwrite=overwrite,
+    )  # fmt: skip
+
+
 __all__ = [
     "CheckpointConversionError",
     "LLAVA_HEADS",
     "LLAVA_SHARED_KEY_RULES",
     "LlavaHead",
+    "OFFICIAL_DEPTH_HEAD_PREFIX",
     "TOKENIZER_KEY_RULES",
     "atomic_output_dir",
     "check_state_dict",
+    "convert_generation_checkpoint",
     "convert_llava_checkpoint",
     "convert_tokenizer_checkpoint",
     "convert_understanding_checkpoint",
+    "infer_depth_head_config",
     "infer_tokenizer_config",
     "load_official_checkpoint",
     "map_official_tokenizer_state_dict",
+    "official_boi_eoi_ids",
     "read_llava_weights",
+    "rename_added_tokens",
     "rename_key",
     "select_official_state_dict",
     "text_config_from_llava",

@@ -21,6 +21,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ..modeling.generation import IMAGE_GENERATION_DEFAULTS
+
 TEMPLATE_DIR = Path(__file__).resolve().parents[3] / "model_cards"
 PAPER_URL = "https://arxiv.org/abs/2603.12108"
 PAPER_ARXIV_TAG = "arxiv:2603.12108"
@@ -122,7 +124,8 @@ def load_reconstruction_results(
 
     PSNR / SSIM / rFID / LPIPS per pixel depth k become one result each (`metric_config` "pixel_depth_k"). rFID is
     named after its feature network: only Inception features give the standard, comparable rFID.
-    `dataset` / `split` (the report does not record them) default to the JSON's "dataset" / "split" keys."""
+    The data is the one the report records ("dataset" / "split", written by `evaluate_reconstruction`); `dataset` /
+    `split` override it (e.g. a Hub id instead of the local folder the evaluation read)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"eval_results_path {str(path)!r} is not a file.")
@@ -139,8 +142,9 @@ def load_reconstruction_results(
     split = split or report.get("split")
     if not dataset:
         raise ValueError(
-            f"{str(path)!r} does not name the dataset it was measured on; pass eval_dataset (a Hub dataset id such "
-            "as 'ILSVRC/imagenet-1k', or a short name of the local data)."
+            f"{str(path)!r} does not name the dataset it was measured on (a report written before reports recorded "
+            "it); pass eval_dataset (a Hub dataset id such as 'ILSVRC/imagenet-1k', or a short name of the local "
+            "data)."
         )
     network = report.get("feature_network")
     standard_rfid = bool(network and _INCEPTION.search(network))
@@ -264,7 +268,8 @@ def render_tokenizer_card(
         official: the weights are converted from the EvoTok authors' checkpoints.
         eval_results_path: a `ReconstructionReport` JSON measured on these weights (model-index + a table).
         base_model / datasets: Hub ids for the metadata (official weights default to the paper's SigLIP2 encoder).
-        eval_dataset / eval_split: the data the report was measured on, when its JSON does not say.
+        eval_dataset / eval_split: override the data the report records (its "dataset" / "split"), e.g. with the
+            Hub id of the local folder it read; needed only for reports that do not record it.
         remote_code: the folder ships its code (`export_remote_code`): snippets use `trust_remote_code=True`.
         template_path: another template than `model_cards/tokenizer.md`.
     """
@@ -331,7 +336,9 @@ def render_vlm_card(
 ) -> ModelCard:
     """The model card of an EvoTok VLM (`EvoTokForConditionalGeneration` or `EvoTokVLMConfig`); arguments as in
     `render_tokenizer_card` (`eval_results_path`: a reconstruction report of its image tokenizer; official weights
-    default to the paper's Qwen2.5-7B-Instruct as base model)."""
+    default to the paper's Qwen2.5-7B-Instruct as base model). Usage snippets follow the heads: image-text-to-text
+    with the understanding head; text-to-image (`generate(..., generation_mode="image")`, and the diffusers
+    `EvoTokPipeline` unless `remote_code`) with the generation head, which also makes the pipeline tag "any-to-any"."""
     config = _config_of(model_or_config, "evotok_vlm", "render_vlm_card")
     repo_id, license, base_model, datasets, results, measured = _common(
         repo_id, license, official, eval_results_path, base_model, datasets, eval_dataset, eval_split,
@@ -368,6 +375,7 @@ def render_vlm_card(
         measured=measured,
         has_understanding_head=config.has_understanding_head,
         has_generation_head=config.has_generation_head,
+        image_generation=IMAGE_GENERATION_DEFAULTS,
         wrap_image_tokens=config.wrap_image_tokens,
         num_image_tokens=config.num_image_tokens,
         image_size=vision.image_size,
