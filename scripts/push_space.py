@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi, SpaceCard
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from evotok_hf.hub.staging import check_output_dir, staged_output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE_DIR = ROOT / "spaces" / "evotok-demo"
@@ -73,13 +73,7 @@ def _output_dir(requested: str | None) -> Path | None:
     """The folder to write (None: a new temporary folder), refusing anything that could overwrite data."""
     if requested is None:
         return None
-    output = Path(requested).resolve()
-    for source in (SPACE_DIR, PACKAGE_DIR):
-        if output == source or source in output.parents or output in source.parents:
-            raise ValueError(f"--output-dir {str(output)!r} overlaps the source folder {str(source)!r}.")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(f"--output-dir {str(output)!r} exists and is not an empty folder; nothing is overwritten.")
-    return output
+    return check_output_dir(requested, sources=[SPACE_DIR, PACKAGE_DIR], flag="--output-dir")
 
 
 def build_space_folder(repo_id: str, tokenizer: str, vlm: str | None, output: Path | None) -> Path:
@@ -88,12 +82,7 @@ def build_space_folder(repo_id: str, tokenizer: str, vlm: str | None, output: Pa
     for source in (SPACE_DIR / "app.py", SPACE_DIR / "README.md", PACKAGE_DIR / "__init__.py"):
         if not source.is_file():
             raise FileNotFoundError(f"{source} is missing: run this script from an evotok_hf repository checkout.")
-    if output is None:
-        staging = Path(tempfile.mkdtemp(prefix=f"evotok-space-{repo_id.split('/')[-1]}-"))
-    else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-staging-", dir=output.parent))
-    try:
+    with staged_output_dir(output, temp_prefix=f"evotok-space-{repo_id.split('/')[-1]}-") as staging:
         shutil.copytree(SPACE_DIR, staging, ignore=NOT_COPIED_FROM_SPACE, dirs_exist_ok=True)
         shutil.copytree(PACKAGE_DIR, staging / "evotok_hf", ignore=shutil.ignore_patterns(*BYTECODE))
         if LICENSE_PATH.is_file():
@@ -104,15 +93,7 @@ def build_space_folder(repo_id: str, tokenizer: str, vlm: str | None, output: Pa
         with open(staging / SPACE_CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump({"tokenizer": tokenizer, "vlm": vlm}, f, indent=2)
             f.write("\n")
-        if output is None:
-            return staging
-        if output.exists():  # an empty folder (checked by _output_dir)
-            output.rmdir()
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
+    return output or staging
 
 
 def main(argv=None) -> dict:

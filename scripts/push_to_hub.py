@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -35,6 +33,7 @@ from evotok_hf import (  # importing evotok_hf registers the Auto classes
 )
 from evotok_hf.hub.model_card import render_tokenizer_card, render_vlm_card
 from evotok_hf.hub.remote_code import export_remote_code
+from evotok_hf.hub.staging import check_output_dir, staged_output_dir
 
 # model_type -> (model class, processor class, card renderer)
 KINDS = {
@@ -85,15 +84,7 @@ def _output_dir(requested: str | None, model_dir: Path) -> Path | None:
     """The folder to write (None: a new temporary folder), refusing anything that could overwrite data."""
     if requested is None:
         return None
-    output = Path(requested).resolve()
-    if output == model_dir or model_dir in output.parents or output in model_dir.parents:
-        raise ValueError(
-            f"--output-dir {str(output)!r} overlaps the source folder {str(model_dir)!r}; the source is never "
-            "overwritten, pick another folder."
-        )
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(f"--output-dir {str(output)!r} exists and is not an empty folder; nothing is overwritten.")
-    return output
+    return check_output_dir(requested, sources=[model_dir], flag="--output-dir")
 
 
 def build_folder(args, model_dir: Path, output: Path | None) -> Path:
@@ -117,12 +108,7 @@ def build_folder(args, model_dir: Path, output: Path | None) -> Path:
             "model so the published repository can preprocess images."
         ) from err
 
-    if output is None:
-        staging = Path(tempfile.mkdtemp(prefix=f"evotok-hub-{args.repo_id.split('/')[-1]}-"))
-    else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-staging-", dir=output.parent))
-    try:
+    with staged_output_dir(output, temp_prefix=f"evotok-hub-{args.repo_id.split('/')[-1]}-") as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         if args.remote_code:
@@ -131,15 +117,7 @@ def build_folder(args, model_dir: Path, output: Path | None) -> Path:
             (staging / EVAL_REPORT_NAME).parent.mkdir(parents=True)
             shutil.copyfile(args.eval_json, staging / EVAL_REPORT_NAME)
         card.save(staging / "README.md")
-        if output is None:
-            return staging
-        if output.exists():  # an empty folder (checked by _output_dir)
-            output.rmdir()
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
+    return output or staging
 
 
 def main(argv=None) -> dict:

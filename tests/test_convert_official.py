@@ -245,7 +245,7 @@ def test_malformed_checkpoint_lists_every_problem_and_leaves_the_output_alone(of
     output.mkdir()
     (output / "keep.txt").write_text("precious")
 
-    with pytest.raises(ValueError, match="not empty"):  # refused before any work
+    with pytest.raises(ValueError, match="not an empty folder"):  # refused before any work
         convert_tokenizer_checkpoint(tmp_path / "bad.pt", output, base_config="evotok-tiny")
     with pytest.raises(CheckpointConversionError) as info:
         convert_tokenizer_checkpoint(tmp_path / "bad.pt", output, base_config="evotok-tiny", overwrite=True)

@@ -23,7 +23,6 @@ Checkpoints are only ever read with `torch.load(weights_only=True)` (plus `argpa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -31,11 +30,9 @@ import math
 import os
 import pickle
 import re
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -45,6 +42,7 @@ from ..modeling.depth_head import official_depth_head_key
 from ..modeling.modeling_evotok import EvoTokModel
 from ..modeling.modeling_evotok_vlm import EvoTokForConditionalGeneration
 from ..processing.image_processing_evotok import EvoTokImageProcessor
+from .staging import check_output_dir, staged_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -139,41 +137,10 @@ def _raise_on_loading_info(what: str, info: dict) -> None:
         raise CheckpointConversionError(what, problems)
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"output_dir {str(output_dir)!r} exists and is not a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(
-            f"output_dir {str(output_dir)!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it."
-        )
-
-
-@contextlib.contextmanager
-def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder to write into; on success it replaces `output_dir` (an existing folder is only
-    removed once the new one is in place), on failure it is deleted and `output_dir` is left untouched."""
-    output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = output_dir.parent / f".{output_dir.name}.old-{tag}"
-    if output_dir.exists():
-        output_dir.rename(old)
-    try:
-        tmp.rename(output_dir)
-    except BaseException:
-        if old.exists():
-            old.rename(output_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False):
+    """A staging folder beside `output_dir` that replaces it once complete (see `hub.staging.staged_output_dir`)."""
+    check_output_dir(output_dir, overwrite=overwrite, flag="output_dir (--output-dir)")
+    return staged_output_dir(output_dir)
 
 
 # ----------------------------------------------------------------------------- tokenizer: loading
@@ -491,7 +458,7 @@ def convert_tokenizer_checkpoint(
     (see `infer_tokenizer_config`). Raises `CheckpointConversionError` listing every unmapped, missing or
     mis-shaped key; an existing non-empty `output_dir` is refused unless `overwrite`, and is replaced only after the
     new folder is complete."""
-    _check_output_dir(Path(output_dir), overwrite)
+    check_output_dir(output_dir, overwrite=overwrite, flag="output_dir (--output-dir)")
     checkpoint = load_official_checkpoint(checkpoint_path)
     source, state_dict = select_official_state_dict(checkpoint)
     logger.info("Converting the %r weights of %s.", source, checkpoint_path)
@@ -895,7 +862,7 @@ def convert_llava_checkpoint(
     if depth_head_config and spec.depth_head_prefix is None:
         raise ValueError(f"depth_head_config was given, but the {head} checkpoint has no depth head.")
     folder = Path(llava_dir)
-    _check_output_dir(Path(output_dir), overwrite)
+    check_output_dir(output_dir, overwrite=overwrite, flag="output_dir (--output-dir)")
     llava_config = json.loads((folder / "config.json").read_text())
     vision = tokenizer if isinstance(tokenizer, EvoTokModel) else EvoTokModel.from_pretrained(tokenizer)
     what = f"official {head} checkpoint {str(folder)!r}"
