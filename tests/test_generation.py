@@ -285,3 +285,27 @@ def test_joint_model_reads_and_writes_images_in_one_sequence(text_tokenizer):
         reference = model.lm_head(model.language_model(inputs_embeds=embeds).last_hidden_state)
     torch.testing.assert_close(out.logits, reference)
     assert torch.isfinite(out.image_loss) and torch.isfinite(out.text_loss)
+
+
+def test_bf16_device_map_load_generates_with_fp32_codebooks(model, processor, tmp_path):
+    """A bf16 load (device_map="auto") keeps the codebooks fp32, casts the code sums to the head's dtype, and generates
+    valid codes; its depth-0 logits match the fp32 model's to bf16 precision (the codes themselves may differ: bf16
+    rounding flips near-ties of this random model, and a flip changes every later position)."""
+    from transformers import AutoModelForImageTextToText
+
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="auto").eval()
+    assert loaded.vision_tower.quantizer.codebook.dtype == torch.float32
+    assert loaded.depth_head.dtype == torch.bfloat16 and loaded.generation_projector.linear_1.weight.dtype == torch.bfloat16
+    codes = generate(loaded, processor, do_sample=False, guidance_scale=3.0)
+    reference = generate(model, processor, do_sample=False, guidance_scale=3.0)
+    vision = model.config.vision_config
+    assert codes.shape == reference.shape and 0 <= int(codes.min()) and int(codes.max()) < vision.codebook_size
+    inputs = processor(text=PROMPTS, generation_mode="image", return_tensors="pt")
+    with torch.no_grad():
+        logits = [m.depth_head(hidden_states=m.language_model(input_ids=inputs["input_ids"],
+                                                              attention_mask=inputs["attention_mask"]
+                                                              ).last_hidden_state[:, -1].to(m.dtype)).logits.float()
+                  for m in (loaded, model)]  # fmt: skip
+    error = (logits[0] - logits[1]).abs().max() / logits[1].std()
+    assert error < 0.1, f"bf16 logits differ from fp32 by {error:.3f} standard deviations"
