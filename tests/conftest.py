@@ -40,3 +40,23 @@ def fresh_accelerate_state():
 
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def recorded_hub_uploads(monkeypatch):
+    """`HfApi.create_repo` / `upload_folder` replaced by recorders (no network): returns the list of
+    `(method, args, kwargs)` calls."""
+    from huggingface_hub import HfApi
+
+    calls = []
+
+    def record(name, returns):
+        def method(self, *args, **kwargs):
+            calls.append((name, args, kwargs))
+            return returns(args, kwargs)
+
+        return method
+
+    monkeypatch.setattr(HfApi, "create_repo", record("create_repo", lambda a, k: f"https://huggingface.co/{a[0]}"))
+    monkeypatch.setattr(HfApi, "upload_folder", record("upload_folder", lambda a, k: "commit-url"))
+    return calls

@@ -341,18 +341,8 @@ def test_dry_run_writes_a_complete_folder_offline(source_dirs, eval_json, tmp_pa
     assert [p.name for p in (tmp_path / "tmp").iterdir()] == [default_folder.name]
 
 
-def test_upload_calls_create_repo_and_upload_folder(source_dirs, tmp_path, monkeypatch):
-    calls = []
-
-    def record(name, returns):
-        def method(self, *args, **kwargs):
-            calls.append((name, args, kwargs))
-            return returns
-
-        return method
-
-    monkeypatch.setattr(HfApi, "create_repo", record("create_repo", f"https://huggingface.co/{REPO_TOK}"))
-    monkeypatch.setattr(HfApi, "upload_folder", record("upload_folder", "commit-url"))
+def test_upload_calls_create_repo_and_upload_folder(source_dirs, tmp_path, recorded_hub_uploads):
+    calls = recorded_hub_uploads
     result = load_main("scripts/push_to_hub.py")(
         ["--model-dir", str(source_dirs["tok"]), "--repo-id", REPO_TOK, "--license", "mit", "--private",
          "--remote-code", "--output-dir", str(tmp_path / "out"), "--commit-message", "first upload"]

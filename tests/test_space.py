@@ -573,20 +573,8 @@ def test_push_space_dry_run_builds_a_space_that_imports_the_copied_package(tmp_p
     assert [p.name for p in (tmp_path / "tmp").iterdir()] == [folder.name]
 
 
-def test_push_space_upload_arguments(tmp_path, monkeypatch):
-    from huggingface_hub import HfApi
-
-    calls = []
-
-    def record(name, returns):
-        def method(self, *args, **kwargs):
-            calls.append((name, args, kwargs))
-            return returns
-
-        return method
-
-    monkeypatch.setattr(HfApi, "create_repo", record("create_repo", f"https://huggingface.co/spaces/{SPACE_REPO}"))
-    monkeypatch.setattr(HfApi, "upload_folder", record("upload_folder", "commit-url"))
+def test_push_space_upload_arguments(tmp_path, recorded_hub_uploads):
+    calls = recorded_hub_uploads
     result = load_push_space()["main"](
         ["--repo-id", SPACE_REPO, "--tokenizer", SPACE_MODELS[0], "--private", "--output-dir", str(tmp_path / "out"),
          "--commit-message", "first upload"]

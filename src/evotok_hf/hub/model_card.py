@@ -215,18 +215,31 @@ def vlm_pipeline_tag(config) -> str:
 
 
 # ----------------------------------------------------------------------------- rendering
-def _render(
-    template: str,
-    card_data: ModelCardData,
-    template_path,
-    **template_kwargs,
-) -> ModelCard:
+def _render(template: str, template_path, *, pipeline_tag: str, tags: list[str], repo_id: str, license: str,
+            base_model, datasets, results, measured, official: bool, remote_code: bool,
+            **template_values) -> ModelCard:  # fmt: skip
+    """The card data (metadata) and the template values both card kinds share, then the kind's own values."""
     path = Path(template_path) if template_path is not None else TEMPLATE_DIR / template
     if not path.is_file():
         raise FileNotFoundError(
             f"model card template {str(path)!r} not found (the templates live in the repository's model_cards/)."
         )
-    return ModelCard.from_template(card_data, template_path=str(path), **template_kwargs)
+    model_name = repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        license=license,
+        base_model=base_model,
+        datasets=datasets,
+        tags=tags + (["custom_code"] if remote_code else []),
+        model_name=model_name,
+        eval_results=results,
+    )
+    return ModelCard.from_template(
+        card_data, template_path=str(path), repo_id=repo_id, model_display_name=model_name, remote_code=remote_code,
+        paper_url=PAPER_URL, measured=measured, base_models=base_model or [], official=official, license_id=license,
+        authors_code=AUTHORS_CODE, **template_values,
+    )  # fmt: skip
 
 
 def _common(repo_id, license, official, eval_results_path, base_model, datasets, eval_dataset, eval_split,
@@ -278,31 +291,13 @@ def render_tokenizer_card(
         repo_id, license, official, eval_results_path, base_model, datasets, eval_dataset, eval_split,
         OFFICIAL_TOKENIZER_BASE, "Image reconstruction",
     )  # fmt: skip
-    model_name = repo_id.split("/")[-1]
-    tags = ["evotok", "image-tokenizer", "vector-quantization", "residual-quantization", PAPER_ARXIV_TAG]
-    if remote_code:
-        tags.append("custom_code")
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag=tokenizer_pipeline_tag(),
-        license=license,
-        base_model=base_model,
-        datasets=datasets,
-        tags=tags,
-        model_name=model_name,
-        eval_results=results,
-    )
     encoder = config.encoder_config
     return _render(
-        "tokenizer.md",
-        card_data,
-        template_path,
-        repo_id=repo_id,
-        model_display_name=model_name,
-        remote_code=remote_code,
-        paper_url=PAPER_URL,
+        "tokenizer.md", template_path, pipeline_tag=tokenizer_pipeline_tag(),
+        tags=["evotok", "image-tokenizer", "vector-quantization", "residual-quantization", PAPER_ARXIV_TAG],
+        repo_id=repo_id, license=license, base_model=base_model, datasets=datasets, results=results,
+        measured=measured, official=official, remote_code=remote_code,
         paper_tokenizer_results=PAPER_TOKENIZER_RESULTS,
-        measured=measured,
         image_size=config.image_size,
         grid_size=config.grid_size,
         pixel_depth=config.pixel_depth,
@@ -313,11 +308,7 @@ def render_tokenizer_card(
         encoder_hidden_size=encoder.hidden_size,
         encoder_layers=encoder.num_hidden_layers,
         encoder_patch_size=encoder.patch_size,
-        base_models=base_model or [],
-        official=official,
-        license_id=license,
-        authors_code=AUTHORS_CODE,
-    )
+    )  # fmt: skip
 
 
 def render_vlm_card(
@@ -344,35 +335,17 @@ def render_vlm_card(
         repo_id, license, official, eval_results_path, base_model, datasets, eval_dataset, eval_split,
         OFFICIAL_VLM_BASE, "Image reconstruction (the VLM's image tokenizer)",
     )  # fmt: skip
-    model_name = repo_id.split("/")[-1]
     tags = ["evotok", "vision-language", "multimodal", "image-tokenizer", PAPER_ARXIV_TAG]
     if config.has_generation_head:
         tags.append("text-to-image")
-    if remote_code:
-        tags.append("custom_code")
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag=vlm_pipeline_tag(config),
-        license=license,
-        base_model=base_model,
-        datasets=datasets,
-        tags=tags,
-        model_name=model_name,
-        eval_results=results,
-    )
     vision, text = config.vision_config, config.text_config
     return _render(
-        "vlm.md",
-        card_data,
-        template_path,
-        repo_id=repo_id,
-        model_display_name=model_name,
+        "vlm.md", template_path, pipeline_tag=vlm_pipeline_tag(config), tags=tags, repo_id=repo_id, license=license,
+        base_model=base_model, datasets=datasets, results=results, measured=measured, official=official,
         remote_code=remote_code,
-        paper_url=PAPER_URL,
         paper_tokenizer_results=PAPER_TOKENIZER_RESULTS[:1],
         paper_understanding_results=PAPER_UNDERSTANDING_RESULTS,
         paper_generation_results=PAPER_GENERATION_RESULTS,
-        measured=measured,
         has_understanding_head=config.has_understanding_head,
         has_generation_head=config.has_generation_head,
         image_generation=IMAGE_GENERATION_DEFAULTS,
@@ -386,11 +359,7 @@ def render_vlm_card(
         text_model_type=text.model_type,
         text_hidden_size=text.hidden_size,
         text_layers=text.num_hidden_layers,
-        base_models=base_model or [],
-        official=official,
-        license_id=license,
-        authors_code=AUTHORS_CODE,
-    )
+    )  # fmt: skip
 
 
 __all__ = [
