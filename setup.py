@@ -35,8 +35,8 @@ extras = {
     "hub": ["Jinja2>=3.1"],
     # The Space demo (spaces/evotok-demo).
     "space": ["gradio>=6.0"],
-    # Evaluation: metrics and plots (the offline-capable parts).
-    "eval": ["torchmetrics>=1.4", "matplotlib>=3.7", "evaluate>=0.4"] + bundled_photos,
+    # Evaluation: metrics and plots (the offline-capable parts); scipy labels the Shapes detector's regions.
+    "eval": ["torchmetrics>=1.4", "matplotlib>=3.7", "evaluate>=0.4", "scipy>=1.10"] + bundled_photos,
     # The main job (`make demo`): trains on the photos scikit-image / scikit-learn ship.
     "demo": train + bundled_photos,
     # Online-only networks (LPIPS-VGG perceptual loss, Inception rFID). They pull torchvision, which does not import
@@ -45,12 +45,13 @@ extras = {
     # Benchmarks: the reference residual VQ we compare against.
     "bench": ["vector-quantize-pytorch>=1.20"],
 }
-# Tests: everything above that works offline, plus `gguf` (the real SmolLM2 test LLM ships as GGUF) and the browser
-# driver for the Space test (it drives the system's Chromium; `make test` installs that).
+# Tests: everything above that works offline, plus `gguf` (the real SmolLM2 test LLM ships as GGUF), the browser
+# driver for the Space test (it drives the system's Chromium; `make test` installs that) and `parameterized`, which
+# transformers' own common model tests (run against our classes from its sdist) import.
 extras["dev"] = sorted(
     set(
         train + extras["eval"] + vlm + extras["diffusers"] + extras["hub"] + extras["space"]
-        + ["gguf>=0.10", "playwright>=1.40", "pytest>=8.0"]
+        + ["gguf>=0.10", "parameterized>=0.9", "playwright>=1.40", "pytest>=8.0"]
     )
 )
 

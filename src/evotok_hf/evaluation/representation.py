@@ -228,6 +228,33 @@ def kmeans_by_depth(
     return results
 
 
+def label_nmi(cluster_labels, labels, mask=None) -> float:
+    """Normalised mutual information (sklearn's `normalized_mutual_info_score`, arithmetic normalisation) between a
+    clustering and a labelling of the same vectors, over the vectors `mask` selects (all by default): 1 when the
+    clusters are exactly the label classes (up to renaming), 0 when independent of them."""
+    _require_sklearn()
+    from sklearn.metrics import normalized_mutual_info_score
+
+    cluster_labels, labels = np.asarray(cluster_labels), np.asarray(labels)
+    if cluster_labels.ndim != 1 or labels.shape != cluster_labels.shape:
+        raise ValueError(f"cluster_labels and labels must be 1-D of one length, got {cluster_labels.shape} and "
+                         f"{labels.shape}.")  # fmt: skip
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != labels.shape:
+            raise ValueError(f"mask must have the labels' shape {labels.shape}, got {mask.shape}.")
+        cluster_labels, labels = cluster_labels[mask], labels[mask]
+    if len(labels) == 0:
+        raise ValueError("label_nmi needs at least one vector (the mask selects none).")
+    return float(normalized_mutual_info_score(labels, cluster_labels))
+
+
+def nmi_by_depth(result_by_depth: dict[int, KMeansResult], labels, mask=None) -> dict[int, float]:
+    """`label_nmi` of each depth's k-means clusters (`kmeans_by_depth`) with one labelling of the clustered vectors
+    (for level "position", N * grid^2 labels in the results' order): depth -> NMI."""
+    return {k: label_nmi(result.labels, labels, mask=mask) for k, result in result_by_depth.items()}
+
+
 def _to_pil_list(images) -> list[PIL.Image.Image]:
     if isinstance(images, torch.Tensor):
         from ..processing import EvoTokImageProcessor
@@ -412,7 +439,9 @@ __all__ = [
     "cluster_grid_size",
     "depth_features",
     "kmeans_by_depth",
+    "label_nmi",
     "lfw_probe_dataset",
+    "nmi_by_depth",
     "probe_accuracy",
     "probe_by_depth",
     "save_cluster_grid",
