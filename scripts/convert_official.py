@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+from pathlib import Path
 
 import torch
 
@@ -101,4 +103,7 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:  # bad input: the message says what to change, a traceback would only bury it
+        sys.exit(f"{Path(__file__).name}: error: {err}")

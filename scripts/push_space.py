@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from huggingface_hub import HfApi, SpaceCard
@@ -123,4 +124,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:  # bad input: the message says what to change, a traceback would only bury it
+        sys.exit(f"{Path(__file__).name}: error: {err}")

@@ -7,10 +7,13 @@ tensor is compared with the official tensor it must come from."""
 import argparse
 import json
 import logging
+import os
 import pathlib
 import re
 import runpy
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -708,6 +711,49 @@ def test_script_converts_a_tokenizer_checkpoint(official, tmp_path):
     assert torch.equal(loaded.post_quant_conv.weight, official[1]["ema"]["post_quant_conv.weight"])
 
 
+def run_script_as_main(argv, monkeypatch):
+    """scripts/convert_official.py run as `python scripts/convert_official.py ARGV` runs it (its __main__ block); the
+    SystemExit it ends with, or None."""
+    monkeypatch.setattr(sys, "argv", ["convert_official.py", *argv])
+    try:
+        runpy.run_path(str(ROOT / "scripts" / "convert_official.py"), run_name="__main__")
+    except SystemExit as exit:
+        return exit
+    return None
+
+
+def test_script_refuses_a_non_empty_output_folder_in_one_line(official, tmp_path):
+    output = tmp_path / "taken"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "convert_official.py"), "tokenizer", "--tokenizer-checkpoint",
+         str(official[0]), "--output-dir", str(output), "--base-config", "evotok-tiny"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"convert_official.py: error: output_dir (--output-dir) {str(output)!r} exists and is not an empty folder; "
+        "nothing is overwritten (pass overwrite=True (--overwrite) to replace it)."
+    ]
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+
+
+def test_script_names_its_own_flag_for_an_unknown_depth_head_width(gen_llava, gen_tokenizer, tmp_path, monkeypatch):
+    exit = run_script_as_main(["generation", "--generation-dir", str(gen_llava[0]), "--tokenizer",
+                               str(gen_tokenizer[0]), "--output-dir", str(tmp_path / "vlm")], monkeypatch)  # fmt: skip
+    assert exit is not None and isinstance(exit.code, str), exit  # a message, not a traceback
+    assert "cannot tell the depth head's attention heads" in exit.code
+    assert """--depth-head-config '{"num_attention_heads": N}' on the command line""" in exit.code
+    flag = json.loads(re.search(r"--depth-head-config '(.*?)'", exit.code).group(1).replace("N", str(HEAD_HEADS)))
+    assert run_script_as_main(["generation", "--generation-dir", str(gen_llava[0]), "--tokenizer",
+                               str(gen_tokenizer[0]), "--output-dir", str(tmp_path / "vlm"), "--depth-head-config",
+                               json.dumps(flag)], monkeypatch) is None  # the suggested flag, as given, converts
+    config = EvoTokForConditionalGeneration.from_pretrained(tmp_path / "vlm").config
+    assert config.depth_head_config.num_attention_heads == HEAD_HEADS
+
+
 def test_script_converts_a_generation_checkpoint_with_a_stored_depth_head_config(gen_llava, gen_tokenizer, tmp_path):
     """An RQTransformerConfig stored in config.json gives the heads; a text tokenizer saved before the trainer added
     the image start / end tokens gets <boi> / <eoi> appended at the authors' ids."""
@@ -730,3 +776,36 @@ def test_script_converts_a_generation_checkpoint_with_a_stored_depth_head_config
     assert model.config.depth_head_config.num_attention_heads == HEAD_HEADS
     assert (vocab["<boi>"], vocab["<eoi>"], vocab["<image>"]) == (rows - 2, rows - 1, rows)
     assert model.depth_head.layers[0].attn.q_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("official_generation_config", ["trainer-saved", "absent"])
+def test_converted_generation_settings_are_read_back_and_editable(gen_llava, gen_tokenizer, tmp_path,
+                                                                   official_generation_config):  # fmt: skip
+    """The image-generation defaults the converter writes are the ones a reloaded folder generates with, and a
+    user's edit of generation_config.json takes effect, whether the authors' folder has a generation_config.json
+    as their trainer saves it (marked `_from_model_config`) or none."""
+    folder = tmp_path / "official"
+    shutil.copytree(gen_llava[0], folder)
+    official_file = folder / "generation_config.json"
+    if official_generation_config == "absent":
+        official_file.unlink()
+    else:
+        official_file.write_text(json.dumps({**json.loads(official_file.read_text()), "_from_model_config": True}))
+    output = tmp_path / "vlm"
+    convert_generation_checkpoint(folder, gen_tokenizer[0], output,
+                                  depth_head_config={"num_attention_heads": HEAD_HEADS})  # fmt: skip
+    saved = json.loads((output / "generation_config.json").read_text())
+    assert saved["image_generation"]["guidance_scale"] == 7.5 and not saved.get("_from_model_config")
+
+    model = AutoModelForImageTextToText.from_pretrained(output).eval()
+    processor = AutoProcessor.from_pretrained(output)
+    assert model.generation_config.image_generation == saved["image_generation"]
+    inputs = processor(text=["a cat on a red mat"], generation_mode="image", return_tensors="pt")
+    edited = {"guidance_scale": 2.0, "do_sample": False}
+    expected = model.generate(**inputs, generation_mode="image", **edited)
+    assert not torch.equal(expected, model.generate(**inputs, generation_mode="image", do_sample=False))
+
+    saved["image_generation"].update(edited)  # as a user edits the file
+    (output / "generation_config.json").write_text(json.dumps(saved, indent=2))
+    reloaded = AutoModelForImageTextToText.from_pretrained(output).eval()
+    assert torch.equal(reloaded.generate(**inputs, generation_mode="image"), expected)

@@ -68,10 +68,12 @@ def test_teacher_forced_equals_cached_generation():
     assert out.past_key_values.get_seq_length() == 1
 
 
-def reference_official_logits(model, hidden, sums):
+def reference_official_logits(model, hidden, sums, trace=None):
     """The authors' algorithm in float64 with plain matmuls: for each depth d, rebuild the sequence
     [in_mlp_2(h), in_mlp_1(s_0), ..., in_mlp_1(s_{d-1})] + pos_emb_d, run all blocks from scratch with a manual causal
-    softmax attention, and score its last position with classifier d."""
+    softmax attention, and score its last position with classifier d. With a `trace` dict, the full sequence's run
+    (the last depth's) leaves there its per-block sequences ("hidden_states": the input of the first block, then each
+    block's output) and attention weights ("attentions")."""
     cfg = model.config
     p = {name: t.detach().double() for name, t in model.named_parameters()}
     heads, width = cfg.num_attention_heads, cfg.hidden_size
@@ -88,7 +90,7 @@ def reference_official_logits(model, hidden, sums):
     def gelu(x):
         return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
-    def attention(x, prefix):
+    def attention(x, prefix, weights_out):
         n, t, _ = x.shape
         split = lambda y: y.view(n, t, heads, head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = (split(linear(x, f"{prefix}.{name}")) for name in ("q_proj", "k_proj", "v_proj"))
@@ -97,6 +99,7 @@ def reference_official_logits(model, hidden, sums):
         scores = scores.masked_fill(future, float("-inf"))
         weights = torch.exp(scores - scores.amax(-1, keepdim=True))
         weights = weights / weights.sum(-1, keepdim=True)
+        weights_out.append(weights)
         return linear((weights @ v).transpose(1, 2).reshape(n, t, width), f"{prefix}.o_proj")
 
     hidden, sums = hidden.double(), sums.double()
@@ -104,12 +107,16 @@ def reference_official_logits(model, hidden, sums):
     for depth in range(cfg.pixel_depth):
         steps = [linear(hidden, "hidden_proj")] + [linear(sums[:, j], "code_proj") for j in range(depth)]
         x = torch.stack(steps, dim=1) + p["depth_embeddings"][:, : depth + 1]
+        states, weights = [x], []
         for i in range(cfg.num_hidden_layers):
-            x = x + attention(layer_norm(x, f"layers.{i}.input_layernorm"), f"layers.{i}.attn")
+            x = x + attention(layer_norm(x, f"layers.{i}.input_layernorm"), f"layers.{i}.attn", weights)
             mlp_in = layer_norm(x, f"layers.{i}.post_attention_layernorm")
             x = x + linear(gelu(linear(mlp_in, f"layers.{i}.mlp.fc1")), f"layers.{i}.mlp.fc2")
+            states.append(x)
         last = layer_norm(x[:, -1], f"classifiers.{depth}.norm")
         all_logits.append(linear(last, f"classifiers.{depth}.proj"))
+    if trace is not None:
+        trace.update(hidden_states=states, attentions=weights)
     return torch.stack(all_logits, dim=1)
 
 
@@ -123,6 +130,53 @@ def test_matches_float64_reimplementation_of_official_algorithm(implementation):
     with torch.no_grad():
         torch.testing.assert_close(model(hidden, sums).logits, expected, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(cached_logits(model, hidden, sums), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_hidden_states_and_attentions_outputs_match_float64_reimplementation(implementation):
+    """`output_hidden_states` / `output_attentions` (arguments or config), as transformers models give them: the depth
+    sequence entering the first block and leaving each block, and each block's causal attention weights (only the
+    eager kernel computes weights; SDPA returns none, as in transformers)."""
+    model = make_model()
+    model.config._attn_implementation = implementation
+    model.double()
+    hidden, sums = make_inputs(torch.float64)
+    trace = {}
+    reference_official_logits(model, hidden, sums, trace=trace)
+    with torch.no_grad():
+        by_argument = model(hidden, sums, output_hidden_states=True, output_attentions=True)
+        # (transformers refuses `config.output_attentions` with SDPA)
+        model.config.output_hidden_states, model.config.output_attentions = True, implementation == "eager"
+        by_config = model(hidden, sums)
+        model.config.output_hidden_states = model.config.output_attentions = False
+        plain = model(hidden, sums)
+    assert plain.hidden_states is None and plain.attentions is None
+    for out in (by_argument, by_config):
+        assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+        for got, want in zip(out.hidden_states, trace["hidden_states"]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        if implementation == "eager":
+            assert len(out.attentions) == model.config.num_hidden_layers
+            for got, want in zip(out.attentions, trace["attentions"]):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    if implementation == "sdpa":
+        assert by_argument.attentions == () and by_config.attentions is None
+
+
+def test_forward_follows_return_dict():
+    """`return_dict=False`, as an argument or in the config, gives the output's tuple (transformers' convention)."""
+    model = make_model()
+    hidden, sums = make_inputs()
+    with torch.no_grad():
+        as_dict = model(hidden, sums, use_cache=True, output_hidden_states=True)
+        as_tuple = model(hidden, sums, use_cache=True, output_hidden_states=True, return_dict=False)
+        model.config.return_dict = False
+        from_config = model(hidden, sums, use_cache=True, output_hidden_states=True)
+    for out in (as_tuple, from_config):
+        assert isinstance(out, tuple) and len(out) == 3  # logits, past_key_values, hidden_states
+        assert torch.equal(out[0], as_dict.logits)
+        assert out[1].get_seq_length() == model.config.pixel_depth
+        assert all(torch.equal(a, b) for a, b in zip(out[2], as_dict.hidden_states))
 
 
 def test_eager_equals_sdpa():

@@ -18,7 +18,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModel, PreTrainedTokenizerFast, Qwen2Config
 from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor
 
 from evotok_hf import (
@@ -358,6 +358,15 @@ def test_upload_calls_create_repo_and_upload_folder(source_dirs, tmp_path, recor
 
 
 # ----------------------------------------------------------------------------- (d) remote code in a clean process
+def test_auto_model_gives_the_whole_vlm_with_the_package_imported(published, source_dirs):
+    """With evotok_hf imported, AutoModel resolves a VLM folder, plain or exported, to the package's class: the class
+    the exported auto_map names, so a folder loads the same way with or without the package."""
+    assert json.loads((published["vlm-remote"] / "config.json").read_text())["auto_map"]["AutoModel"] == (
+        "modeling_evotok_vlm.EvoTokForConditionalGeneration")  # fmt: skip
+    for folder in (source_dirs["vlm"], published["vlm-remote"]):
+        assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)) is EvoTokForConditionalGeneration
+
+
 def test_exported_files_import_only_siblings(tmp_path):
     names = [p.name for p in exportable_files()]
     assert "modeling_evotok.py" in names and "image_processing_evotok.py" in names and "__init__.py" not in names
@@ -426,8 +435,18 @@ with torch.no_grad():
     out["vlm_logits"] = vlm(**inputs).logits
     out["vlm_generated"] = vlm.generate(**inputs, max_new_tokens=4, do_sample=False)
 causal = AutoModelForCausalLM.from_pretrained(vlm_dir, trust_remote_code=True)
+# Generic clients (lmms-eval's `huggingface` model) fall back to AutoModel and call generate on it: the whole VLM.
+auto_vlm = AutoModel.from_pretrained(vlm_dir, trust_remote_code=True).eval()
+with torch.no_grad():
+    out["auto_model_generated"] = auto_vlm.generate(**inputs, max_new_tokens=4, do_sample=False)
+# Without trust_remote_code, AutoProcessor refuses (it must not fall back to the bare text tokenizer).
+try:
+    refused = repr(type(AutoProcessor.from_pretrained(vlm_dir)))
+except ValueError as err:
+    refused = str(err)
 
 t2i_vlm = AutoModelForImageTextToText.from_pretrained(gen_dir, trust_remote_code=True).eval()
+t2i_auto = AutoModel.from_pretrained(gen_dir, trust_remote_code=True)
 t2i_processor = AutoProcessor.from_pretrained(gen_dir, trust_remote_code=True)
 inputs = t2i_processor(text=t2i_prompt, generation_mode="image", return_tensors="pt")
 out["gen_codes"] = t2i_vlm.generate(**inputs, generation_mode="image", guidance_scale=7.5,
@@ -441,10 +460,12 @@ for name, folder, repo_id in cards:
         exec(compile(block.replace(repo_id, folder), name + "/README.md", "exec"), {"__name__": "card"})
 
 classes = [type(model), type(image_processor), type(vlm), type(processor), type(processor.image_processor),
-           type(causal), type(t2i_vlm), type(t2i_processor)]
+           type(causal), type(auto_vlm), type(t2i_vlm), type(t2i_auto), type(t2i_processor)]
 out["info"] = {
     "modules": [c.__module__ for c in classes],
-    "causal_is_vlm_class": type(causal).__name__ == type(vlm).__name__,
+    "class_names": {"vlm": [type(m).__name__ for m in (vlm, causal, auto_vlm, t2i_vlm, t2i_auto)],
+                    "processors": [type(p).__name__ for p in (processor, t2i_processor)]},
+    "processor_without_trust": refused,
     "evotok_hf_imported": any(m.split(".")[0] == "evotok_hf" for m in sys.modules),
     "network": network,
 }
@@ -480,7 +501,9 @@ def test_remote_code_loads_without_evotok_hf_and_matches_the_package(published, 
     assert proc.returncode == 0, proc.stderr[-4000:]
     remote = torch.load(out_path, weights_only=False)
     info = remote.pop("info")
-    assert info["network"] == [] and info["evotok_hf_imported"] is False and info["causal_is_vlm_class"]
+    assert info["network"] == [] and info["evotok_hf_imported"] is False
+    assert info["class_names"] == {"vlm": ["EvoTokForConditionalGeneration"] * 5, "processors": ["EvoTokProcessor"] * 2}
+    assert "trust_remote_code=True" in info["processor_without_trust"], info["processor_without_trust"]
     assert all(module.startswith("transformers_modules.") for module in info["modules"]), info["modules"]
     assert (image_cwd / "reconstruction.png").is_file()  # the remote-code card snippets ran there
     gen_codes, gen_image = card_snippet_image(source_dirs["gen"])
@@ -503,6 +526,7 @@ def test_remote_code_loads_without_evotok_hf_and_matches_the_package(published, 
             "vlm_input_ids": inputs.input_ids,
             "vlm_logits": vlm(**inputs).logits,
             "vlm_generated": vlm.generate(**inputs, max_new_tokens=4, do_sample=False),
+            "auto_model_generated": vlm.generate(**inputs, max_new_tokens=4, do_sample=False),
             "gen_codes": gen_codes,
         }
     assert remote.keys() == expected.keys()

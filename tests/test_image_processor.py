@@ -120,3 +120,79 @@ def test_save_load(tmp_path):
     proc.save_pretrained(tmp_path)
     again = EvoTokImageProcessor.from_pretrained(tmp_path)
     assert again.resize_mode == "squash" and again.size.height == 64
+
+
+def test_float_and_16_bit_arrays_give_the_pixels_of_their_8_bit_image(processor):
+    """Float arrays and tensors in [0, 1] (the float image convention: scikit-image, `ToTensor`) and 16-bit arrays are
+    read on their own scale: the pixels of the same picture as 8-bit, not divided by 255 a second time into black."""
+    rgb = np.array(photo(48, 40))
+    expected = processor(PIL.Image.fromarray(rgb), return_tensors="pt").pixel_values
+    inputs = {
+        "float32 in [0, 1]": rgb.astype(np.float32) / 255,
+        "float64 in [0, 1]": rgb / 255.0,
+        "torch float (3, H, W) in [0, 1]": torch.from_numpy(rgb).permute(2, 0, 1).float() / 255,
+        "opaque RGBA float in [0, 1]": np.concatenate([rgb / 255.0, np.ones((40, 48, 1))], axis=-1),
+        "float in [0, 255], not integer-valued": rgb.astype(np.float32) + 0.25,
+        "uint16": rgb.astype(np.uint16) * 257,
+    }
+    for name, image in inputs.items():
+        got = processor(image, return_tensors="pt").pixel_values
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+    # transformers' convention: `do_rescale=False` takes the values as already in [0, 1]
+    as_given = processor(rgb / 255.0, do_rescale=False, return_tensors="pt").pixel_values
+    torch.testing.assert_close(as_given, expected, rtol=0, atol=2 / 255)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        processor(np.full((8, 8, 3), np.nan, dtype=np.float32), return_tensors="pt")
+
+
+def test_paths_urls_and_base64_give_the_pil_images_pixels(processor, tmp_path):
+    """Strings are opened by the processor, so a file gets the conversion its PIL image gets: transparency composited
+    on white (transformers' loader converts to RGB by dropping alpha, which shows a transparent pixel's hidden colour)
+    and the EXIF orientation applied."""
+    import base64
+    import functools
+    import http.server
+    import threading
+
+    rgba = np.asarray(photo(48, 40).convert("RGBA")).copy()
+    rgba[:20, :, 3] = 0  # the top half is transparent over its (random) hidden colours
+    image = PIL.Image.fromarray(rgba)
+    image.save(tmp_path / "transparent.png")
+    expected = processor(image, return_tensors="pt").pixel_values
+    encoded = base64.b64encode((tmp_path / "transparent.png").read_bytes()).decode()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/transparent.png"
+        for source in (str(tmp_path / "transparent.png"), encoded, "data:image/png;base64," + encoded, url):
+            got = processor(source, return_tensors="pt").pixel_values
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=source[:40])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    upright = photo(48, 40)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # Orientation: stored rotated, shown turned 90 degrees clockwise
+    upright.transpose(PIL.Image.Transpose.ROTATE_90).save(tmp_path / "rotated.png", exif=exif)
+    got = processor(str(tmp_path / "rotated.png"), return_tensors="pt").pixel_values
+    torch.testing.assert_close(got, processor(upright, return_tensors="pt").pixel_values, rtol=0, atol=0)
+
+
+def test_a_missing_image_file_is_reported_as_missing(processor, tmp_path):
+    """A path that does not exist is named as a missing file (transformers' loader falls back to base64 and reports
+    "Incorrect padding"), also when it comes as an image part of a chat."""
+    from vlm_helpers import bpe_tokenizer, tiny_processor
+
+    missing = str(tmp_path / "holiday" / "cat.jpg")
+    with pytest.raises(ValueError, match=r"image file '.*cat\.jpg' does not exist"):
+        processor(missing, return_tensors="pt")
+    with pytest.raises(ValueError, match="is a directory"):
+        processor(str(tmp_path), return_tensors="pt")
+    with pytest.raises(ValueError, match="could not decode the base64 image data"):
+        processor("data:image/png;base64,bm90IGFuIGltYWdl", return_tensors="pt")
+    chat_processor = tiny_processor(bpe_tokenizer(["describe the image"]))
+    messages = [{"role": "user", "content": [{"type": "image", "path": missing}, {"type": "text", "text": "describe"}]}]
+    with pytest.raises(ValueError, match="does not exist"):
+        chat_processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")

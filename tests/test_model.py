@@ -227,3 +227,35 @@ def test_from_encoder_pretrained_rejects_other_architectures(tmp_path):
 def test_bad_inputs_raise_clear_errors(tiny_model, call, message):
     with pytest.raises(ValueError, match=message):
         call(tiny_model)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_one_non_finite_pixel_or_latent_raises_naming_it(tiny_model, tiny_images, value):
+    """One bad entry used to give all-zero codes (NaN) or a silently clamped pixel (inf)."""
+    pixels = tiny_images.clone()
+    pixels[1, 2, 5, 7] = value
+    kind = "1 NaN and 0 inf" if value != value else "0 NaN and 1 inf"
+    with pytest.raises(ValueError, match=rf"pixel_values contains NaN or infinite values \({kind} among 9216"):
+        tiny_model.encode(pixels)
+    with pytest.raises(ValueError, match="pixel_values contains NaN or infinite values"):
+        tiny_model(pixels)
+    latents = tiny_model.encode(tiny_images).pixel_latents.clone()
+    latents[0, 3, 1, 2] = value
+    for decode in (tiny_model.decode_latents, tiny_model.decode_semantic_latents):
+        with pytest.raises(ValueError, match=rf"latents contains NaN or infinite values \({kind} among 384"):
+            decode(latents)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda m: m.encode(torch.zeros(0, 3, 32, 32)), "pixel_values"),
+        (lambda m: m.decode_latents(torch.zeros(0, 8, 4, 4)), "latents"),
+        (lambda m: m.decode_semantic_latents(torch.zeros(0, 8, 4, 4)), "latents"),
+        (lambda m: m.decode(torch.zeros(0, 4, 4, 2, dtype=torch.long)), "codes"),
+        (lambda m: m.get_semantic_features(torch.zeros(0, 4, 4, 4, dtype=torch.long)), "codes"),
+    ],
+)
+def test_empty_batch_raises_naming_it(tiny_model, call, name):
+    with pytest.raises(ValueError, match=rf"{name} is an empty batch"):
+        call(tiny_model)

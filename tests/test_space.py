@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageFile
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -128,6 +129,15 @@ def files(tmp_path_factory):
     noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
     PIL.Image.fromarray(noise).save(root / "too_many_bytes.png")  # 1 MP, about 3 MB
     png_claiming_size(root / "bomb.png", 20_000, 20_000)
+    # Non-RGB uploads: hidden red under full transparency on the left half, and a 16-bit grey ramp above 255.
+    rgba = np.zeros((40, 48, 4), dtype=np.uint8)
+    rgba[:, :24] = (255, 0, 0, 0)
+    rgba[:, 24:, :3] = np.random.default_rng(1).integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    rgba[:, 24:, 3] = 255
+    PIL.Image.fromarray(rgba).save(root / "transparent.png")
+    PIL.Image.fromarray((np.arange(40 * 48).reshape(40, 48) * 30).astype(np.uint16)).save(root / "grey16.png")
+    rgba_large = np.zeros((1500, 1500, 4), dtype=np.uint8)
+    PIL.Image.fromarray(rgba_large).save(root / "too_many_pixels_rgba.png")  # 2.25 MP, decodable, a few kB
     return root
 
 
@@ -291,6 +301,44 @@ def test_oversized_uploads_are_rejected_with_a_message(client, files, app, token
     assert client.predict(handle_file(str(files / "astronaut.png")), 1, api_name="/reconstruct")[2].startswith("PSNR")
 
 
+@pytest.mark.parametrize("name, mode", [("transparent.png", "RGBA"), ("grey16.png", "I;16")])
+def test_non_rgb_uploads_reach_the_model_as_the_image_processor_converts_them(client, files, tokenizer, name, mode):
+    from gradio_client import handle_file
+
+    photo = files / name
+    model, processor = tokenizer
+    assert PIL.Image.open(photo).mode == mode
+    expected = processor.postprocess(processor(PIL.Image.open(photo), return_tensors="pt").pixel_values)[0]
+    # What a plain RGB conversion (gradio's default image_mode) would feed the model differs: the test tells them apart.
+    rgb = processor.postprocess(processor(PIL.Image.open(photo).convert("RGB"), return_tensors="pt").pixel_values)[0]
+    assert not np.array_equal(np.asarray(rgb), np.asarray(expected))
+
+    preprocessed, _, psnr_text, _, _ = client.predict(handle_file(str(photo)), 1, api_name="/reconstruct")
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(preprocessed).convert("RGB")), np.asarray(expected))
+    assert psnr_text.startswith(expected_psnr_text(tokenizer, photo, 1)[0] + " ")
+
+
+def test_oversized_uploads_are_refused_from_the_header_without_decoding(client, files, monkeypatch):
+    """A 2.25 MP RGBA file (over the 1.2 MP limit) is refused by its header: no pixel of it is ever decoded, neither by
+    gradio (whose RGB conversion decoded non-RGB uploads before the handler saw them) nor by the handler."""
+    from gradio_client import handle_file
+
+    decoded = []
+    load = PIL.ImageFile.ImageFile.load
+
+    def recording_load(image):  # the server runs in this process: every decode of an uploaded file passes here
+        decoded.append(Path(getattr(image, "filename", "") or "").name)
+        return load(image)
+
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", recording_load)
+    for api_name, extra in (("/reconstruct", (1,)), ("/semantic_depths", ()), ("/chat", ("what colour is the sky", 2))):
+        with pytest.raises(Exception, match=r"Image too large: 1500x1500 = 2\.2 megapixels"):
+            client.predict(handle_file(str(files / "too_many_pixels_rgba.png")), *extra, api_name=api_name)
+    assert "too_many_pixels_rgba.png" not in decoded
+    client.predict(handle_file(str(files / "transparent.png")), 1, api_name="/reconstruct")
+    assert "transparent.png" in decoded  # the recorder sees the decodes of accepted uploads
+
+
 def test_without_vlm_the_chat_tab_is_a_note(app, tokenizer):
     demo = app.build_demo(*tokenizer)
     elem_ids = {c["props"].get("elem_id") for c in demo.config["components"]}
@@ -409,12 +457,13 @@ def test_browser_text_to_image(generation_server, tmp_path):
 
 
 @pytest.mark.browser
-def test_browser_reconstruct(server, files, tokenizer, tmp_path):
+@pytest.mark.parametrize("name", ["astronaut.png", "grey16.png"])  # a 16-bit grey reaches the model as uploaded
+def test_browser_reconstruct(server, files, tokenizer, tmp_path, name):
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
     from playwright.sync_api import expect, sync_playwright
 
-    photo = files / "astronaut.png"
+    photo = files / name
     screenshot = tmp_path / "reconstruct.png"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -587,3 +636,43 @@ def test_push_space_upload_arguments(tmp_path, recorded_hub_uploads):
     assert kwargs == {"repo_id": SPACE_REPO, "repo_type": "space", "folder_path": str(tmp_path / "out"),
                       "commit_message": "first upload", "delete_patterns": ["evotok_hf/**"]}  # fmt: skip
     assert result["uploaded"] is True and (tmp_path / "out" / "evotok_hf" / "__init__.py").is_file()
+
+
+# ----------------------------------------------------------------------------- text-to-image settings, as generate
+def generate_error(vlm, processor, **settings) -> str:
+    """The ValueError `generate(generation_mode="image")` raises for these settings."""
+    inputs = processor(text=T2I_PROMPT, generation_mode="image", return_tensors="pt")
+    with pytest.raises(ValueError) as info:
+        vlm.generate(**inputs, generation_mode="image", **settings)
+    return str(info.value)
+
+
+def test_text_to_image_refuses_what_generate_refuses_with_its_message(app, generation_models, generation_client):
+    handlers = app.EvoTokDemo(*generation_models)
+    vlm, processor = generation_models.vlm, generation_models.vlm_processor
+    cases = [  # (guidance slider, Sample box, temperature / top-k / top-p boxes) -> the same settings given to generate
+        ((7.5, True, "", "", "1.5"), {"depth_top_p": 1.5}),
+        ((7.5, True, "", "", "nan"), {"depth_top_p": float("nan")}),
+        ((7.5, True, "inf", "", ""), {"depth_temperature": float("inf")}),
+        ((7.5, True, "0", "", ""), {"depth_temperature": 0.0}),
+        ((float("nan"), True, "", "", ""), {"guidance_scale": float("nan")}),
+        ((float("nan"), False, "", "", ""), {"guidance_scale": float("nan"), "do_sample": False}),
+        ((float("inf"), True, "", "", ""), {"guidance_scale": float("inf")}),
+        (("high", True, "", "", ""), {"guidance_scale": "high"}),  # an API client can send anything
+    ]
+    for (guidance, do_sample, *boxes), settings in cases:
+        message = generate_error(vlm, processor, **settings)
+        with pytest.raises(app.gr.Error) as info:
+            handlers.text_to_image(T2I_PROMPT, "", guidance, do_sample, 0, *boxes, progress=lambda *a, **kw: None)
+        assert info.value.message == message, settings
+    # served: the message reaches the client
+    with pytest.raises(Exception, match=re.escape("depth_top_p must be in (0, 1], got 1.5 at depth 0")):
+        generation_client.predict(T2I_PROMPT, "", 7.5, True, 0, "", "", "1.5", api_name="/text_to_image")
+
+
+def test_text_to_image_without_sampling_accepts_a_zero_temperature(app, generation_models):
+    handlers = app.EvoTokDemo(*generation_models)
+    greedy = handlers.text_to_image(T2I_PROMPT, "", 3.0, False, 0, "", "", "", progress=lambda *a, **kw: None)
+    zero = handlers.text_to_image(T2I_PROMPT, "", 3.0, False, 0, "0", "", "", progress=lambda *a, **kw: None)
+    np.testing.assert_array_equal(np.asarray(zero[0]), np.asarray(greedy[0]))
+    np.testing.assert_array_equal(np.asarray(zero[2]), np.asarray(greedy[2]))

@@ -201,6 +201,53 @@ def test_prepare_inputs_passes_images_only_while_cache_is_empty(vlm, processor):
     assert "image_codes" in first
 
 
+@pytest.mark.parametrize("with_image", [True, False])
+def test_generate_from_inputs_embeds_equals_generate_from_input_ids(vlm, processor, with_image):
+    """`generate(inputs_embeds=...)` (what clients that build their own embeddings call) continues the prompt exactly as
+    `generate(input_ids=...)`; the image placeholders are found in the embeddings themselves."""
+    if with_image:
+        inputs = processor(images=pil_images(1), text="user <image> describe", return_tensors="pt")
+    else:
+        inputs = processor(text="what colour is the sky", return_tensors="pt")
+    image_token_id = vlm.config.image_token_id
+    from_ids = greedy(vlm, inputs, image_token_id)
+    embedded = {k: v for k, v in inputs.items() if k != "input_ids"}
+    with torch.no_grad():
+        embedded["inputs_embeds"] = vlm.get_input_embeddings()(inputs.input_ids)
+    from_embeds = greedy(vlm, embedded, image_token_id)
+    assert torch.equal(from_embeds, from_ids[:, inputs.input_ids.shape[1] :])
+
+
+def test_forward_follows_return_dict(vlm, processor, text_tokenizer, vision_config):
+    """`return_dict=False`, as an argument or in the config, gives the output's tuple (transformers' convention),
+    for the full model and for the backbone."""
+    inputs = processor(images=pil_images(1), text="user <image> describe", return_tensors="pt")
+    labels = inputs.input_ids.masked_fill(inputs.input_ids == vlm.config.image_token_id, -100)
+
+    def same(as_tuple, as_dict):
+        assert isinstance(as_tuple, tuple)
+        expected = as_dict.to_tuple()
+        assert len(as_tuple) == len(expected)
+        for got, want in zip(as_tuple, expected):
+            if isinstance(want, torch.Tensor):
+                assert torch.equal(got, want)
+            elif isinstance(want, tuple):  # hidden states
+                assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+    with torch.no_grad():
+        for model, kwargs in ((vlm, {"labels": labels}), (vlm.model, {})):
+            as_dict = model(**inputs, **kwargs)
+            same(model(**inputs, **kwargs, return_dict=False), as_dict)
+            same(model(**inputs, **kwargs, output_hidden_states=True, return_dict=False),
+                 model(**inputs, **kwargs, output_hidden_states=True))  # fmt: skip
+
+    torch.manual_seed(0)
+    model = EvoTokForConditionalGeneration(make_config(text_tokenizer, vision_config, return_dict=False)).eval()
+    with torch.no_grad():
+        same(model(**inputs, labels=labels), model(**inputs, labels=labels, return_dict=True))
+        same(model.model(**inputs), model.model(**inputs, return_dict=True))
+
+
 def test_batched_left_padded_generation_matches_one_by_one(vlm, processor):
     texts = ["user <image> describe the image please", "<image> what"]
     images = pil_images(2, seed=3)

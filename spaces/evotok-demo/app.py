@@ -25,6 +25,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import PIL.Image  # noqa: E402
+import PIL.ImageOps  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -181,8 +182,10 @@ class EvoTokDemo:
         self.max_upload_bytes = max_upload_bytes
 
     def open_upload(self, path: str | None) -> PIL.Image.Image:
-        """An uploaded file -> a loaded PIL image; gr.Error (shown to the user) for a missing, oversized or unreadable
-        file. Size and pixel count are checked before any pixel is decoded."""
+        """An uploaded file, as uploaded -> a loaded PIL image in its own mode, upright (EXIF orientation applied, as
+        the image processor does for a file); gr.Error (shown to the user) for a missing, oversized or unreadable file.
+        Size and pixel count are checked before any pixel is decoded. The mode is left for the image processor to
+        convert (alpha over white, 16-bit greys rescaled), so the demo sees what `EvoTokImageProcessor` users see."""
         if not path:
             raise gr.Error("Upload an image first.")
         size = os.path.getsize(path)
@@ -204,9 +207,9 @@ class EvoTokDemo:
             )
         try:
             image.load()
+            return PIL.ImageOps.exif_transpose(image)
         except unreadable as err:
             raise gr.Error(f"Could not read the image: {err}") from err
-        return image
 
     def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
         try:
@@ -321,13 +324,13 @@ class EvoTokDemo:
             codes = self.vlm.generate(
                 **inputs,
                 generation_mode="image",
-                guidance_scale=float(guidance_scale),
-                do_sample=bool(do_sample),
+                guidance_scale=guidance_scale,  # as given: the model checks every setting (one rule for all callers)
+                do_sample=do_sample,
                 generator=generator,
                 streamer=ProgressStreamer(progress, vision.grid_size**2),
                 **settings,
             )
-        except ValueError as err:  # e.g. a top-p outside (0, 1]
+        except ValueError as err:  # e.g. a top-p outside (0, 1], a guidance scale that is not a finite number
             raise gr.Error(str(err)) from err
         image = self.vlm_processor.image_processor.postprocess(self.vlm.decode_image_tokens(codes))[0]
         first_depth = codes[0, ..., 0].cpu().numpy()
@@ -353,11 +356,18 @@ def _model_summary(tokenizer: EvoTokModel, vlm: EvoTokForConditionalGeneration |
     return "\n\n".join(lines)
 
 
+def upload_box(elem_id: str) -> gr.Image:
+    """An image upload that hands the handler the uploaded file untouched. gradio's default `image_mode="RGB"` would
+    decode and convert the file before the handler's size check (a transparent PNG keeping its hidden colours, a
+    16-bit grey turning white); with `image_mode=None` gradio reads only the header and passes the file's path."""
+    return gr.Image(type="filepath", image_mode=None, label="Image", elem_id=elem_id)
+
+
 def _reconstruct_tab(handlers: EvoTokDemo) -> None:
     pixel_depth = handlers.tokenizer.config.pixel_depth
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", label="Image", elem_id="recon-input")
+            image = upload_box("recon-input")
             depth = gr.Slider(1, pixel_depth, value=pixel_depth, step=1, label="Pixel depths k", elem_id="recon-depth",
                               info="Decode from the sum of the first k code embeddings")  # fmt: skip
             button = gr.Button("Tokenize & reconstruct", variant="primary", elem_id="recon-button")
@@ -388,7 +398,7 @@ def _semantic_tab(handlers: EvoTokDemo) -> None:
     )
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", label="Image", elem_id="semantic-input")
+            image = upload_box("semantic-input")
             button = gr.Button("Compare depths", variant="primary", elem_id="semantic-button")
         with gr.Column():
             table = gr.Dataframe(label="Cosine to all depths", interactive=False, elem_id="semantic-table")
@@ -408,7 +418,7 @@ def _chat_tab(handlers: EvoTokDemo) -> None:
         return
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", label="Image", elem_id="chat-image")
+            image = upload_box("chat-image")
             question = gr.Textbox(label="Question", value="Describe the image.", elem_id="chat-question")
             max_new_tokens = gr.Slider(1, 512, value=128, step=1, label="Max new tokens",
                                        elem_id="chat-max-new-tokens")  # fmt: skip

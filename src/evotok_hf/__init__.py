@@ -1,8 +1,8 @@
 """evotok_hf: EvoTok, a unified image tokenizer for understanding and generation, native to the Hugging Face stack.
 
 Importing the package registers `AutoConfig`, `AutoModel` and `AutoImageProcessor` for model_type "evotok" (the
-tokenizer), and `AutoConfig`, `AutoModelForImageTextToText`, `AutoModelForCausalLM` and `AutoProcessor` for
-"evotok_vlm" (the VLM).
+tokenizer), and `AutoConfig`, `AutoModelForImageTextToText`, `AutoModelForCausalLM`, `AutoModel` (all three the whole
+VLM) and `AutoProcessor` for "evotok_vlm" (the VLM).
 """
 
 from transformers import (
@@ -39,6 +39,9 @@ AutoModel.register(EvoTokDepthHeadConfig, EvoTokDepthTransformer, exist_ok=True)
 AutoConfig.register(EvoTokVLMConfig.model_type, EvoTokVLMConfig, exist_ok=True)
 AutoModelForImageTextToText.register(EvoTokVLMConfig, EvoTokForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(EvoTokVLMConfig, EvoTokForConditionalGeneration, exist_ok=True)
+# The whole VLM, as the auto_map of an exported folder says (hub/remote_code.py): a folder gives the same class with
+# or without the package imported.
+AutoModel.register(EvoTokVLMConfig, EvoTokForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(EvoTokVLMConfig, image_processor_classes={"pil": EvoTokImageProcessor}, exist_ok=True)
 AutoProcessor.register(EvoTokVLMConfig, EvoTokProcessor, exist_ok=True)
 

@@ -73,6 +73,8 @@ OFFICIAL_SEMANTIC_HEADS = 12
 # `args.teacher` values of the official training script that our model supports. "siglip_384" (SigLIP2-So400m/14)
 # needs a 14x upsampling the pixel decoder cannot do: the authors resize its 432 px output to 384 bicubically.
 SUPPORTED_TEACHERS = ("siglip_256",)
+# The converters run from Python and from scripts/convert_official.py: their messages name both spellings.
+OUTPUT_DIR_FLAGS = {"flag": "output_dir (--output-dir)", "overwrite_flag": "overwrite=True (--overwrite)"}
 
 
 class CheckpointConversionError(ValueError):
@@ -139,7 +141,7 @@ def _raise_on_loading_info(what: str, info: dict) -> None:
 
 def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False):
     """A staging folder beside `output_dir` that replaces it once complete (see `hub.staging.staged_output_dir`)."""
-    check_output_dir(output_dir, overwrite=overwrite, flag="output_dir (--output-dir)")
+    check_output_dir(output_dir, overwrite=overwrite, **OUTPUT_DIR_FLAGS)
     return staged_output_dir(output_dir)
 
 
@@ -458,7 +460,7 @@ def convert_tokenizer_checkpoint(
     (see `infer_tokenizer_config`). Raises `CheckpointConversionError` listing every unmapped, missing or
     mis-shaped key; an existing non-empty `output_dir` is refused unless `overwrite`, and is replaced only after the
     new folder is complete."""
-    check_output_dir(output_dir, overwrite=overwrite, flag="output_dir (--output-dir)")
+    check_output_dir(output_dir, overwrite=overwrite, **OUTPUT_DIR_FLAGS)
     checkpoint = load_official_checkpoint(checkpoint_path)
     source, state_dict = select_official_state_dict(checkpoint)
     logger.info("Converting the %r weights of %s.", source, checkpoint_path)
@@ -695,8 +697,9 @@ def infer_depth_head_config(
         if heads is None:
             problems.append(
                 f"cannot tell the depth head's attention heads: the checkpoint stores no RQTransformer config and its "
-                f"width {hidden} is not the authors' {sorted(OFFICIAL_DEPTH_HEAD_HEADS_BY_WIDTH)}; pass "
-                "depth_head_config={'num_attention_heads': ...}"
+                f"width {hidden} is not the authors' {sorted(OFFICIAL_DEPTH_HEAD_HEADS_BY_WIDTH)}; give the head "
+                "count: --depth-head-config '{\"num_attention_heads\": N}' on the command line, "
+                "depth_head_config={'num_attention_heads': N} in Python"
             )
         else:
             fields["num_attention_heads"] = heads
@@ -862,7 +865,7 @@ def convert_llava_checkpoint(
     if depth_head_config and spec.depth_head_prefix is None:
         raise ValueError(f"depth_head_config was given, but the {head} checkpoint has no depth head.")
     folder = Path(llava_dir)
-    check_output_dir(output_dir, overwrite=overwrite, flag="output_dir (--output-dir)")
+    check_output_dir(output_dir, overwrite=overwrite, **OUTPUT_DIR_FLAGS)
     llava_config = json.loads((folder / "config.json").read_text())
     vision = tokenizer if isinstance(tokenizer, EvoTokModel) else EvoTokModel.from_pretrained(tokenizer)
     what = f"official {head} checkpoint {str(folder)!r}"
@@ -990,6 +993,9 @@ def convert_llava_checkpoint(
         model.generation_config.pad_token_id = text_tokenizer.pad_token_id
     if spec.image_generation is not None:
         model.generation_config.image_generation = dict(spec.image_generation)
+        # A config marked as built from the model config (a new model's, or an authors' file saved from one) keeps the
+        # mark in the saved file, and readers of a marked file drop every key GenerationConfig does not declare.
+        model.generation_config._from_model_config = False
 
     processor = None
     if text_tokenizer is not None:

@@ -7,7 +7,7 @@ flat folder: they are copied next to `config.json` (without the packages' `__ini
 `auto_map` entries ("module.Class") tell transformers' Auto classes which file defines which class:
 
     config.json                                AutoConfig, AutoModel (tokenizer) or AutoModelForImageTextToText +
-                                               AutoModelForCausalLM (VLM)
+                                               AutoModelForCausalLM + AutoModel (VLM)
     preprocessor_config.json                   AutoImageProcessor (a tokenizer folder)
     processor_config.json                      AutoProcessor; AutoImageProcessor in its nested "image_processor"
                                                (a VLM folder: transformers 5 saves the image processor there)
@@ -166,12 +166,12 @@ def export_remote_code(model, processor_or_image_processor, folder) -> list[Path
         copied.append(target)
 
     model_ref = _class_ref(type(model))
-    model_entries = {"AutoConfig": _class_ref(type(model.config))}
+    # For a VLM, AutoModel is the whole VLM, not its backbone: generic clients (lmms-eval's `huggingface` model)
+    # fall back to it and call `generate`, as for other remote-code VLMs.
+    model_entries = {"AutoConfig": _class_ref(type(model.config)), "AutoModel": model_ref}
     if model_type == "evotok_vlm":
         # Text-only prompts run too (pixel_values is optional), so the causal-LM Auto class fits as well.
         model_entries.update({"AutoModelForImageTextToText": model_ref, "AutoModelForCausalLM": model_ref})
-    else:
-        model_entries["AutoModel"] = model_ref
     _write_json(config_path, _add_auto_map(config, model_entries))
 
     image_entry = {"AutoImageProcessor": _class_ref(type(image_processor))}

@@ -74,6 +74,34 @@ EVOTOK_PRESETS: dict[str, dict] = {
         "semantic_decoder_head_dim": 38,
         "teacher_dim": 192,
     },
+    # EvoTok in miniature (EvoTok Shapes, 64x64, 8x8 grid): the encoder has the shape of the mini-SigLIP that
+    # initialises it and is its teacher (evotok_hf.miniature.siglip); 512-entry codebooks suffice for six colours on grey.
+    "evotok-shapes": {
+        "encoder_config": {
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 8,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+        },
+        "codebook_size": 512,
+        "codebook_dim": 16,
+        "pixel_depth": 4,
+        "semantic_depth": 16,
+        "decoder_base_channels": 32,
+        "decoder_channel_multipliers": [1, 1, 2, 2],
+        "decoder_z_channels": 64,
+        "decoder_res_blocks_per_level": 1,
+        "decoder_norm_groups": 16,
+        "semantic_decoder_layers": 2,
+        "semantic_decoder_hidden_size": 128,
+        "semantic_decoder_num_heads": 4,
+        "semantic_decoder_head_dim": 32,
+        "teacher_dim": 128,
+    },
     # Unit tests only: every structural feature (odd head width, frozen encoder tail, several levels) at ~0.2M params.
     "evotok-tiny": {
         "encoder_config": {

@@ -26,20 +26,23 @@ The head is independent of the tokenizer: callers pass cumulative sums of code e
 References: EvoTok (arXiv 2603.12108); RQ-Transformer (Lee et al., CVPR 2022); VILA-U (Wu et al., 2024).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: transformers' tooling (its common tests, auto_docstring) reads the
+# forward's `**kwargs: Unpack[TransformersKwargs]` annotation at run time to see which outputs it accepts.
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, logging
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_evotok_depth_head import EvoTokDepthHeadConfig
 
@@ -104,34 +107,53 @@ class EvoTokDepthHeadOutput(ModelOutput):
         computed (depth_offset .. depth_offset + steps - 1), each from that depth's classifier.
     past_key_values (`Cache`, *optional*): the keys / values of every depth seen so far, when a cache is in use; pass
         it back with the next cumulative code sum to get the next depth.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states=True`, the depth sequence
+        `(batch, steps, hidden_size)` entering the first block and leaving each block (num_hidden_layers + 1).
+    attentions (`tuple(torch.FloatTensor)`, *optional*): with `output_attentions=True` (eager attention), each block's
+        attention weights `(batch, num_attention_heads, steps, cached + steps)`.
     """
 
     logits: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ----------------------------------------------------------------------------- blocks
-def _causal_attention(q, k, v, implementation: str | None, dropout: float) -> torch.Tensor:
-    """Causal multi-head attention over (batch, heads, tokens, head_dim). The queries are the last `q_len` of the
-    `kv_len` positions (earlier ones come from the cache), so query i sees keys 0 .. kv_len - q_len + i."""
-    q_len, kv_len = q.shape[-2], k.shape[-2]
-    mask = None
-    if q_len > 1:
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(diagonal=kv_len - q_len)
-    if implementation == "eager":
-        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        # at least fp32 for the softmax (bf16 / fp16 would round the weights), full precision for fp64
-        weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
-        return F.dropout(weights, p=dropout, training=dropout > 0) @ v
-    if q_len == kv_len:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+def depth_causal_mask(steps: int, cached: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """Additive mask `(1, 1, steps, cached + steps)` for `steps` new depths after `cached` ones: new depth i sees depths
+    0 .. cached + i. None for a single new depth, which sees every depth there is."""
+    if steps == 1:
+        return None
+    visible = torch.ones(steps, cached + steps, dtype=torch.bool, device=device).tril(diagonal=cached)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference attention (the `"eager"` implementation) over `(batch, heads, tokens, head_dim)`: returns the
+    output as `(batch, tokens, heads, head_dim)`, as every entry of `ALL_ATTENTION_FUNCTIONS` does, and the weights."""
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    # at least fp32 for the softmax (bf16 / fp16 would round the weights), full precision for fp64
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class EvoTokDepthAttention(nn.Module):
-    """Causal self-attention over the depth axis with biased q/k/v/o projections and an optional KV cache."""
+    """Causal self-attention over the depth axis with biased q/k/v/o projections and an optional KV cache; the kernel
+    is the one `config._attn_implementation` names in transformers' attention interface (eager as the fallback)."""
 
     def __init__(self, config: EvoTokDepthHeadConfig, layer_idx: int):
         super().__init__()
@@ -139,13 +161,21 @@ class EvoTokDepthAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, hidden)
         self.k_proj = nn.Linear(hidden, hidden)
         self.v_proj = nn.Linear(hidden, hidden)
         self.o_proj = nn.Linear(hidden, hidden)
 
-    def forward(self, hidden_states: torch.Tensor, past_key_values: Cache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, steps, hidden = hidden_states.shape
 
         def heads(t):  # (B, T, E) -> (B, heads, T, head_dim)
@@ -156,9 +186,14 @@ class EvoTokDepthAttention(nn.Module):
         v = heads(self.v_proj(hidden_states))
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        dropout = self.config.attention_dropout if self.training else 0.0
-        out = _causal_attention(q, k, v, self.config._attn_implementation, dropout)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, hidden))
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention_interface(
+            self, q, k, v, attention_mask, scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0, **kwargs,
+        )  # fmt: skip
+        return self.o_proj(out.reshape(batch, steps, hidden)), weights
 
 
 class EvoTokDepthMLP(nn.Module):
@@ -183,8 +218,17 @@ class EvoTokDepthLayer(GradientCheckpointingLayer):
         self.mlp = EvoTokDepthMLP(config)
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
-    def forward(self, hidden_states: torch.Tensor, past_key_values: Cache | None = None) -> torch.Tensor:
-        attn_out = self.attn(self.input_layernorm(hidden_states), past_key_values=past_key_values)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_out, _ = self.attn(
+            self.input_layernorm(hidden_states), attention_mask=attention_mask, past_key_values=past_key_values,
+            **kwargs,
+        )  # fmt: skip
         hidden_states = hidden_states + self.resid_dropout(attn_out)
         return hidden_states + self.resid_dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
 
@@ -212,7 +256,10 @@ class EvoTokDepthTransformer(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["EvoTokDepthLayer", "EvoTokDepthClassifier"]
     _skip_keys_device_placement = ["past_key_values"]
+    # Eager and SDPA are the implementations checked against each other here; flash / flex attention would need their
+    # own handling of the cached-prefix causal mask.
     _supports_sdpa = True
+    _can_record_outputs = {"hidden_states": EvoTokDepthLayer, "attentions": EvoTokDepthAttention}
 
     def __init__(self, config: EvoTokDepthHeadConfig):
         super().__init__(config)
@@ -305,6 +352,7 @@ class EvoTokDepthTransformer(PreTrainedModel):
         return depth_offset
 
     # -- forward -------------------------------------------------------------------------------------------------
+    @capture_outputs
     def forward(
         self,
         hidden_states: torch.Tensor | None = None,
@@ -312,6 +360,7 @@ class EvoTokDepthTransformer(PreTrainedModel):
         past_key_values: Cache | None = None,
         use_cache: bool = False,
         depth_offset: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> EvoTokDepthHeadOutput:
         """Code logits for the next depths of a batch of image positions.
 
@@ -324,6 +373,8 @@ class EvoTokDepthTransformer(PreTrainedModel):
             use_cache (`bool`, defaults to False): start a `DynamicCache` when none is given and return it.
             depth_offset (`int`, *optional*): index of the first depth this call computes; by default the cache length
                 (0 without a cache). When given it must equal the cache length (a guard for callers that count).
+            output_hidden_states / output_attentions / return_dict: as everywhere in transformers (the per-block
+                depth sequences and attention weights; a plain tuple with `return_dict=False`).
 
         Calling modes:
             - teacher forcing (training): `hidden_states` and the `pixel_depth - 1` ground-truth sums of depths
@@ -351,8 +402,9 @@ class EvoTokDepthTransformer(PreTrainedModel):
         steps = sequence.shape[1]
         sequence = sequence + self.depth_embeddings[:, depth_offset : depth_offset + steps]
 
+        mask = depth_causal_mask(steps, depth_offset, sequence.dtype, sequence.device)
         for layer in self.layers:
-            sequence = layer(sequence, past_key_values=past_key_values)
+            sequence = layer(sequence, attention_mask=mask, past_key_values=past_key_values, **kwargs)
 
         logits = torch.stack([self.classifiers[depth_offset + i](sequence[:, i]) for i in range(steps)], dim=1)
         return EvoTokDepthHeadOutput(logits=logits, past_key_values=past_key_values)

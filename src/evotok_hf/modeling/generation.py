@@ -14,15 +14,19 @@ key/value cache across positions and the depth head its own across depths (`use_
 scratch at every step, as the authors' depth head does). Sampling settings may differ per depth and go through
 transformers' logits warpers.
 
-Defaults come from `generation_config.image_generation` (a dict saved with the generation config) when present, else
-from `IMAGE_GENERATION_DEFAULTS`: the paper's guidance scale 7.5 and the authors' top-k 900 / top-p 0.96 /
-temperature 1.0 sampling.
+Settings not given come from `generation_config.image_generation` (a dict saved in generation_config.json) when
+present, else from `IMAGE_GENERATION_DEFAULTS`: the paper's guidance scale 7.5 and the authors' top-k 900 / top-p 0.96 /
+temperature 1.0 sampling. `resolve_image_generation_settings` picks and checks them, the one place every entry point
+(generate, the pipeline, the Space) goes through.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from numbers import Integral, Real
 
+import numpy as np
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -38,44 +42,130 @@ IMAGE_GENERATION_DEFAULTS = {
     "depth_top_k": 900,
     "depth_top_p": 0.96,
 }
+_PER_DEPTH_SETTINGS = ("depth_temperature", "depth_top_k", "depth_top_p")
+_SAVED_SETTINGS = "generation_config.image_generation"
 
 
-def _per_depth(name: str, value, depth: int) -> list:
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
+def _per_depth(name: str, value, depth: int, source: str) -> list:
     """A scalar or a sequence of `depth` values -> a list of `depth` values."""
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != depth:
-            raise ValueError(f"{name} must be a scalar or a list of pixel_depth={depth} values, got {list(value)}.")
+            raise ValueError(
+                f"{name} must be one value or a list of pixel_depth={depth} values, got {list(value)}{source}."
+            )
         return list(value)
     return [value] * depth
 
 
-def build_depth_warpers(temperature, top_k, top_p, depth: int, vocab_size: int) -> list[LogitsProcessorList]:
-    """One `LogitsProcessorList` per depth (temperature, then top-k, then top-p, as transformers orders them); None,
-    a top-k of 0 and a top-p of 1.0 switch a warper off."""
+# what each per-depth setting must be, as its error message says it
+_DEPTH_RULES = {
+    "depth_temperature": "must be a finite number > 0",
+    "depth_top_k": "must be an int >= 0",
+    "depth_top_p": "must be in (0, 1]",
+}
+
+
+def _valid_depth_value(name: str, value, do_sample: bool) -> bool:
+    """Whether one depth's temperature / top-k / top-p (None: that warper is off) is valid."""
+    if value is None:
+        return True
+    if name == "depth_top_k":
+        return isinstance(value, Integral) and not isinstance(value, (bool, np.bool_)) and value >= 0
+    if not _is_number(value):
+        return False
+    if name == "depth_temperature":
+        # without sampling the temperature is unused, so 0 (a common way to ask for greedy decoding) is fine there
+        return value > 0 or (value == 0 and not do_sample)
+    return 0 < value <= 1
+
+
+def resolve_image_generation_settings(
+    generation_config,
+    pixel_depth: int,
+    guidance_scale=None,
+    do_sample=None,
+    depth_temperature=None,
+    depth_top_k=None,
+    depth_top_p=None,
+) -> dict:
+    """The settings one image generation runs with, checked here and nowhere else for every entry point (`generate`,
+    `EvoTokPipeline`, the Space): a value given (not None), else the one saved in `generation_config.image_generation`,
+    else `IMAGE_GENERATION_DEFAULTS`.
+
+    Returns a dict with `guidance_scale` (a finite float; a saved None means 1.0, no guidance), `do_sample` (bool) and
+    `depth_temperature` / `depth_top_k` / `depth_top_p` as lists of `pixel_depth` values, None where that warper is
+    off. Raises a ValueError naming the setting, the depth and whether the value was saved in the generation config.
+    """
+    saved = getattr(generation_config, "image_generation", None)
+    if saved is None:
+        saved = {}
+    if not isinstance(saved, dict):
+        raise ValueError(f"{_SAVED_SETTINGS} must be a dict of settings, got {saved!r}.")
+    unknown = sorted(set(saved) - set(IMAGE_GENERATION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{_SAVED_SETTINGS} has unknown settings {unknown}; known: {list(IMAGE_GENERATION_DEFAULTS)}.")
+    given = {"guidance_scale": guidance_scale, "do_sample": do_sample, "depth_temperature": depth_temperature,
+             "depth_top_k": depth_top_k, "depth_top_p": depth_top_p}  # fmt: skip
+    values, sources = {}, {}
+    for name, default in IMAGE_GENERATION_DEFAULTS.items():
+        if given[name] is not None:
+            values[name], sources[name] = given[name], ""
+        elif name in saved:
+            values[name], sources[name] = saved[name], f" (from {_SAVED_SETTINGS})"
+        else:
+            values[name], sources[name] = default, ""
+
+    settings = {}
+    scale = 1.0 if values["guidance_scale"] is None else values["guidance_scale"]
+    if not _is_number(scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {scale!r}{sources['guidance_scale']}.")
+    settings["guidance_scale"] = float(scale)
+    if not isinstance(values["do_sample"], (bool, np.bool_)):
+        raise ValueError(f"do_sample must be True or False, got {values['do_sample']!r}{sources['do_sample']}.")
+    settings["do_sample"] = bool(values["do_sample"])
+    for name in _PER_DEPTH_SETTINGS:
+        checked = []
+        for depth, value in enumerate(_per_depth(name, values[name], pixel_depth, sources[name])):
+            if not _valid_depth_value(name, value, settings["do_sample"]):
+                zero_temperature = name == "depth_temperature" and _is_number(value) and value == 0
+                hint = " (0 only with do_sample=False)" if zero_temperature else ""
+                raise ValueError(f"{name} {_DEPTH_RULES[name]}, got {value!r} at depth {depth}{sources[name]}{hint}.")
+            checked.append(None if value is None else int(value) if name == "depth_top_k" else float(value))
+        settings[name] = checked
+    return settings
+
+
+def _depth_warpers(settings: dict, vocab_size: int) -> list[LogitsProcessorList]:
+    """One `LogitsProcessorList` per depth from checked settings (temperature, then top-k, then top-p, as transformers
+    orders them); a temperature of 1, a top-k of 0 and a top-p of 1 add no warper, and greedy decoding uses none."""
+    per_depth = list(zip(settings["depth_temperature"], settings["depth_top_k"], settings["depth_top_p"]))
+    if not settings["do_sample"]:  # the argmax at every depth
+        return [LogitsProcessorList() for _ in per_depth]
     warpers = []
-    for d, (t, k, p) in enumerate(
-        zip(
-            _per_depth("depth_temperature", temperature, depth),
-            _per_depth("depth_top_k", top_k, depth),
-            _per_depth("depth_top_p", top_p, depth),
-        )
-    ):
+    for t, k, p in per_depth:
         processors = LogitsProcessorList()
-        if t is not None:
-            if not t > 0:
-                raise ValueError(f"depth_temperature must be > 0, got {t} at depth {d}.")
-            if t != 1.0:
-                processors.append(TemperatureLogitsWarper(float(t)))
-        if k is not None and k != 0:
-            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-                raise ValueError(f"depth_top_k must be a non-negative int, got {k!r} at depth {d}.")
+        if t is not None and t != 1.0:
+            processors.append(TemperatureLogitsWarper(t))
+        if k:
             processors.append(TopKLogitsWarper(min(k, vocab_size)))
         if p is not None and p < 1.0:
-            if not 0 < p <= 1:
-                raise ValueError(f"depth_top_p must be in (0, 1], got {p} at depth {d}.")
-            processors.append(TopPLogitsWarper(float(p)))
+            processors.append(TopPLogitsWarper(p))
         warpers.append(processors)
     return warpers
+
+
+def build_depth_warpers(temperature, top_k, top_p, depth: int, vocab_size: int) -> list[LogitsProcessorList]:
+    """One `LogitsProcessorList` per depth for sampling; each setting is a scalar or a list of `depth` values, checked
+    as `resolve_image_generation_settings` checks them; None, a top-k of 0 and a top-p of 1.0 switch a warper off."""
+    settings = resolve_image_generation_settings(
+        None, depth, do_sample=True, depth_temperature=1.0 if temperature is None else temperature,
+        depth_top_k=0 if top_k is None else top_k, depth_top_p=1.0 if top_p is None else top_p,
+    )  # fmt: skip
+    return _depth_warpers(settings, vocab_size)
 
 
 def _check_left_padded(name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, boi_token_id: int) -> None:
@@ -128,15 +218,19 @@ def generate_image_codes(
             (`EvoTokProcessor(text=prompts, generation_mode="image")`).
         negative_input_ids / negative_attention_mask (`(batch or 1, length)`, *optional*): the unconditional half of
             classifier-free guidance (the processor returns the default one, a user turn holding " ").
-        guidance_scale (`float`, *optional*): CFG scale; 1.0 (or None with no default) runs the conditional rows only.
+        guidance_scale (`float`, *optional*): CFG scale, any finite number; 1.0 runs the conditional rows only.
         do_sample (`bool`, *optional*): sample (with the warpers below) or take the argmax at every depth.
-        depth_temperature / depth_top_k / depth_top_p: a scalar for every depth or a list of `pixel_depth` values.
+        depth_temperature / depth_top_k / depth_top_p: a scalar for every depth or a list of `pixel_depth` values;
+            temperature > 0 (0 is accepted, and unused, with do_sample=False), top-k an int >= 0 (0: off), top-p in
+            (0, 1] (1: off); None inside a list switches that depth's warper off.
+            Each setting left None takes the saved default (see `resolve_image_generation_settings`).
         num_return_sequences (`int`): images per prompt.
         generator (`torch.Generator`, *optional*): the randomness of sampling, for reproducible images.
         use_cache (`bool`): key/value caches in the LLM (across positions) and in the depth head (across depths).
         streamer (*optional*): an object with `put(codes)` (called per position with that position's codes,
             `(batch * num_return_sequences, pixel_depth)`) and `end()`, e.g. a progress bar.
-        generation_config (`GenerationConfig`, *optional*): read for `image_generation` defaults (else the model's).
+        generation_config (`GenerationConfig`, *optional*): read for its `image_generation` settings (else the
+            model's).
 
     Returns:
         `torch.LongTensor` of shape `(batch * num_return_sequences, grid, grid, pixel_depth)`: decode with
@@ -151,20 +245,18 @@ def generate_image_codes(
         raise ValueError("generation_mode='image' needs `input_ids` (EvoTokProcessor(text=..., generation_mode='image')).")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    generation_config = generation_config if generation_config is not None else model.generation_config
-    defaults = {**IMAGE_GENERATION_DEFAULTS, **(getattr(generation_config, "image_generation", None) or {})}
-    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-    do_sample = defaults["do_sample"] if do_sample is None else do_sample
-    depth_temperature = defaults["depth_temperature"] if depth_temperature is None else depth_temperature
-    depth_top_k = defaults["depth_top_k"] if depth_top_k is None else depth_top_k
-    depth_top_p = defaults["depth_top_p"] if depth_top_p is None else depth_top_p
     if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be a positive int, got {num_return_sequences!r}.")
-
     vision = config.vision_config
     pixel_depth, grid = vision.pixel_depth, vision.grid_size
-    warpers = build_depth_warpers(depth_temperature, depth_top_k, depth_top_p, pixel_depth, vision.codebook_size)
-    guided = guidance_scale is not None and guidance_scale != 1.0
+    settings = resolve_image_generation_settings(
+        generation_config if generation_config is not None else model.generation_config, pixel_depth,
+        guidance_scale=guidance_scale, do_sample=do_sample, depth_temperature=depth_temperature,
+        depth_top_k=depth_top_k, depth_top_p=depth_top_p,
+    )  # fmt: skip
+    guidance_scale, do_sample = settings["guidance_scale"], settings["do_sample"]
+    warpers = _depth_warpers(settings, vision.codebook_size)
+    guided = guidance_scale != 1.0
 
     _check_left_padded("input_ids", input_ids, attention_mask, config.boi_token_id)
     batch = input_ids.shape[0]
@@ -255,4 +347,9 @@ def _sample_depths(head, quantizer, hidden, warpers, guided, guidance_scale, do_
     return chosen
 
 
-__all__ = ["IMAGE_GENERATION_DEFAULTS", "build_depth_warpers", "generate_image_codes"]
+__all__ = [
+    "IMAGE_GENERATION_DEFAULTS",
+    "build_depth_warpers",
+    "generate_image_codes",
+    "resolve_image_generation_settings",
+]

@@ -18,6 +18,7 @@ References: EvoTok (arXiv 2603.12108); BEiT v2 (VQ-KD decoder); LlamaGen / VQGAN
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,8 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.siglip.modeling_siglip import SiglipPreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_evotok import EvoTokConfig
 from .quantizer import EvoTokResidualQuantizer
@@ -94,24 +95,40 @@ class EvoTokInputScaling(nn.Module):
         return (unit - self.shift) / self.scale
 
 
-def _attention(q, k, v, implementation: str | None) -> torch.Tensor:
-    """Non-causal multi-head attention over (batch, heads, tokens, head_dim); SDPA unless "eager" is asked for."""
-    if implementation == "eager":
-        weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1, dtype=torch.float32)
-        return weights.to(v.dtype) @ v
-    return F.scaled_dot_product_attention(q, k, v)
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference attention (the `"eager"` implementation) over `(batch, heads, tokens, head_dim)`: returns the
+    output as `(batch, tokens, heads, head_dim)`, as every entry of `ALL_ATTENTION_FUNCTIONS` does, and the weights."""
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    # at least fp32 for the softmax (bf16 / fp16 would round the weights), full precision for fp64
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 # ----------------------------------------------------------------------------- semantic decoder (BEiT-v2 style)
 class EvoTokSemanticAttention(nn.Module):
     """Attention with `num_heads * head_dim` inner width (1020 in the paper: 12 heads of 85 for width 1024), a fused
-    bias-free `qkv` projection plus separate query and value biases (the key bias is zero), as in BEiT."""
+    bias-free `qkv` projection plus separate query and value biases (the key bias is zero), as in BEiT. The kernel is
+    the one `config._attn_implementation` names in transformers' attention interface (eager as the fallback)."""
 
     def __init__(self, config: EvoTokConfig):
         super().__init__()
         self.config = config
         self.num_heads = config.semantic_decoder_num_heads
         self.head_dim = config.semantic_decoder_head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
         inner = self.num_heads * self.head_dim
         hidden = config.semantic_decoder_hidden_size
         self.qkv = nn.Linear(hidden, 3 * inner, bias=False)
@@ -124,8 +141,11 @@ class EvoTokSemanticAttention(nn.Module):
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(hidden_states, self.qkv.weight, bias)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = _attention(q, k, v, self.config._attn_implementation)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, _ = attention_interface(self, q, k, v, None, scaling=self.scaling)
+        return self.proj(out.reshape(batch, tokens, -1))
 
 
 class EvoTokSemanticMLP(nn.Module):
@@ -208,11 +228,14 @@ class EvoTokResnetBlock(GradientCheckpointingLayer):
 
 
 class EvoTokAttnBlock(nn.Module):
-    """Single-head spatial self-attention with 1x1 conv projections."""
+    """Single-head spatial self-attention with 1x1 conv projections, through transformers' attention interface like
+    the semantic decoder's."""
 
     def __init__(self, config: EvoTokConfig, channels: int):
         super().__init__()
         self.config = config
+        self.scaling = channels**-0.5
+        self.is_causal = False
         self.norm = _group_norm(config, channels)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
@@ -226,8 +249,13 @@ class EvoTokAttnBlock(nn.Module):
         def heads(t):  # (B, C, H, W) -> (B, 1, HW, C)
             return t.flatten(2).transpose(1, 2).unsqueeze(1)
 
-        out = _attention(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)), self.config._attn_implementation)
-        out = out.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, _ = attention_interface(self, heads(self.q(h)), heads(self.k(h)), heads(self.v(h)), None,
+                                     scaling=self.scaling)  # fmt: skip
+        # (B, HW, 1, C) -> (B, C, H, W)
+        out = out.reshape(batch, height * width, channels).transpose(1, 2).reshape(batch, channels, height, width)
         return x + self.proj_out(out)
 
 
@@ -304,6 +332,18 @@ class EvoTokPixelDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
+def initialize_native_submodels(model: PreTrainedModel) -> None:
+    """Initialise the transformers-native models nested in `model` (SigLIP, the LLM) on their own path, before
+    `model`'s. transformers counts classes defined outside its package as custom code and hands that flag down to
+    every nested model; with it, `initialize_weights` skips any module that owns no tensors itself, and SigLIP sets
+    the weights of its attention and MLP layers from those parent modules (xavier, tiny biases). Loading a checkpoint
+    with missing SigLIP keys then gave them a different initialisation than `__init__`, where SigLIP initialises itself
+    as a native model. Run first, each native model marks its modules initialised, so the custom pass skips them."""
+    for module in model.modules():  # outer models before the models nested in them
+        if module is not model and isinstance(module, PreTrainedModel) and not module.is_custom_code():
+            module.initialize_weights()
+
+
 class EvoTokPreTrainedModel(PreTrainedModel):
     config_class = EvoTokConfig
     config: EvoTokConfig
@@ -321,17 +361,21 @@ class EvoTokPreTrainedModel(PreTrainedModel):
         "EvoTokAttnBlock",
     ]
     _supports_sdpa = True
-    # The codebooks stay fp32 whatever dtype the model is loaded in: rounding them would change the codes.
-    _keep_in_fp32_modules = ["quantizer"]
-    _keep_in_fp32_modules_strict = ["quantizer"]
+    # The codebooks and their EMA statistics stay fp32 whatever dtype the model is loaded in: rounding them would change
+    # the codes. The strict list is the one transformers applies to bf16 and fp16 loads alike (the plain
+    # `_keep_in_fp32_modules` acts on fp16 loads only). Tensors are named, not the whole module: every tensor matching
+    # an entry is cast to fp32, which would turn the int64 `ema_step` counter into a float. Models holding this one
+    # (the VLM) inherit the entries through `post_init`.
+    _keep_in_fp32_modules_strict = ["quantizer.codebook", "quantizer.embed_ema", "quantizer.cluster_size_ema"]
+
+    def initialize_weights(self):
+        initialize_native_submodels(self)
+        super().initialize_weights()
 
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
-        if type(module).__module__.startswith("transformers.models.siglip"):
-            # Encoder modules keep SigLIP's own initialisation (also when loading with missing keys).
-            SiglipPreTrainedModel._init_weights(self.encoder, module)
-        elif isinstance(module, EvoTokResidualQuantizer):
+        if isinstance(module, EvoTokResidualQuantizer):
             init.normal_(module.codebook, mean=0.0, std=1.0)
             init.copy_(module.embed_ema, module.codebook)
             init.zeros_(module.cluster_size_ema)
@@ -367,7 +411,10 @@ class EvoTokModel(EvoTokPreTrainedModel):
         hidden = config.encoder_config.hidden_size
         semantic_hidden = config.semantic_decoder_hidden_size
         self.input_scaling = EvoTokInputScaling()
-        self.encoder = AutoModel.from_config(config.encoder_config)
+        # Built in the dtype of the rest of the model, not in `encoder_config.dtype`: transformers sets the load dtype
+        # only one config level down, so that nested field can still hold the dtype of an earlier save (a VLM folder
+        # assembled from an fp32 tokenizer kept SigLIP fp32 in a bf16 load).
+        self.encoder = AutoModel.from_config(config.encoder_config, dtype=torch.get_default_dtype())
         self.encode_task_layer = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, config.codebook_dim))
         self.quantizer = EvoTokResidualQuantizer.from_config(config)
         self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.decoder_z_channels, kernel_size=1)
@@ -427,6 +474,22 @@ class EvoTokModel(EvoTokPreTrainedModel):
         return model
 
     # -- validation ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_batch_and_values(tensor: torch.Tensor, name: str) -> None:
+        """An empty batch has nothing to encode or decode, and a NaN / inf entry would silently poison the whole
+        image (the nearest-code search turns NaN latents into all-zero codes, the clamp of the input scaling turns
+        inf into a valid-looking 1): both are input errors."""
+        if tensor.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (shape {tuple(tensor.shape)}): pass at least one item.")
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = tensor[~finite]
+            num_nan, num_inf = int(bad.isnan().sum()), int(bad.isinf().sum())
+            raise ValueError(
+                f"{name} contains NaN or infinite values ({num_nan} NaN and {num_inf} inf among {tensor.numel()} "
+                "entries); only finite values can be encoded or decoded."
+            )
+
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         size = self.config.image_size
         if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
@@ -436,6 +499,7 @@ class EvoTokModel(EvoTokPreTrainedModel):
                 f"pixel_values must have shape (batch, 3, {size}, {size}) (use EvoTokImageProcessor), "
                 f"got {tuple(pixel_values.shape)}."
             )
+        self._check_batch_and_values(pixel_values, "pixel_values")
 
     def _check_latents(self, latents: torch.Tensor) -> None:
         grid, dim = self.config.grid_size, self.config.codebook_dim
@@ -443,12 +507,15 @@ class EvoTokModel(EvoTokPreTrainedModel):
             raise ValueError("latents must be a floating-point torch.Tensor of shape (batch, codebook_dim, grid, grid).")
         if latents.ndim != 4 or tuple(latents.shape[1:]) != (dim, grid, grid):
             raise ValueError(f"latents must have shape (batch, {dim}, {grid}, {grid}), got {tuple(latents.shape)}.")
+        self._check_batch_and_values(latents, "latents")
 
     def _codes_to_latents(self, codes: torch.Tensor, max_depth: int) -> torch.Tensor:
         self.quantizer.validate_codes(codes, max_depth=max_depth)
         grid = self.config.grid_size
         if codes.ndim != 4 or tuple(codes.shape[1:3]) != (grid, grid):
             raise ValueError(f"codes must have shape (batch, {grid}, {grid}, k), got {tuple(codes.shape)}.")
+        if codes.shape[0] == 0:
+            raise ValueError(f"codes is an empty batch (shape {tuple(codes.shape)}): pass at least one item.")
         return self.quantizer.embed_codes(codes).permute(0, 3, 1, 2)
 
     # -- public API ----------------------------------------------------------------------------------------------
@@ -505,8 +572,12 @@ class EvoTokModel(EvoTokPreTrainedModel):
         what the VLM reads; smaller k is the per-depth analysis of the paper)."""
         return self.decode_semantic_latents(self._codes_to_latents(codes, self.config.semantic_depth))
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> EvoTokModelOutput:
-        """Encode, quantise (EMA-updating the codebooks in training mode) and decode both branches."""
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor) -> EvoTokModelOutput:
+        """Encode, quantise (EMA-updating the codebooks in training mode) and decode both branches. A plain tuple with
+        `return_dict=False` (argument or config), as in transformers. There are no per-layer hidden states or attention
+        weights to return (encoder, quantiser and two decoders have no common layer sequence); the encoder's come from
+        `self.encoder(..., output_hidden_states=True)`."""
         encoded = self.encode(pixel_values)
         return EvoTokModelOutput(
             reconstruction=self.decode_latents(encoded.pixel_latents),

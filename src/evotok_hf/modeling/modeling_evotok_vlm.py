@@ -16,22 +16,23 @@ the LM head, as transformers' LLaVA does, and the residual-depth head for image 
 References: EvoTok (arXiv 2603.12108); LLaVA (Liu et al., 2023) for the projector and placeholder merging.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: transformers' tooling (its common tests, auto_docstring) reads the
+# forward's `**kwargs: Unpack[TransformersKwargs]` annotation at run time to see which outputs it accepts.
 import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_evotok_vlm import EvoTokVLMConfig
 from .depth_head import EvoTokDepthTransformer
 from .generation import generate_image_codes
-from .modeling_evotok import EvoTokModel
+from .modeling_evotok import EvoTokModel, initialize_native_submodels
 
 
 @dataclass
@@ -106,9 +107,12 @@ class EvoTokVLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EvoTokMultiModalProjector"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
-    # Matched as a pattern against parameter names: the tokenizer's codebooks stay fp32 under bf16 / fp16 loading.
-    _keep_in_fp32_modules = ["vision_tower.quantizer"]
-    _keep_in_fp32_modules_strict = ["vision_tower.quantizer"]
+    # The tokenizer's codebooks stay fp32 under bf16 / fp16 loading through `EvoTokModel._keep_in_fp32_modules_strict`,
+    # which `post_init` merges into this model's list.
+
+    def initialize_weights(self):
+        initialize_native_submodels(self)
+        super().initialize_weights()
 
 
 class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
@@ -123,7 +127,8 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
             self.multi_modal_projector = EvoTokMultiModalProjector(config.vision_config.teacher_dim, config)
         if config.has_generation_head:
             self.generation_projector = EvoTokMultiModalProjector(config.vision_config.codebook_dim, config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        # in the dtype of the rest of the model, not in a `text_config.dtype` left by an earlier save
+        self.language_model = AutoModel.from_config(config.text_config, dtype=torch.get_default_dtype())
         self.post_init()
         self.freeze_vision_tower()
 
@@ -219,6 +224,7 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
             mask.unsqueeze(-1).to(inputs_embeds.device), rows.to(inputs_embeds.device, inputs_embeds.dtype)
         )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -230,7 +236,7 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         generation_codes: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> EvoTokVLMModelOutputWithPast:
         """See [`EvoTokForConditionalGeneration.forward`]; returns the language model's hidden states."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -272,6 +278,8 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            # a dict whatever the caller asked for: a tuple is made once, at the outermost call
+            return_dict=True,
             **kwargs,
         )
         return EvoTokVLMModelOutputWithPast(
@@ -289,6 +297,9 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
     and text-to-image generation (`generate(..., generation_mode="image")`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # The LLM's own plan (merged in by `post_init`) shards `embed_tokens` on the vocabulary; the tied head reads that
+    # same weight, so it needs the entry transformers' causal LMs give their head.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: EvoTokVLMConfig):
         super().__init__(config)
@@ -383,7 +394,7 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
             has_generation_head=has_generation_head,
             depth_head_config=depth_head_config,
         )
-        model = cls(config).to(dtype)
+        model = cls._from_config(config, dtype=dtype)  # the codebooks stay fp32 (not rounded by a cast)
         model.vision_tower.load_state_dict(vision.state_dict())
         model.language_model.load_state_dict(llm.base_model.state_dict())
         model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
@@ -413,6 +424,7 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         return self.model.get_image_features(pixel_values=pixel_values, image_codes=image_codes)
 
     # -- forward -------------------------------------------------------------------------------------------------
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -427,7 +439,7 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         generation_codes: torch.LongTensor | None = None,
         generation_pixel_values: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> EvoTokCausalLMOutputWithPast:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(num_images, 3, size, size)`, *optional*): images in [-1, 1]
@@ -461,6 +473,7 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             generation_codes=generation_codes,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -513,7 +526,9 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         with torch.no_grad():
             sums = self.vision_tower.quantizer.embed_codes(targets[:, :-1], return_cumulative=True)
         head = self.depth_head
-        logits = head(hidden_states=conditions.to(head.dtype), code_embedding_sums=sums.to(head.dtype)).logits
+        logits = head(
+            hidden_states=conditions.to(head.dtype), code_embedding_sums=sums.to(head.dtype), return_dict=True
+        ).logits
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     # -- image generation ----------------------------------------------------------------------------------------
@@ -521,6 +536,28 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         """Generated codes `(batch, grid, grid, pixel_depth)` -> images `(batch, 3, size, size)` in [-1, 1] (through the
         tokenizer's pixel decoder; `EvoTokProcessor.postprocess` makes PIL images)."""
         return self.vision_tower.decode(codes)
+
+    def adjust_generation_fn(self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
+                             trust_remote_code=None, **kwargs):  # fmt: skip
+        """transformers' loading of generation_config.json, keeping the image-generation settings saved in it.
+
+        A new model's generation config is built from its model config and marked `_from_model_config`, and
+        save_pretrained writes the mark into generation_config.json. Loading a file with the mark keeps only the
+        fields GenerationConfig declares, so `image_generation` (and any other key added to the file) would be
+        dropped: such a file is read again without the mark."""
+        super().adjust_generation_fn(generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
+                                     trust_remote_code=trust_remote_code, **kwargs)  # fmt: skip
+        if generation_config is not None or pretrained_model_name_or_path is None:
+            return
+        if not self.generation_config._from_model_config:
+            return
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(
+                pretrained_model_name_or_path, _from_auto=from_auto_class, _from_pipeline=from_pipeline,
+                _from_model_config=False, **kwargs,
+            )  # fmt: skip
+        except OSError:  # no generation_config.json: the config built from config.json holds no saved settings
+            pass
 
     def generate(self, *args, generation_mode: str = "text", **kwargs):
         """`generation_mode="text"` (default): transformers' `generate` (understanding; any GenerationConfig setting).
@@ -536,14 +573,24 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
         past_key_values: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs,
     ):
         """Images are merged into the prompt once: `pixel_values` / `image_codes` go to the model only while the
-        cache is empty (the prefill step), or on every step when generating without a cache."""
+        cache is empty (the prefill step), or on every step when generating without a cache. The named parameters
+        are the parent's: `generate` reads this signature to know what it may pass (e.g. `inputs_embeds`)."""
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
         )
         cache_is_empty = past_key_values is None or past_key_values.get_seq_length() == 0
         if not (is_first_iteration or cache_is_empty):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from numbers import Real
 
 import numpy as np
 import PIL.Image
@@ -29,6 +28,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from ..modeling import EvoTokForConditionalGeneration
+from ..modeling.generation import resolve_image_generation_settings
 from ..processing import EvoTokProcessor
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class EvoTokPipeline(DiffusionPipeline):
             hook.pre_forward(self.model)
 
     @staticmethod
-    def _check_inputs(prompt, negative_prompt, num_images_per_prompt, output_type, generator, guidance_scale) -> list:
+    def _check_inputs(prompt, negative_prompt, num_images_per_prompt, output_type, generator) -> list:
         if isinstance(prompt, str):
             prompts = [prompt]
         elif isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(p, str) for p in prompt):
@@ -150,8 +150,6 @@ class EvoTokPipeline(DiffusionPipeline):
             raise ValueError(f"`output_type` must be one of {sorted(OUTPUT_TYPES)}, got {output_type!r}.")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"`generator` must be one torch.Generator (for the whole batch), got {type(generator)}.")
-        if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real)):
-            raise ValueError(f"`guidance_scale` must be a number, got {guidance_scale!r}.")
         return prompts
 
     @torch.no_grad()
@@ -186,15 +184,20 @@ class EvoTokPipeline(DiffusionPipeline):
             do_sample (`bool`, *optional*): sample at every depth, or take the argmax. None: the checkpoint's default
                 (sampling).
             depth_temperature / depth_top_k / depth_top_p (*optional*): sampling settings, a scalar for every depth
-                or a list of `pixel_depth` values. None: the checkpoint's defaults (1.0 / 900 / 0.96).
+                or a list of `pixel_depth` values. None: the checkpoint's defaults (1.0 / 900 / 0.96). Every setting
+                is checked as `generate(generation_mode="image")` checks it (`resolve_image_generation_settings`).
             use_cache (`bool`): key/value caches in the LLM and the depth head (False recomputes, same images).
             return_dict (`bool`): return an [`EvoTokPipelineOutput`] rather than a tuple `(images,)`.
         """
-        prompts = self._check_inputs(prompt, negative_prompt, num_images_per_prompt, output_type, generator,
-                                     guidance_scale)  # fmt: skip
+        prompts = self._check_inputs(prompt, negative_prompt, num_images_per_prompt, output_type, generator)
         config = self.model.config
         if not config.has_generation_head:
             raise ValueError("EvoTokPipeline needs a checkpoint with an image generation head (has_generation_head).")
+        # checked before any work (and before offloading hooks move the model), by the model's own rules
+        settings = resolve_image_generation_settings(
+            self.model.generation_config, config.vision_config.pixel_depth, guidance_scale=guidance_scale,
+            do_sample=do_sample, depth_temperature=depth_temperature, depth_top_k=depth_top_k, depth_top_p=depth_top_p,
+        )  # fmt: skip
         inputs = self.processor(text=prompts, generation_mode="image", negative_prompt=negative_prompt,
                                 return_tensors="pt")  # fmt: skip
 
@@ -210,11 +213,7 @@ class EvoTokPipeline(DiffusionPipeline):
             codes = self.model.generate(
                 **inputs,
                 generation_mode="image",
-                guidance_scale=guidance_scale,
-                do_sample=do_sample,
-                depth_temperature=depth_temperature,
-                depth_top_k=depth_top_k,
-                depth_top_p=depth_top_p,
+                **settings,
                 num_return_sequences=num_images_per_prompt,
                 generator=generator,
                 use_cache=use_cache,

@@ -1,15 +1,24 @@
 """Image processor for EvoTok (PIL/NumPy backend, no torchvision).
 
-Any PIL mode becomes RGB (transparency composited on white, 16-bit and float greys rescaled rather than clipped),
-the image is resized to the tokenizer's square input either by shortest side + centre crop (default: the ImageNet
+Any PIL mode becomes RGB (transparency composited on white, 16-bit and float greys rescaled rather than clipped);
+arrays and tensors are read on the same value scales (floats within [0, 1] as [0, 1] images, 16-bit as 16-bit);
+paths, URLs and base64 strings are opened here, so a file gets the same conversion as the PIL image; the image is
+resized to the tokenizer's square input either by shortest side + centre crop (default: the ImageNet
 evaluation convention) or by squashing to the square (what the official VLM does), and values are mapped to [-1, 1]
 (mean = std = 0.5, the SigLIP convention). `postprocess` maps model outputs back to PIL / NumPy / torch images.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import os
+import urllib.request
+
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
@@ -30,15 +39,72 @@ class EvoTokImageProcessorKwargs(ImagesKwargs, total=False):
     resize_mode: str
 
 
+def _white_level(array: np.ndarray, sixteen_bit: bool = False) -> float:
+    """The value of white in an image's pixel values: 1.0 for floats that all lie within [0, 1] (the float image
+    convention), 65535 for 16-bit data or integers above 255, 255 otherwise."""
+    peak = float(array.max()) if array.size else 0.0
+    if np.issubdtype(array.dtype, np.floating):
+        return 1.0 if peak <= 1.0 else 255.0
+    return 65535.0 if sixteen_bit or peak > 255 else 255.0
+
+
+def _to_uint8(array: np.ndarray, white: float) -> np.ndarray:
+    return np.clip(np.rint(array.astype(np.float64) / white * 255.0), 0, 255).astype(np.uint8)
+
+
 def _high_bit_depth_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """I;16 / I / F greys -> 8-bit RGB by rescaling the value range (PIL's own convert clips them to 255)."""
-    array = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
-        peak = 1.0 if array.size and array.max() <= 1.0 else 255.0
-    else:
-        peak = 65535.0 if image.mode.startswith("I;16") or (array.size and array.max() > 255) else 255.0
-    grey = np.clip(np.rint(array / peak * 255.0), 0, 255).astype(np.uint8)
+    array = np.asarray(image)
+    grey = _to_uint8(array, _white_level(array, sixteen_bit=image.mode.startswith("I;16")))
     return PIL.Image.fromarray(grey).convert("RGB")
+
+
+def _array_to_8bit(image: np.ndarray) -> np.ndarray:
+    """A numeric array image on any value scale -> uint8 on the 0..255 scale that `rescale_factor` 1/255 expects, with
+    the white level of `_white_level` (a float array in [0, 1] would otherwise be divided by 255 a second time and turn
+    black). Raises ValueError on NaN / inf."""
+    if image.dtype == np.uint8:
+        return image
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise ValueError("EvoTokImageProcessor: the image holds NaN or infinite values.")
+    return _to_uint8(image, _white_level(image, sixteen_bit=image.dtype == np.uint16))
+
+
+def _short(source: str, limit: int = 80) -> str:
+    return repr(source if len(source) <= limit else source[:limit] + "...")
+
+
+def open_image(source: str) -> PIL.Image.Image:
+    """A local path, an http(s) URL or base64 image data (optionally as a `data:image/...` URI) -> the PIL image,
+    turned upright by its EXIF orientation, in its own mode (`to_rgb` converts it, so alpha and 16-bit data get the
+    same conversion as a PIL input). Raises ValueError naming what is wrong (missing file, bad base64, unreadable
+    data)."""
+    if source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(source) as response:
+            data = io.BytesIO(response.read())
+    elif os.path.isfile(source):
+        data = source
+    elif os.path.isdir(source):
+        raise ValueError(f"EvoTokImageProcessor: image path {_short(source)} is a directory, not an image file.")
+    else:
+        # Neither a URL nor a file: base64 data, or else a path that does not exist (the likelier mistake, so a string
+        # that is not base64 image data is reported as a missing file).
+        is_data_uri = source.startswith("data:image/")
+        payload = source.split(",", 1)[1] if is_data_uri else source
+        try:
+            image = PIL.Image.open(io.BytesIO(base64.b64decode("".join(payload.split()), validate=True)))
+        except (binascii.Error, ValueError, OSError) as err:
+            if is_data_uri:
+                raise ValueError(f"EvoTokImageProcessor: could not decode the base64 image data ({err}).") from err
+            raise ValueError(
+                f"EvoTokImageProcessor: image file {_short(source)} does not exist (nor is the string an http(s) URL "
+                "or base64 image data)."
+            ) from err
+        return PIL.ImageOps.exif_transpose(image)
+    try:
+        return PIL.ImageOps.exif_transpose(PIL.Image.open(data))
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"EvoTokImageProcessor: could not open image {_short(source)} ({err}).") from err
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -97,13 +163,33 @@ class EvoTokImageProcessor(PilBackend):
         except (OSError, SyntaxError) as err:
             raise ValueError(f"EvoTokImageProcessor: could not open image ({err}).") from err
 
-    def process_image(self, image, do_convert_rgb: bool | None = None, input_data_format=None, **kwargs) -> np.ndarray:
+    def fetch_images(self, image_url_or_urls):
+        """Paths, URLs and base64 strings are opened by `open_image` (transformers' loader converts to RGB by dropping
+        alpha and reports a missing file as bad base64); images and nested lists pass as in the parent."""
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if isinstance(image_url_or_urls, str):
+            return open_image(image_url_or_urls)
+        return super().fetch_images(image_url_or_urls)
+
+    def process_image(
+        self, image, do_convert_rgb: bool | None = None, input_data_format=None, do_rescale: bool | None = None,
+        **kwargs,
+    ) -> np.ndarray:
         if isinstance(image, PIL.Image.Image):
             image = to_rgb(image) if do_convert_rgb is not False else image
         elif isinstance(image, (np.ndarray, torch.Tensor)):
-            if image.size == 0 if isinstance(image, np.ndarray) else image.numel() == 0:
+            if isinstance(image, torch.Tensor):  # NumPy has no bfloat16: floats go over as float32
+                image = (image.float() if image.is_floating_point() else image).numpy(force=True)
+            if image.size == 0:
                 raise ValueError(f"EvoTokImageProcessor: got an empty array of shape {tuple(image.shape)}.")
-        return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs)
+            # `do_rescale` divides by 255: bring every value scale to 0..255 first, as PIL inputs are. Without it the
+            # caller's values are taken as they are (transformers' convention for images already in [0, 1]).
+            if do_rescale:
+                image = _array_to_8bit(image)
+        return super().process_image(
+            image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, do_rescale=do_rescale, **kwargs
+        )
 
     def _preprocess(
         self,
@@ -164,4 +250,4 @@ class EvoTokImageProcessor(PilBackend):
 
 EvoTokImageProcessorPil = EvoTokImageProcessor
 
-__all__ = ["EvoTokImageProcessor", "EvoTokImageProcessorPil", "EvoTokImageProcessorKwargs", "to_rgb"]
+__all__ = ["EvoTokImageProcessor", "EvoTokImageProcessorPil", "EvoTokImageProcessorKwargs", "open_image", "to_rgb"]

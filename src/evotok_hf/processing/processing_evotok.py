@@ -6,6 +6,8 @@ those tokens' embeddings with the projected semantic features of the matching im
 tokenizer's square input by default, as the official understanding model does.
 """
 
+import json
+
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 
@@ -27,6 +29,47 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+# Put before an LLM's own chat template, which renders `content` as a string (SmolLM2's and Qwen2.5's concatenate it),
+# so that a message given as content parts reaches it as one string: each image part becomes the image placeholder
+# followed by a newline (the LLaVA layout, as in the default template above), text parts their text. Messages whose
+# content is a string pass unchanged, so text-only chats render exactly as with the LLM's own template. The first
+# line marks an adapted template, so adapting is idempotent. The preamble ends with a newline that Jinja's
+# `trim_blocks` removes, so the LLM template starts a line and its leading whitespace is handled as on its own.
+_IMAGE_PARTS_MARK = "{#- evotok_hf: image content parts become the image placeholder, then the LLM's template runs #}"
+_IMAGE_PARTS_PREAMBLE = (
+    _IMAGE_PARTS_MARK
+    + "{%- set evotok = namespace(messages=[], text='') %}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is not defined or message['content'] is none or message['content'] is string %}"
+    "{%- set evotok.messages = evotok.messages + [message] %}"
+    "{%- else %}"
+    "{%- set evotok.text = '' %}"
+    "{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{%- set evotok.text = evotok.text ~ IMAGE_PLACEHOLDER %}"
+    "{%- elif part['type'] == 'text' %}{%- set evotok.text = evotok.text ~ part['text'] %}"
+    "{%- else %}{{- raise_exception('EvoTokProcessor: a content part must be an image or text, got ' ~ part['type']) }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- set evotok.messages = evotok.messages + [dict(message, content=evotok.text)] %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- set messages = evotok.messages %}\n"
+)
+
+
+def image_aware_chat_template(chat_template: str | dict, image_token: str = "<image>") -> str | dict:
+    """An LLM's text-only chat template (or a dict of named ones) adapted to messages with image content parts: each
+    image part is rendered as `image_token` + newline in its message's text, then the LLM's own template runs, so the
+    prompt keeps the LLM's format. Templates that already place images (the default one, adapted ones) are returned
+    unchanged."""
+    if isinstance(chat_template, dict):
+        return {name: image_aware_chat_template(template, image_token) for name, template in chat_template.items()}
+    if chat_template == DEFAULT_CHAT_TEMPLATE or chat_template.startswith(_IMAGE_PARTS_MARK):
+        return chat_template
+    # a JSON string is a valid Jinja string literal (escapes included)
+    return _IMAGE_PARTS_PREAMBLE.replace("IMAGE_PLACEHOLDER", json.dumps(image_token + "\n")) + chat_template
 
 
 # No `from __future__ import annotations` here: ProcessorMixin reads this TypedDict's annotations at run time.
@@ -54,11 +97,16 @@ class EvoTokProcessor(ProcessorMixin):
         image_processor ([`EvoTokImageProcessor`], *optional*): defaults to one that squashes images to 256 x 256.
         tokenizer ([`PreTrainedTokenizerBase`]): the LLM's tokenizer; `image_token` (and `boi_token` / `eoi_token`
             when set) must each be a single token of its vocabulary.
-        chat_template (`str`, *optional*): Jinja chat template.
+        chat_template (`str`, *optional*): Jinja chat template that renders image content parts as `image_token`.
+            By default the tokenizer's own template adapted by [`image_aware_chat_template`] (image parts become
+            `image_token` + newline before it runs), or ChatML (`DEFAULT_CHAT_TEMPLATE`) when the tokenizer has none.
         image_token (`str`, defaults to `"<image>"`): the placeholder in prompts, also the repeated image token.
         num_image_tokens (`int`, defaults to 256): image tokens per image (grid * grid of the image tokenizer).
         boi_token / eoi_token (`str`, *optional*): image start / end tokens.
         wrap_image_tokens (`bool`, defaults to `False`): surround each image's tokens with `boi_token` / `eoi_token`.
+
+    The processor sets `tokenizer.padding_side = "left"`: its batches are generation prompts. Pass
+    `padding_side="right"` in a call (or set it on `processor.tokenizer`) for right padding.
     """
 
     valid_processor_kwargs = EvoTokProcessorKwargs
@@ -92,7 +140,15 @@ class EvoTokProcessor(ProcessorMixin):
         self.boi_token_id = self._single_token_id(tokenizer, "boi_token", boi_token)
         self.eoi_token_id = self._single_token_id(tokenizer, "eoi_token", eoi_token)
         if chat_template is None:
-            chat_template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+            # The LLM's own template keeps the prompt format it was tuned on (turn markers, system prompt); adapted,
+            # it also takes image parts. ChatML when the tokenizer has none.
+            own = getattr(tokenizer, "chat_template", None)
+            chat_template = image_aware_chat_template(own, image_token) if own else DEFAULT_CHAT_TEMPLATE
+        # Batches from this processor feed `generate`, which continues every row from its last position: padding must
+        # go on the left. LLM tokenizers usually pad on the right (for training; the training collator pads on its
+        # own), and pipelines and evaluation harnesses batch with the tokenizer's side, so the tokenizer is set here
+        # (and saved so).
+        tokenizer.padding_side = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @staticmethod
@@ -205,4 +261,4 @@ class EvoTokProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-__all__ = ["EvoTokProcessor"]
+__all__ = ["EvoTokProcessor", "image_aware_chat_template"]

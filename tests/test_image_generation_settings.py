@@ -1,0 +1,132 @@
+"""Image-generation settings (guidance scale, sampling on/off, per-depth temperature / top-k / top-p): every entry
+point (`generate(generation_mode="image")`, `EvoTokPipeline`) accepts and refuses the same values with the same
+message, whether a value is passed or saved in `generation_config.image_generation`."""
+
+import copy
+import math
+import re
+
+import pytest
+import torch
+from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor
+
+from evotok_hf.pipelines import EvoTokPipeline
+
+CORPUS = ["system user assistant You are a helpful assistant.", "a red bicycle on a green hill", "a cat, a dog."]
+PROMPTS = ["a red bicycle on a green hill", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer():
+    return bpe_tokenizer(CORPUS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(text_tokenizer):
+    return tiny_generation_vlm(text_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def processor(text_tokenizer):
+    return tiny_processor(text_tokenizer, wrap_image_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def pipe(model, processor):
+    pipe = EvoTokPipeline(model=model, processor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(model, processor, prompts=PROMPTS, **settings):
+    inputs = processor(text=prompts, generation_mode="image", return_tensors="pt")
+    return model.generate(**inputs, generation_mode="image", **settings)
+
+
+# (settings, what the message must say): each value is outside what the setting means (pixel_depth is 2 here)
+INVALID = [
+    ({"depth_top_p": 1.5}, "depth_top_p must be in (0, 1], got 1.5 at depth 0"),
+    ({"depth_top_p": math.nan}, "depth_top_p must be in (0, 1], got nan at depth 0"),
+    ({"depth_top_p": 0.0}, "depth_top_p must be in (0, 1], got 0.0 at depth 0"),
+    ({"depth_top_p": [0.9, -0.1]}, "depth_top_p must be in (0, 1], got -0.1 at depth 1"),
+    ({"depth_top_p": "0.9"}, "depth_top_p must be in (0, 1], got '0.9' at depth 0"),
+    ({"depth_temperature": math.nan}, "depth_temperature must be a finite number > 0, got nan at depth 0"),
+    ({"depth_temperature": [1.0, math.inf]}, "depth_temperature must be a finite number > 0, got inf at depth 1"),
+    ({"depth_temperature": -1.0}, "depth_temperature must be a finite number > 0, got -1.0 at depth 0"),
+    ({"depth_temperature": 0.0}, "depth_temperature must be a finite number > 0, got 0.0 at depth 0"),
+    ({"depth_top_k": -1}, "depth_top_k must be an int >= 0, got -1 at depth 0"),
+    ({"depth_top_k": 2.5}, "depth_top_k must be an int >= 0, got 2.5 at depth 0"),
+    ({"depth_top_k": True}, "depth_top_k must be an int >= 0, got True at depth 0"),
+    ({"depth_top_k": [1, 2, 3]}, "depth_top_k must be one value or a list of pixel_depth=2 values, got [1, 2, 3]"),
+    ({"guidance_scale": math.nan}, "guidance_scale must be a finite number, got nan"),
+    ({"guidance_scale": -math.inf}, "guidance_scale must be a finite number, got -inf"),
+    ({"guidance_scale": "high"}, "guidance_scale must be a finite number, got 'high'"),
+    ({"guidance_scale": True}, "guidance_scale must be a finite number, got True"),
+    ({"do_sample": "yes"}, "do_sample must be True or False, got 'yes'"),
+]
+
+
+@pytest.mark.parametrize("settings, message", INVALID, ids=[str(s) for s, _ in INVALID])
+def test_invalid_settings_are_refused_alike_by_generate_and_pipeline(model, processor, pipe, settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate(model, processor, **settings)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pipe(PROMPTS, output_type="pt", **settings)
+
+
+@pytest.mark.parametrize("settings, message", INVALID, ids=[str(s) for s, _ in INVALID])
+def test_invalid_saved_settings_are_refused_and_named_as_saved(model, processor, pipe, settings, message):
+    saved = copy.deepcopy(model.generation_config)
+    try:
+        model.generation_config.image_generation = dict(settings)
+        expected = re.escape(f"{message} (from generation_config.image_generation)")
+        with pytest.raises(ValueError, match=expected):
+            generate(model, processor)
+        with pytest.raises(ValueError, match=expected):
+            pipe(PROMPTS, output_type="pt")
+        # a valid argument replaces the saved value
+        name = next(iter(settings))
+        valid = {"depth_top_p": 0.9, "depth_temperature": 1.0, "depth_top_k": 5, "guidance_scale": 2.0,
+                 "do_sample": False}  # fmt: skip
+        assert generate(model, processor, **{"do_sample": False, name: valid[name]}).shape[0] == 2
+    finally:
+        model.generation_config = saved
+
+
+def test_unknown_saved_setting_is_refused(model, processor):
+    saved = copy.deepcopy(model.generation_config)
+    try:
+        model.generation_config.image_generation = {"guidance": 3.0}
+        with pytest.raises(ValueError, match=r"generation_config.image_generation has unknown settings \['guidance'\]"):
+            generate(model, processor)
+        model.generation_config.image_generation = 3.0
+        with pytest.raises(ValueError, match="generation_config.image_generation must be a dict"):
+            generate(model, processor)
+    finally:
+        model.generation_config = saved
+
+
+def test_greedy_ignores_a_zero_temperature(model, processor, pipe):
+    """Without sampling the temperature does not matter, so 0 (the common way to say "greedy") is accepted."""
+    greedy = generate(model, processor, do_sample=False, guidance_scale=3.0)
+    assert torch.equal(generate(model, processor, do_sample=False, guidance_scale=3.0, depth_temperature=0), greedy)
+    assert torch.equal(generate(model, processor, do_sample=False, guidance_scale=3.0, depth_temperature=[0.0, 0.5]),
+                       greedy)  # fmt: skip
+    images = pipe(PROMPTS, output_type="pt", do_sample=False, guidance_scale=3.0, depth_temperature=0).images
+    torch.testing.assert_close(images, pipe(PROMPTS, output_type="pt", do_sample=False, guidance_scale=3.0).images,
+                               rtol=0, atol=0)  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("depth_temperature must be a finite number > 0, got 0 at depth 0")):
+        generate(model, processor, do_sample=True, depth_temperature=0)
+
+
+def test_valid_edge_values_are_accepted(model, processor):
+    """The boundaries of each range: top-p 1 and None (off), top-k 0 and None (off), numpy scalars, guidance <= 1."""
+    import numpy as np
+
+    reference = generate(model, processor, do_sample=True, guidance_scale=2.0, depth_top_k=0, depth_top_p=1.0,
+                         generator=torch.Generator().manual_seed(3))  # fmt: skip
+    same = generate(model, processor, do_sample=np.bool_(True), guidance_scale=np.float32(2.0),
+                    depth_top_k=[None, np.int64(0)], depth_top_p=(None, 1), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(reference, same)
+    for scale in (0.0, 0.5, 1):
+        assert generate(model, processor, do_sample=False, guidance_scale=scale).shape[0] == 2
