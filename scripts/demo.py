@@ -2,13 +2,20 @@
 `AutoModel.from_pretrained`, and analyse it per residual depth on held-out photos that never entered training.
 
 Writes to `--output-dir` (default outputs/demo):
-    model/                     the trained tokenizer (save_pretrained + preprocessor config); reused unless --retrain
+    model/                     the trained tokenizer (save_pretrained + preprocessor config); reused unless --retrain.
+                               It is written to a staging folder that replaces model/ only once complete, so an
+                               interrupted run never leaves a half-written model/ behind (the next run trains again).
     reconstructions.png        rows: held-out input, then the image decoded from the first k = 1..4 pixel depths
     per_depth.png              PSNR vs pixel depth (with the mean-colour baseline) and semantic cosine vs depth 1..16
     demo.json                  those numbers, code shapes, codebook usage, timings
 and prints a short table.
 
-    python scripts/demo.py [--output-dir outputs/demo] [--retrain] [--max-train-steps 600]
+    python scripts/demo.py [--output-dir outputs/demo] [--retrain] [--max-train-steps 600] [--num-threads 2]
+
+Reproducibility: training results depend on the number of intra-op CPU threads (a different split of each reduction
+rounds differently, and the nearest-code search amplifies the difference), so the demo sets it (`--num-threads`,
+default 2) instead of taking the machine's or OMP_NUM_THREADS. With the same seed, thread count, torch version
+(constraints.txt) and CPU instruction set, two runs give the same figures bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 import evotok_hf  # noqa: F401  (registers the Auto classes)
 from evotok_hf.evaluation import mean_colour_baseline, per_depth_psnr, per_depth_semantic_cosine, psnr
+from evotok_hf.hub.staging import staged_output_dir
 from evotok_hf.training.data import bundled_photo_dataset, eval_transform
 from evotok_hf.training.teacher import build_teacher
 from evotok_hf.training.trainer import TRAINING_PRESETS, TokenizerTrainer, training_arguments_from_preset
@@ -38,7 +46,21 @@ def parse_args(argv=None):
     parser.add_argument("--model-preset", default=None, help="EvoTokConfig preset (default: the training preset's)")
     parser.add_argument("--model-overrides", type=json.loads, default=None, help="JSON EvoTokConfig overrides")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--num-threads", type=int, default=2,
+                        help="intra-op CPU threads (torch.set_num_threads); the figures depend on it")
+    args = parser.parse_args(argv)
+    if args.num_threads < 1:
+        parser.error(f"--num-threads must be >= 1, got {args.num_threads}")
+    return args
+
+
+# What `TokenizerTrainer.export` writes; a model/ folder without all of them (left by an interrupted run of an older
+# version, which exported in place) is not a trained model.
+EXPORTED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+
+
+def is_exported_model(model_dir: str) -> bool:
+    return all(os.path.isfile(os.path.join(model_dir, name)) for name in EXPORTED_FILES)
 
 
 def image_grid(rows: list[list[PIL.Image.Image]], pad: int = 2) -> PIL.Image.Image:
@@ -61,7 +83,8 @@ def train(args, model_dir: str) -> dict:
     training_args = training_arguments_from_preset(args.preset, **overrides)
     trainer = TokenizerTrainer(training_args)
     summary = trainer.train()
-    trainer.export(model_dir)
+    with staged_output_dir(model_dir) as staging:
+        trainer.export(str(staging))
     trainer.end()
     return {k: v for k, v in summary.items() if k != "history"} | {"final_loss": summary["history"][-1]}
 
@@ -87,13 +110,24 @@ def plot(path: str, psnr_by_depth, baseline_psnr, cosine_by_depth, pixel_depth: 
     plt.close(fig)
 
 
-@torch.no_grad()
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.num_threads)
+    try:
+        return run(args)
+    finally:  # leave a calling process (a test, a notebook) as it was
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def run(args) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     model_dir = os.path.join(args.output_dir, "model")
     training = None
-    if args.retrain or not os.path.exists(os.path.join(model_dir, "config.json")):
+    if os.path.exists(model_dir) and not is_exported_model(model_dir) and not args.retrain:
+        print(f"{model_dir} is incomplete (missing one of {', '.join(EXPORTED_FILES)}): training again")
+    if args.retrain or not is_exported_model(model_dir):
         with torch.enable_grad():
             t0 = time.perf_counter()
             training = train(args, model_dir)
@@ -135,6 +169,7 @@ def main(argv=None) -> dict:
         "teacher": "efficientnet-lite0 (real ImageNet weights, offline stand-in for SigLIP2)",
         "codebook_usage_by_depth": [float(u) for u in encoded.codebook_usage],
         "encode_seconds": encode_s,
+        "num_threads": torch.get_num_threads(),
         "outputs": {"grid": grid_path, "plot": plot_path},
     }
     with open(os.path.join(args.output_dir, "demo.json"), "w") as f:

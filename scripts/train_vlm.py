@@ -22,7 +22,7 @@ gets (understanding, generation, joint); a loaded VLM must carry the heads its d
     accelerate launch --multi_gpu --num_processes 8 scripts/train_vlm.py --task generation --stage pretrain \
         --tokenizer_name_or_path <evotok-tokenizer> --llm_name_or_path Qwen/Qwen2.5-7B-Instruct --dtype bfloat16 \
         --dataset <t2i hub id | folder> --learning_rate 1e-3 --bf16 --output_dir outputs/evotok-gen-stage1
-    # resume an interrupted run from its newest checkpoint
+    # resume an interrupted run from its newest complete checkpoint (starts fresh when there is none)
     python scripts/train_vlm.py ... --resume_from_checkpoint latest
 """
 
@@ -40,6 +40,8 @@ from evotok_hf.training.vlm import (
     LLM_LINEAR_LAYERS,
     EvoTokVLMDataCollator,
     VLMLoraArguments,
+    checkpoint_problem,
+    latest_complete_checkpoint,
     prepare_model_for_stage,
     trainable_parameter_summary,
 )
@@ -98,14 +100,27 @@ def parse_args(argv=None):
     if training_args.activation_checkpointing and training_args.activation_checkpointing_kwargs is None:
         # non-reentrant checkpointing works with frozen embeddings (stage 1, LoRA) without input-grad hooks
         training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
-    if training_args.resume_from_checkpoint == "latest":
-        training_args.resume_from_checkpoint = True
     return script_args, training_args
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
+    """`latest` -> the newest complete checkpoint under `output_dir` (None, to start fresh, when there is none: the
+    same as scripts/train_tokenizer.py); a folder -> itself, once checked to be a complete checkpoint."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoint = latest_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            logger.info("No complete checkpoint under %s: starting from scratch.", output_dir)
+        return checkpoint
+    problem = checkpoint_problem(resume_from_checkpoint)
+    if problem is not None:
+        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint!r}: {problem}.")
+    return resume_from_checkpoint
 
 
 def load_model_and_processor(args: VLMScriptArguments):
     from evotok_hf import EvoTokForConditionalGeneration, EvoTokImageProcessor, EvoTokProcessor
-    from evotok_hf.processing.processing_evotok import DEFAULT_CHAT_TEMPLATE
 
     dtype = DTYPES[args.dtype]
     understanding, generation = TASK_HEADS[args.task]
@@ -137,9 +152,8 @@ def load_model_and_processor(args: VLMScriptArguments):
     processor = EvoTokProcessor(
         image_processor=EvoTokImageProcessor(size={"height": size, "width": size}, resize_mode="squash"),
         tokenizer=text_tokenizer,
-        # ChatML with image parts (the Qwen2.5 format): LLM templates that only render string contents cannot place
-        # images.
-        chat_template=DEFAULT_CHAT_TEMPLATE,
+        # no chat_template: the processor adapts the LLM's own template to image parts (ChatML when it has none), so
+        # the model is trained on the prompt format it answers in
         num_image_tokens=model.config.num_image_tokens,
         boi_token=text_tokenizer.convert_ids_to_tokens(model.config.boi_token_id),
         eoi_token=text_tokenizer.convert_ids_to_tokens(model.config.eoi_token_id),
@@ -182,6 +196,9 @@ def save_final(trainer, model, processor, script_args: VLMScriptArguments, outpu
 def main(argv=None) -> str:
     script_args, training_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if checkpoint is not None:
+        logger.info("Resuming from %s", checkpoint)
 
     model, processor = load_model_and_processor(script_args)
     model = prepare_model_for_stage(model, script_args.stage, script_args)
@@ -214,7 +231,7 @@ def main(argv=None) -> str:
         from transformers import Trainer
 
         trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     save_final(trainer, trainer.model, processor, script_args, training_args.output_dir)
     if trainer.is_world_process_zero():
         with open(os.path.join(training_args.output_dir, "train_results.json"), "w") as f:

@@ -1,5 +1,7 @@
 """Image generation: the depth head inside the VLM, the generation loss, and generate(generation_mode="image")."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -309,3 +311,20 @@ def test_bf16_device_map_load_generates_with_fp32_codebooks(model, processor, tm
                   for m in (loaded, model)]  # fmt: skip
     error = (logits[0] - logits[1]).abs().max() / logits[1].std()
     assert error < 0.1, f"bf16 logits differ from fp32 by {error:.3f} standard deviations"
+
+
+def test_image_generation_ignores_sub_configs_return_dict_false(model, processor, tmp_path):
+    """A checkpoint whose text_config and depth_head_config say return_dict=False (transformers' tuple convention)
+    generates the same codes: generation asks its sub-models for output objects."""
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"]["return_dict"] = False
+    config["depth_head_config"]["return_dict"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.model.language_model.config.return_dict is False and loaded.depth_head.config.return_dict is False
+    for kwargs in ({"do_sample": False, "guidance_scale": 3.0}, {"do_sample": False, "use_cache": False}):
+        assert torch.equal(generate(loaded, processor, **kwargs), generate(model, processor, **kwargs)), kwargs
+    sampled = [generate(m, processor, do_sample=True, generator=torch.Generator().manual_seed(3))
+               for m in (loaded, model)]  # fmt: skip
+    assert torch.equal(*sampled)

@@ -22,10 +22,12 @@ from evotok_hf.training.data import (
     ImageBatchCollator,
     bundled_photo_dataset,
     eval_transform,
+    example_generator,
     infinite_batches,
     load_image_dataset,
     make_dataloader,
     random_resized_crop_box,
+    set_loader_epoch,
     train_transform,
 )
 
@@ -425,6 +427,61 @@ def test_infinite_batches_cycles_reshuffled_epochs(processor):
     assert len({tuple(epoch) for epoch in epochs}) == 3
     with pytest.raises(ValueError, match="no batch"):
         next(infinite_batches(torch.utils.data.DataLoader([])))
+
+
+def _photo_dataset(photos, n=6):
+    """n different 40x32 crops of a real photo, so random crops and flips show in the pixels."""
+    chelsea = photos["chelsea"].convert("RGB")
+    images = [chelsea.crop((50 * i, 20 * i, 50 * i + 160, 20 * i + 128)).resize((40, 32)) for i in range(n)]
+    return datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+
+
+def _epochs(loader, epochs=2, disturb=False):
+    """Each epoch's batches; `disturb` draws from Python's global random between batches, as other code may."""
+    out = []
+    for epoch in range(epochs):
+        set_loader_epoch(loader, epoch)
+        batches = []
+        for batch in loader:
+            batches.append(batch["pixel_values"])
+            if disturb:
+                random.random()
+        out.append(torch.cat(batches))
+    return out
+
+
+def test_train_augmentations_depend_only_on_seed_epoch_and_example(processor, photos):
+    dataset = _photo_dataset(photos)
+    transform = train_transform(processor)
+
+    def loader(**kwargs):
+        return make_dataloader(dataset, transform, batch_size=2, **{"seed": 5, **kwargs})
+
+    random.seed(0)
+    reference = _epochs(loader())
+    random.seed(1)  # the global random state plays no part
+    for other in (_epochs(loader(), disturb=True), _epochs(loader(num_workers=2))):
+        for a, b in zip(reference, other, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(reference[0], reference[1])  # a new epoch draws new augmentations...
+    unshuffled = _epochs(loader(shuffle=False))
+    assert not torch.equal(unshuffled[0], unshuffled[1])  # ...even for the same examples in the same order
+    assert not torch.equal(_epochs(loader(seed=6), epochs=1)[0], reference[0])
+    # The stream of one example is `example_generator(seed, epoch, index)`, whatever the batch it lands in.
+    expected = transform(dataset[3]["image"], generator=example_generator(5, 1, 3))
+    assert any(torch.equal(expected, row) for row in reference[1])
+
+
+def test_streaming_augmentations_ignore_the_global_random_state(processor, photos):
+    stream = _photo_dataset(photos).to_iterable_dataset()
+    transform = train_transform(processor)
+    random.seed(0)
+    reference = _epochs(make_dataloader(stream, transform, batch_size=2, seed=5))
+    random.seed(1)
+    disturbed = _epochs(make_dataloader(stream, transform, batch_size=2, seed=5), disturb=True)
+    for a, b in zip(reference, disturbed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(reference[0], reference[1])
 
 
 def test_make_dataloader_rejects_bad_inputs(processor):

@@ -1,6 +1,7 @@
 """VLM fine-tuning: assistant-only labels, both dataset layouts, stages, LoRA placement, the train_vlm.py script."""
 
 import json
+import logging
 import os
 import runpy
 from pathlib import Path
@@ -290,6 +291,49 @@ def test_full_sft_checkpoints_and_resume(tmp_path, data_dir):
     assert trainer_state["global_step"] == 3
     logged_steps = [entry["step"] for entry in trainer_state["log_history"] if "loss" in entry]
     assert logged_steps == [1, 2, 3]  # steps 1-2 come from the checkpoint, only step 3 was trained again
+
+
+def killed_while_saving_weights(checkpoint: Path) -> None:
+    """What a kill during the Trainer's save leaves: the weights cut short and no trainer state (written last)."""
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (checkpoint / "trainer_state.json").unlink()
+
+
+def killed_while_saving_the_state(checkpoint: Path) -> None:
+    """A kill while `trainer_state.json` is written: the JSON cut short."""
+    state_file = checkpoint / "trainer_state.json"
+    state_file.write_text(state_file.read_text()[:100])
+
+
+@pytest.mark.parametrize("damage", [killed_while_saving_weights, killed_while_saving_the_state])
+def test_resume_latest_skips_a_half_written_newest_checkpoint(tmp_path, data_dir, damage, caplog):
+    run_script(tmp_path, data_dir, "--stage", "pretrain", "--trainer", "hf", "--max_steps", "2", "--save_steps", "1")
+    with open(tmp_path / "out" / "checkpoint-2" / "trainer_state.json") as f:
+        first_run = {entry["step"]: entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry}
+    damage(tmp_path / "out" / "checkpoint-2")
+    with pytest.raises(ValueError, match="checkpoint-2.*incomplete"):  # named explicitly: refused, with the reason
+        run_script(tmp_path, data_dir, "--stage", "pretrain", "--trainer", "hf", "--max_steps", "3",
+                   "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-2"))  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="train_vlm"):
+        run_script(tmp_path, data_dir, "--stage", "pretrain", "--trainer", "hf", "--max_steps", "3",
+                   "--save_steps", "1", "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert "checkpoint-2" in caplog.text and "incomplete" in caplog.text
+    with open(tmp_path / "out" / "checkpoint-3" / "trainer_state.json") as f:
+        trainer_state = json.load(f)
+    resumed_run = {entry["step"]: entry["loss"] for entry in trainer_state["log_history"] if "loss" in entry}
+    assert list(resumed_run) == [1, 2, 3]  # step 1 comes from checkpoint-1; steps 2 and 3 were trained again
+    assert resumed_run[2] == pytest.approx(first_run[2], rel=1e-5)  # step 2 trained again from checkpoint-1's state
+
+
+def test_resume_latest_on_an_empty_output_folder_starts_fresh_and_says_so(tmp_path, data_dir, caplog):
+    (tmp_path / "out").mkdir()
+    with caplog.at_level(logging.INFO, logger="train_vlm"):
+        run_script(tmp_path, data_dir, "--stage", "pretrain", "--trainer", "hf", "--max_steps", "1",
+                   "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert "starting from scratch" in caplog.text
+    with open(tmp_path / "out" / "train_results.json") as f:
+        assert json.load(f)["stage"] == "pretrain"
 
 
 def test_script_argument_errors(tmp_path, data_dir):

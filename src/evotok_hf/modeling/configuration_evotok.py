@@ -9,9 +9,13 @@ low-dimensional code space and quantises every position with a cascade of residu
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+from pathlib import Path
 
 from transformers import PreTrainedConfig, SiglipVisionConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.dynamic_module_utils import get_relative_import_files
 
 # The encoder of the paper: google/siglip2-large-patch16-256, a fixed-resolution SigLIP2 checkpoint that uses the
 # SigLIP architecture (transformers' `SiglipVisionModel`).
@@ -132,6 +136,40 @@ EVOTOK_PRESETS: dict[str, dict] = {
 }
 
 
+def save_auto_map_code(obj, save_directory) -> list[Path]:
+    """Copy into `save_directory` the files of this folder that `obj.auto_map` names, with the siblings they import.
+
+    A folder exported with remote code (`evotok_hf.hub.remote_code`) carries an `auto_map`, which the loaded config
+    keeps. With the package imported its own classes load such a folder, and transformers copies code on save only for
+    classes loaded as remote code (`register_for_auto_class`); without this copy a re-saved folder would name code it
+    does not hold. Classes loaded as remote code (`_auto_class` set) are left to transformers. Entries pointing to
+    another repository ("repo--module.Class") need no local file.
+    """
+    auto_map = getattr(obj, "auto_map", None)
+    if not auto_map or obj._auto_class is not None:
+        return []
+    folder = Path(__file__).resolve().parent
+    modules = set()
+    for refs in auto_map.values():
+        for ref in refs if isinstance(refs, (list, tuple)) else [refs]:
+            if ref and "--" not in ref:
+                modules.add(ref.rsplit(".", 1)[0])
+    files = set()
+    for module in sorted(modules):
+        path = folder / f"{module}.py"
+        if not path.is_file():
+            raise ValueError(
+                f"{type(obj).__name__}.auto_map names the module {module!r}, which is not a file of {folder}; "
+                f"remove that entry or point it to the repository that holds the code (\"repo--{module}.Class\")."
+            )
+        files.update([path, *map(Path, get_relative_import_files(path))])
+    os.makedirs(save_directory, exist_ok=True)
+    copied = []
+    for path in sorted(files):
+        copied.append(Path(shutil.copyfile(path, Path(save_directory) / path.name)))
+    return copied
+
+
 def _positive(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"EvoTokConfig: `{name}` must be a positive number, got {value!r}.")
@@ -204,6 +242,11 @@ class EvoTokConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.decoder_channel_multipliers = list(self.decoder_channel_multipliers)
         self._validate_evotok()
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        # Before the config (and any upload): a folder loaded from remote code stays loadable as remote code.
+        save_auto_map_code(self, save_directory)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def _validate_evotok(self) -> None:
         for name in (

@@ -287,8 +287,9 @@ def generate_image_codes(
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def run_llm(inputs_embeds, attention, position_ids, cache):
+        # return_dict=True: a checkpoint's text_config may say return_dict=False (transformers' tuple convention).
         out = language_model(inputs_embeds=inputs_embeds, attention_mask=attention, position_ids=position_ids,
-                             past_key_values=cache, use_cache=use_cache)  # fmt: skip
+                             past_key_values=cache, use_cache=use_cache, return_dict=True)  # fmt: skip
         return out.last_hidden_state[:, -1], (out.past_key_values if use_cache else None)
 
     hidden, llm_cache = run_llm(embeddings, mask, positions, None)
@@ -321,7 +322,8 @@ def _sample_depths(head, quantizer, hidden, warpers, guided, guidance_scale, do_
     depth = len(warpers)
     hidden = hidden.to(head.dtype)
     chosen = torch.zeros(rows, depth, dtype=torch.long, device=hidden.device)
-    out = head(hidden_states=hidden, use_cache=use_cache)
+    # return_dict=True: the depth head's config may say return_dict=False (transformers' tuple convention).
+    out = head(hidden_states=hidden, use_cache=use_cache, return_dict=True)
     sums = []
     for d in range(depth):
         logits = out.logits[:, -1].float()
@@ -340,10 +342,11 @@ def _sample_depths(head, quantizer, hidden, warpers, guided, guidance_scale, do_
         if guided:
             running = torch.cat([running, running])
         if use_cache:
-            out = head(code_embedding_sums=running[:, None], past_key_values=out.past_key_values, use_cache=True)
+            out = head(code_embedding_sums=running[:, None], past_key_values=out.past_key_values, use_cache=True,
+                       return_dict=True)  # fmt: skip
         else:
             sums.append(running)
-            out = head(hidden_states=hidden, code_embedding_sums=torch.stack(sums, dim=1))
+            out = head(hidden_states=hidden, code_embedding_sums=torch.stack(sums, dim=1), return_dict=True)
     return chosen
 
 

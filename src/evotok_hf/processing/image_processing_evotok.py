@@ -14,7 +14,9 @@ import base64
 import binascii
 import io
 import os
+import shutil
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -23,6 +25,7 @@ import torch
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_transforms import convert_to_rgb
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.image_utils import PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
 
@@ -121,6 +124,35 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         raise ValueError(f"EvoTokImageProcessor: could not read image data ({err}); the file is corrupt or truncated.") from err
 
 
+def save_auto_map_code(obj, save_directory) -> list[Path]:
+    """Copy into `save_directory` the files of this folder that `obj.auto_map` names, with the siblings they import.
+
+    The processing side of `modeling/configuration_evotok.save_auto_map_code` (the two folders may not import each
+    other): a processor loaded by the package's own classes from a remote-code folder saves that code again, as
+    transformers does for classes loaded as remote code (those, with `_auto_class` set, are left to transformers).
+    """
+    auto_map = getattr(obj, "auto_map", None)
+    if not auto_map or obj._auto_class is not None:
+        return []
+    folder = Path(__file__).resolve().parent
+    modules = set()
+    for refs in auto_map.values():
+        for ref in refs if isinstance(refs, (list, tuple)) else [refs]:
+            if ref and "--" not in ref:
+                modules.add(ref.rsplit(".", 1)[0])
+    files = set()
+    for module in sorted(modules):
+        path = folder / f"{module}.py"
+        if not path.is_file():
+            raise ValueError(
+                f"{type(obj).__name__}.auto_map names the module {module!r}, which is not a file of {folder}; "
+                f"remove that entry or point it to the repository that holds the code (\"repo--{module}.Class\")."
+            )
+        files.update([path, *map(Path, get_relative_import_files(path))])
+    os.makedirs(save_directory, exist_ok=True)
+    return [Path(shutil.copyfile(path, Path(save_directory) / path.name)) for path in sorted(files)]
+
+
 class EvoTokImageProcessor(PilBackend):
     r"""Constructs an EvoTok image processor: RGB, resize (centre crop or squash) to `size`, scale to [-1, 1].
 
@@ -149,6 +181,11 @@ class EvoTokImageProcessor(PilBackend):
     def __init__(self, **kwargs: Unpack[EvoTokImageProcessorKwargs]):
         super().__init__(**kwargs)
         self._check_resize_mode(self.resize_mode)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        # Before the config (and any upload): a folder loaded from remote code stays loadable as remote code.
+        save_auto_map_code(self, save_directory)
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @staticmethod
     def _check_resize_mode(mode) -> None:

@@ -11,7 +11,7 @@ import json
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 
-from .image_processing_evotok import EvoTokImageProcessor, EvoTokImageProcessorKwargs
+from .image_processing_evotok import EvoTokImageProcessor, EvoTokImageProcessorKwargs, save_auto_map_code
 
 
 # ChatML (the Qwen2.5 format of the paper's LLM, as in the authors' LLaVA `qwen` conversation), with each image
@@ -150,6 +150,21 @@ class EvoTokProcessor(ProcessorMixin):
         # (and saved so).
         tokenizer.padding_side = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
+        result = super().from_args_and_dict(args, processor_dict, **kwargs)
+        # ProcessorMixin drops `auto_map` on load (it keeps it only for classes loaded as remote code, through
+        # `register_for_auto_class`); kept, a processor loaded from a remote-code folder saves one again.
+        if processor_dict.get("auto_map"):
+            processor = result[0] if isinstance(result, tuple) else result
+            processor.auto_map = dict(processor_dict["auto_map"])
+        return result
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        # Before the files (and any upload): a folder loaded from remote code stays loadable as remote code.
+        save_auto_map_code(self, save_directory)
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @staticmethod
     def _single_token_id(tokenizer, name: str, token: str | None) -> int | None:

@@ -9,7 +9,12 @@ Read top to bottom:
 3. `bundled_photo_dataset`: real photos shipped by scikit-image / scikit-learn, cut into small train crops and a
    held-out validation set, so training and its tests run offline.
 4. loaders: `make_dataloader` (map-style or streaming) yields {"pixel_values": (B, 3, S, S)}; `infinite_batches`
-   cycles epochs for step-based loops.
+   cycles epochs for step-based loops, telling the loader each epoch with `set_loader_epoch`.
+
+Augmentation randomness is a function of (seed, epoch, example), never of Python's global `random`: the loaders give
+each example its own `random.Random`, so a batch's crops do not depend on which batches were drawn before it, on
+DataLoader workers, on look-ahead prefetching, or on anything else in the process that draws random numbers. A run
+resumed from a checkpoint therefore sees exactly the batches the uninterrupted run saw.
 
 The crop follows torchvision's `RandomResizedCrop` sampling (uniform area fraction, log-uniform aspect, 10 tries,
 then a centre crop), written here on PIL because torchvision cannot be installed beside the CPU torch build.
@@ -19,6 +24,7 @@ then a centre crop), written here on PIL because torchvision cannot be installed
 from __future__ import annotations
 
 import glob
+import inspect
 import logging
 import math
 import os
@@ -81,8 +87,7 @@ def random_resized_crop_box(
     """A random crop box (left, top, right, bottom) for an image of `width` x `height`, sampled as torchvision's
     RandomResizedCrop does so augmentation strength matches published recipes: area fraction uniform in `scale`,
     aspect (width / height) log-uniform in `ratio`, up to 10 tries; if none fits, the largest centred crop whose
-    aspect lies in `ratio`. `generator=None` draws from the module-level `random`, which `set_seed` seeds and
-    which PyTorch reseeds in every DataLoader worker."""
+    aspect lies in `ratio`. `generator=None` draws from the module-level `random`."""
     if width < 1 or height < 1:
         raise ValueError(f"random_resized_crop_box: image size must be positive, got {width}x{height}.")
     _check_crop_range(scale, ratio)
@@ -123,12 +128,14 @@ class _TrainTransform:
     flip_prob: float
     generator: random.Random | None
 
-    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
+    def __call__(self, image: PIL.Image.Image, generator: random.Random | None = None) -> torch.Tensor:
         if not isinstance(image, PIL.Image.Image):
             raise ValueError(f"expected a PIL image, got {type(image).__name__}; load data with load_image_dataset.")
-        box = random_resized_crop_box(image.width, image.height, self.scale, self.ratio, self.generator)
+        if generator is None:
+            generator = self.generator
+        box = random_resized_crop_box(image.width, image.height, self.scale, self.ratio, generator)
         # Always draw the flip so the crop sequence for a given seed does not depend on flip_prob.
-        flip = (random if self.generator is None else self.generator).random() < self.flip_prob
+        flip = (random if generator is None else generator).random() < self.flip_prob
         # PIL crops every mode (L, RGBA, P, I;16...), so RGB conversion is left to the processor.
         pixel_values = _pixel_values(self.processor, image.crop(box), "squash")
         # Mirroring the output is exact and cheaper than mirroring the larger source crop.
@@ -152,11 +159,11 @@ def train_transform(
 ) -> Callable[[PIL.Image.Image], torch.Tensor]:
     """Training augmentation: a random-resized crop (see `random_resized_crop_box`), a horizontal flip with
     probability `flip_prob`, then the processor squashes the crop to its size (the crop already chose the aspect,
-    as in torchvision). Returns image -> (3, S, S) float32 in [-1, 1].
+    as in torchvision). Returns `transform(image, generator=None)` -> (3, S, S) float32 in [-1, 1].
 
-    `generator=None` (the default for training) uses the module-level `random`: `set_seed` makes it reproducible
-    and each DataLoader worker gets its own stream. A given `random.Random` is copied into every worker, so with
-    `num_workers > 0` all workers would repeat the same crops; pass one only for single-process use (tests)."""
+    The randomness comes from the `generator` of each call if given (`make_dataloader` passes every example its own,
+    derived from (seed, epoch, example)), else from the `generator` given here, else from the module-level
+    `random`."""
     _check_crop_range(scale, ratio)
     if not 0 <= flip_prob <= 1:
         raise ValueError(f"train_transform: flip_prob must be in [0, 1], got {flip_prob}.")
@@ -385,26 +392,74 @@ class ImageBatchCollator:
         return {"pixel_values": torch.stack(tensors)}
 
 
-class _TransformedImages(torch.utils.data.Dataset):
-    """Map-style view that decodes and transforms one example per index, inside the DataLoader worker."""
+def example_generator(seed: int, epoch: int, *example: int) -> random.Random:
+    """The augmentation random stream of one example in one epoch: a `random.Random` seeded from the string
+    "seed:epoch:example..." (string seeds are hashed with SHA-512, so the stream is the same in every process and
+    Python version 3.2+, whatever PYTHONHASHSEED is)."""
+    return random.Random(":".join(str(int(part)) for part in (seed, epoch, *example)))
 
-    def __init__(self, dataset: datasets.Dataset, transform: Callable[[PIL.Image.Image], torch.Tensor]):
-        self.dataset = dataset
+
+def _takes_generator(transform: Callable) -> bool:
+    try:
+        return "generator" in inspect.signature(transform).parameters
+    except (TypeError, ValueError):  # callables without an introspectable signature
+        return False
+
+
+class _PerExampleTransform:
+    """Applies a transform to one image; a transform that takes a `generator` keyword (as `train_transform` does)
+    gets the example's own `example_generator(seed, epoch, ...)`. `set_epoch` is called by `set_loader_epoch`."""
+
+    def __init__(self, transform: Callable[[PIL.Image.Image], torch.Tensor], seed: int):
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self._takes_generator = _takes_generator(transform)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _apply(self, image: PIL.Image.Image, *example: int) -> dict[str, torch.Tensor]:
+        if self._takes_generator:
+            return {"pixel_values": self.transform(image, generator=example_generator(self.seed, self.epoch, *example))}
+        return {"pixel_values": self.transform(image)}
+
+
+class _TransformedImages(_PerExampleTransform, torch.utils.data.Dataset):
+    """Map-style view that decodes and transforms one example per index, inside the DataLoader worker; the
+    augmentation stream is keyed on the example's index in the dataset."""
+
+    def __init__(self, dataset: datasets.Dataset, transform: Callable[[PIL.Image.Image], torch.Tensor], seed: int):
+        super().__init__(transform, seed)
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.transform(self.dataset[int(index)]["image"])}
+        return self._apply(self.dataset[int(index)]["image"], index)
 
 
-@dataclass(frozen=True)
-class _ApplyTransform:
-    transform: Callable[[PIL.Image.Image], torch.Tensor]
+class _TransformedStream(_PerExampleTransform, torch.utils.data.IterableDataset):
+    """Streaming view that transforms examples as they arrive; the augmentation stream is keyed on the DataLoader
+    worker and the example's position in that worker's stream (a stream has no indices). `set_epoch` also reshuffles
+    the underlying `datasets.IterableDataset`."""
 
-    def __call__(self, example: dict) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.transform(example["image"])}
+    def __init__(self, dataset: datasets.IterableDataset, transform: Callable[[PIL.Image.Image], torch.Tensor],
+                 seed: int):  # fmt: skip
+        super().__init__(transform, seed)
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # Iterated inside the worker, so `datasets` still gives each worker its own shards.
+        worker = torch.utils.data.get_worker_info()
+        worker_id = 0 if worker is None else worker.id
+        for position, example in enumerate(self.dataset):
+            yield self._apply(example["image"], worker_id, position)
 
 
 def make_dataloader(
@@ -423,7 +478,11 @@ def make_dataloader(
     Map-style: the order comes from a `torch.Generator` seeded with `seed`, so every process given the same seed
     sees the same permutation and Accelerate's `prepare` can shard it; the generator also seeds the workers.
     Streaming (`IterableDataset`): `dataset.shuffle(seed, buffer_size=shuffle_buffer_size)` when `shuffle`, the
-    transform mapped lazily; `datasets` splits shards across workers (`split_dataset_by_node` across processes).
+    transform applied lazily; `datasets` splits shards across workers.
+    A transform that takes a `generator` keyword (`train_transform`) is given each example's own
+    `example_generator(seed, epoch, index)` (streaming: `(seed, epoch, worker, position)`), so augmentations are
+    the same whatever the batching, the workers or the point a run was resumed from; call `set_loader_epoch` (as
+    `infinite_batches` and the trainer do) for a new epoch's draws.
     Only the "image" column is read, so other columns (captions, extra images) are never decoded."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"make_dataloader: batch_size must be an integer >= 1, got {batch_size!r}.")
@@ -447,9 +506,11 @@ def make_dataloader(
     if isinstance(dataset, datasets.IterableDataset):
         if shuffle:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
-        dataset = dataset.map(_ApplyTransform(transform), remove_columns=["image"])
+        # A generator of its own also for streams: without one, every new iterator (each epoch, each resume) draws
+        # its worker seed from the global torch RNG, which a resumed run would then be one draw off.
         return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last, collate_fn=collate
+            _TransformedStream(dataset, transform, seed), batch_size=batch_size, num_workers=num_workers,
+            drop_last=drop_last, collate_fn=collate, generator=torch.Generator().manual_seed(seed),
         )
 
     if drop_last and len(dataset) < batch_size:
@@ -458,7 +519,7 @@ def make_dataloader(
             "so no batch would ever be produced."
         )
     return torch.utils.data.DataLoader(
-        _TransformedImages(dataset, transform),
+        _TransformedImages(dataset, transform, seed),
         batch_size=batch_size,
         shuffle=shuffle,
         generator=torch.Generator().manual_seed(seed),
@@ -468,22 +529,23 @@ def make_dataloader(
     )
 
 
-def _set_epoch(dataloader: torch.utils.data.DataLoader, epoch: int) -> None:
-    if hasattr(dataloader, "set_epoch"):  # Accelerate's prepared loaders forward it to their sampler / dataset
-        dataloader.set_epoch(epoch)
-        return
-    for owner in (getattr(dataloader, "sampler", None), getattr(dataloader, "dataset", None)):
-        if hasattr(owner, "set_epoch"):  # DistributedSampler; a streaming dataset reshuffles per epoch
+def set_loader_epoch(dataloader: torch.utils.data.DataLoader, epoch: int) -> None:
+    """Tell a loader which epoch starts: its sampler's shuffle (DistributedSampler, Accelerate's seedable sampler),
+    a streaming dataset's shuffle and the per-example augmentation streams of `make_dataloader` all depend on it.
+    Every owner that has `set_epoch` is told: Accelerate's prepared loaders forward the epoch to their sampler but,
+    when that has one, not to their dataset."""
+    for owner in (dataloader, getattr(dataloader, "sampler", None), getattr(dataloader, "dataset", None)):
+        if hasattr(owner, "set_epoch"):
             owner.set_epoch(epoch)
 
 
 def infinite_batches(dataloader: torch.utils.data.DataLoader) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches forever, epoch after epoch, for loops counted in steps. Each epoch first calls `set_epoch` on the
-    loader, its sampler or its dataset where they have one, so shuffled orders change between epochs (and match
-    across processes). Raises ValueError if an epoch yields no batch, instead of spinning forever."""
+    """Batches forever, epoch after epoch, for loops counted in steps. Each epoch first calls `set_loader_epoch`,
+    so shuffled orders and augmentations change between epochs (and match across processes). Raises ValueError if
+    an epoch yields no batch, instead of spinning forever."""
     epoch = 0
     while True:
-        _set_epoch(dataloader, epoch)
+        set_loader_epoch(dataloader, epoch)
         yielded = False
         for batch in dataloader:
             yielded = True
@@ -499,9 +561,11 @@ __all__ = [
     "ImageBatchCollator",
     "bundled_photo_dataset",
     "eval_transform",
+    "example_generator",
     "infinite_batches",
     "load_image_dataset",
     "make_dataloader",
     "random_resized_crop_box",
+    "set_loader_epoch",
     "train_transform",
 ]

@@ -10,7 +10,7 @@ Checkpoint folder `checkpoints/checkpoint-<step>/`:
     discriminator/          model.safetensors + config.json
     ema/                    model.safetensors (only with use_ema): the EMA of the trainable tokenizer weights
     optimizer*.bin, scheduler*.bin, random_states_<rank>.pkl    Accelerate's own files (loaded weights_only)
-    trainer_state.json      step, epoch, batches consumed
+    trainer_state.json      step, epoch, batches of that epoch consumed
 It is written to a temporary folder and renamed when complete, so a killed run never leaves a half checkpoint under
 a checkpoint name.
 """
@@ -38,6 +38,7 @@ from .data import (
     eval_transform,
     load_image_dataset,
     make_dataloader,
+    set_loader_epoch,
     train_transform,
 )
 from .discriminator import PatchGANDiscriminator
@@ -175,6 +176,31 @@ TRAINING_PRESETS: dict[str, dict] = {
         "checkpointing_steps": 250,
         "log_steps": 50,
     },
+    # EvoTok in miniature (evotok_hf.miniature): pixel depth 4, semantic depth 16, the paper's losses (L2 + commitment +
+    # cosine and 4-fold cosine to the teacher; no perceptual network offline, GAN off for speed) on EvoTok Shapes
+    # (--train_data: a folder of train / validation parquet files), teacher and encoder = the mini-SigLIP folder.
+    "shapes": {
+        "model_preset": "evotok-shapes",
+        "model_overrides": {"ema_warmup_steps": 0},
+        "encoder_pretrained": "outputs/demo/siglip",
+        "teacher": "outputs/demo/siglip",
+        "train_data": "outputs/demo/data/shapes",
+        "eval_data": "outputs/demo/data/shapes",
+        "train_batch_size": 16,
+        "max_train_steps": 600,
+        "learning_rate": 1e-3,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 30,
+        "perceptual": None,
+        "perceptual_weight": 0.0,
+        "disc_weight": 0.0,
+        "disc_start": 0,
+        "disc_norm": "group",
+        "disc_channels": 32,
+        "semantic_fold": 4,
+        "checkpointing_steps": 0,
+        "log_steps": 50,
+    },
 }
 
 
@@ -243,6 +269,8 @@ class TokenizerTrainer:
         )
         set_seed(args.seed)
         self.global_step = 0
+        self.epoch = 0  # the data position: epoch, and batches of it consumed so far
+        self.batches_in_epoch = 0
         self.skipped_steps = 0
         self._skipped_in_a_row = 0
 
@@ -288,6 +316,13 @@ class TokenizerTrainer:
             self.model, self.discriminator, self.optimizer, self.disc_optimizer, self.lr_scheduler,
             self.train_dataloader,
         )
+        # Accelerate's loader for streaming datasets (it dispatches batches from rank 0) drops the DataLoader's own
+        # generator, so every new iterator (each epoch, and the one a resumed run starts with) would draw its worker
+        # seed from the global torch RNG, which checkpoints save and the codebook restarts use: a resumed run would be
+        # one draw off. Its own seeded generator keeps the global stream to the model, as for map-style datasets.
+        base_loader = getattr(self.train_dataloader, "base_dataloader", self.train_dataloader)
+        if base_loader.generator is None:
+            base_loader.generator = torch.Generator().manual_seed(args.seed)
         if self.teacher is not None:
             self.teacher.to(self.accelerator.device)
         if self.loss_fn.perceptual is not None:
@@ -365,7 +400,8 @@ class TokenizerTrainer:
             os.makedirs(os.path.join(output_dir, "ema"), exist_ok=True)
             save_file(self.ema.shadow, os.path.join(output_dir, "ema", "model.safetensors"))
         with open(os.path.join(output_dir, "trainer_state.json"), "w") as f:
-            json.dump({"global_step": self.global_step}, f)
+            json.dump({"global_step": self.global_step, "epoch": self.epoch,
+                       "batches_in_epoch": self.batches_in_epoch}, f)  # fmt: skip
 
     def _load_hook(self, models, input_dir):
         while models:
@@ -409,36 +445,45 @@ class TokenizerTrainer:
     def _resume(self, spec: str) -> None:
         path = latest_checkpoint(self.args.output_dir) if spec == "latest" else spec
         if path is None:
-            logger.info("No checkpoint under %s: starting from scratch.", self.args.output_dir)
+            logger.info("No complete checkpoint under %s: starting from scratch.", self.args.output_dir)
             return
         if not os.path.isdir(path):
             raise ValueError(f"resume_from_checkpoint: {path!r} is not a checkpoint folder")
         self.accelerator.load_state(path)
         with open(os.path.join(path, "trainer_state.json")) as f:
-            self.global_step = json.load(f)["global_step"]
+            state = json.load(f)
+        self.global_step = state["global_step"]
+        if "epoch" in state:
+            self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+        else:  # written before checkpoints recorded the data position: by map-style runs, one batch per micro-step
+            consumed = self.global_step * self.args.gradient_accumulation_steps
+            self.epoch, self.batches_in_epoch = divmod(consumed, len(self.train_dataloader))
         self.resumed_from = path
         logger.info("Resumed from %s at step %d", path, self.global_step)
 
     # ------------------------------------------------------------------ the loop
     def _batches(self):
-        """Infinite stream of batches; on resume, the epoch and position reached are skipped without decoding."""
+        """Infinite stream of batches from the data position (`self.epoch`, `self.batches_in_epoch`) on, which it
+        keeps up to date for checkpoints: batches, not steps, are counted, so gradient accumulation, batches dropped
+        for a non-finite loss and streaming datasets (no length) resume where they were. On resume the batches the
+        epoch already gave are skipped without decoding. The augmentations of an example depend only on (seed, epoch,
+        example) (see `make_dataloader`), so the batches after a resume are those the uninterrupted run saw, although
+        the loader had already prepared the next batch when the checkpoint's RNG states were saved."""
         dataloader = self.train_dataloader
-        consumed = self.global_step * self.args.gradient_accumulation_steps
-        per_epoch = len(dataloader) if hasattr(dataloader, "__len__") else None
-        epoch = consumed // per_epoch if per_epoch else 0
-        skip = consumed % per_epoch if per_epoch else consumed
         while True:
-            if hasattr(dataloader, "set_epoch"):
-                dataloader.set_epoch(epoch)
+            set_loader_epoch(dataloader, self.epoch)
+            skip = self.batches_in_epoch
             loader = self.accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-            skip = 0
             yielded = False
             for batch in loader:
                 yielded = True
+                self.batches_in_epoch += 1
                 yield batch
-            if not yielded:
+            # nothing left after skipping: the checkpoint was taken at the end of its epoch
+            if not yielded and not skip:
                 raise ValueError("the training dataloader yields no batch (dataset smaller than one batch?)")
-            epoch += 1
+            self.epoch += 1
+            self.batches_in_epoch = 0
 
     def _teacher_features(self, pixel_values):
         if self.teacher is None:

@@ -22,9 +22,12 @@ A row may instead carry pre-tokenised codes (`pretokenize_images`, a `datasets.m
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -370,8 +373,77 @@ def trainable_parameter_summary(model: torch.nn.Module) -> dict:
     return {"trainable": trainable, "total": total, "fraction": trainable / max(total, 1)}
 
 
+# ----------------------------------------------------------------------------------------------- checkpoints
+TRAINER_STATE_NAME = "trainer_state.json"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` is not a complete `transformers.Trainer` checkpoint, or None when it is complete.
+
+    The Trainer writes `trainer_state.json` last, after the weights, optimizer, scheduler, scaler and RNG states, so
+    a save finished when that file is readable and records the step the folder is named after. The weights are checked
+    too (every safetensors file, and every shard an index lists, must hold the bytes its header promises), which also
+    catches a checkpoint damaged or cut short after the save."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "not a folder"
+    state_file = folder / TRAINER_STATE_NAME
+    if not state_file.is_file():
+        return f"incomplete: no {TRAINER_STATE_NAME} (the Trainer writes it last, so the save did not finish)"
+    try:
+        with open(state_file) as f:
+            global_step = json.load(f)["global_step"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"incomplete: {TRAINER_STATE_NAME} is unreadable ({err})"
+    named = CHECKPOINT_NAME.fullmatch(folder.name)
+    if named and int(named.group(1)) != global_step:
+        return f"incomplete: {TRAINER_STATE_NAME} records step {global_step}, not {named.group(1)}"
+    weight_files = set(folder.glob("*.safetensors"))
+    for index_file in folder.glob("*.safetensors.index.json"):
+        try:
+            with open(index_file) as f:
+                weight_files.update(folder / shard for shard in json.load(f)["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"incomplete: {index_file.name} is unreadable ({err})"
+    for weight_file in sorted(weight_files):
+        if not weight_file.is_file():
+            return f"incomplete: the weights file {weight_file.name} is missing"
+        try:
+            with safe_open(str(weight_file), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as err:
+            return f"incomplete: the weights file {weight_file.name} is damaged ({err})"
+    return None
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The `checkpoint-<step>` folder under `output_dir` with the highest step among the complete ones (see
+    `checkpoint_problem`), or None when there is none (or no `output_dir`). Newer incomplete ones, left by a run
+    killed while saving, are skipped with a warning naming what is wrong. This is what `--resume_from_checkpoint
+    latest` resumes; the Trainer's own `resume_from_checkpoint=True` takes the highest-numbered folder, complete or
+    not."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        ((int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_NAME.fullmatch(name))),
+        reverse=True,
+    )
+    for _, name in steps:
+        folder = os.path.join(output_dir, name)
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning("Skipping checkpoint %s: %s.", folder, problem)
+    return None
+
+
 __all__ = [
     "EvoTokVLMDataCollator",
+    "checkpoint_problem",
+    "latest_complete_checkpoint",
     "new_module_names",
     "pretokenize_images",
     "IGNORE_INDEX",

@@ -1,0 +1,450 @@
+"""EvoTok in miniature, end to end: the paper's recipe at toy sizes on EvoTok Shapes, every step through the package's
+public code paths, scored objectively.
+
+Stages (each writes a folder under `output_dir` and a `stage.json` marker holding the settings it was built with; a
+later run reuses a stage whose marker matches, unless `retrain`):
+
+1. data: the EvoTok Shapes splits (`load_shapes_dataset`), saved with `save_to_disk`, the train / validation splits
+   also as parquet (what `scripts/train_tokenizer.py --train_data` reads) and the VLM's training conversations as
+   LLaVA JSON + PNG images (what `scripts/train_vlm.py --dataset --image_folder` reads);
+2. text: a byte-level BPE tokenizer trained on the dataset's text (`miniature.text`), shared by the teacher's text
+   tower and the LLM;
+3. siglip: the mini-SigLIP teacher (`miniature.siglip`), trained with SigLIP's sigmoid loss, with its zero-shot
+   colour / shape accuracy;
+4. tokenizer: `scripts/train_tokenizer.py --preset shapes` (encoder initialised from the mini-SigLIP through
+   `EvoTokModel.from_encoder_pretrained`, teacher = the mini-SigLIP's `hidden_states[-2]`);
+5. llm: a small Qwen2 built from its config (trained from scratch in the joint stages);
+6. vlm: `scripts/train_vlm.py --task joint`, stage 1 (`pretrain`: the projectors and the depth head, on a VLM
+   assembled with `EvoTokForConditionalGeneration.from_components`) then stage 2 (`sft`: everything but the image
+   tokenizer), on VQA conversations and caption -> image turns; the result is one folder that
+   `AutoModelForImageTextToText`, `AutoProcessor` and `EvoTokPipeline` load;
+7. scores: per-depth reconstruction and semantic cosine, per-depth NMI, VQA and mini-GenEval
+   (`evotok_hf.evaluation.shapes_scoring`), written to `report.json` and `report.html` (`miniature.report`).
+
+The scripts run as subprocesses of the current interpreter (a fresh Accelerate state each, the thread count in their
+environment), so what the demo trains is exactly what a user gets from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+STAGE_MARKER = "stage.json"
+# What a question / a caption turn looks like to the model (LLaVA JSON, as the paper's data).
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class MiniatureConfig:
+    """Every size and budget of the miniature run. `MINIATURE_PRESETS` holds the demo's ("demo") and the tests'
+    ("tiny"); the stage budgets of "demo" are sized for about 15 minutes on two quiet CPU cores."""
+
+    # data
+    num_train: int = 3000
+    num_validation: int = 200
+    num_test: int = 300
+    seed: int = 0
+    bpe_vocab_size: int = 512
+    # teacher
+    siglip_steps: int = 150
+    siglip_batch_size: int = 64
+    siglip_learning_rate: float = 1e-3
+    # image tokenizer (scripts/train_tokenizer.py --preset shapes; these override the preset)
+    tokenizer_steps: int = 600
+    tokenizer_batch_size: int = 16
+    tokenizer_overrides: dict = field(default_factory=dict)
+    # language model
+    llm_hidden_size: int = 192
+    llm_layers: int = 3
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    depth_head: dict = field(default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 2,
+                                                      "num_attention_heads": 4, "resid_dropout": 0.0})  # fmt: skip
+    # VLM (scripts/train_vlm.py --task joint)
+    vlm_stage1_steps: int = 60
+    vlm_stage1_learning_rate: float = 1e-3
+    vlm_stage2_steps: int = 400
+    vlm_stage2_learning_rate: float = 1e-3
+    vlm_batch_size: int = 32
+    vlm_bf16: bool = True
+    # the checkpoint's image-generation defaults (generation_config.image_generation)
+    image_generation_defaults: dict = field(default_factory=lambda: {"guidance_scale": 3.0, "do_sample": True,
+                                                                     "depth_temperature": 1.0, "depth_top_k": 20,
+                                                                     "depth_top_p": 0.96})  # fmt: skip
+    # scoring
+    geneval_per_category: int = 50
+    geneval_images_per_prompt: int = 4
+    geneval_guidance_scales: tuple = (1.0, 3.0, 7.5)
+    geneval_batch_size: int = 50
+    vqa_num_scenes: int = 300
+    vqa_batch_size: int = 64
+    depth_eval_images: int = 200
+    nmi_images: int = 100
+    num_threads: int = 2
+
+    def stage_settings(self, *names: str) -> dict:
+        return {name: _jsonable(getattr(self, name)) for name in names}
+
+
+MINIATURE_PRESETS: dict[str, dict] = {
+    "demo": {},
+    # A few steps of every stage at tiny sizes: the tests' end-to-end run (well under a minute).
+    "tiny": {
+        "num_train": 36, "num_validation": 12, "num_test": 12, "siglip_steps": 2, "siglip_batch_size": 8,
+        "tokenizer_steps": 2, "tokenizer_batch_size": 4, "llm_hidden_size": 32, "llm_layers": 1, "llm_heads": 2,
+        "llm_kv_heads": 1, "depth_head": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                          "resid_dropout": 0.0},
+        "vlm_stage1_steps": 1, "vlm_stage2_steps": 2, "vlm_batch_size": 4, "vlm_bf16": False,
+        "geneval_per_category": 1, "geneval_images_per_prompt": 1, "geneval_guidance_scales": (1.0, 3.0),
+        "geneval_batch_size": 6, "vqa_num_scenes": 3, "vqa_batch_size": 16, "depth_eval_images": 6, "nmi_images": 6,
+        "num_threads": 1,
+    },  # fmt: skip
+}
+
+# What each stage's result depends on (a change re-runs that stage and every later one).
+STAGE_SETTINGS = {
+    "data": ("num_train", "num_validation", "num_test", "seed"),
+    "text": ("bpe_vocab_size",),
+    "siglip": ("siglip_steps", "siglip_batch_size", "siglip_learning_rate"),
+    "tokenizer": ("tokenizer_steps", "tokenizer_batch_size", "tokenizer_overrides"),
+    "llm": ("llm_hidden_size", "llm_layers", "llm_heads", "llm_kv_heads"),
+    "vlm": ("depth_head", "vlm_stage1_steps", "vlm_stage1_learning_rate", "vlm_stage2_steps",
+            "vlm_stage2_learning_rate", "vlm_batch_size", "vlm_bf16", "image_generation_defaults"),
+    "scores": ("geneval_per_category", "geneval_images_per_prompt", "geneval_guidance_scales", "geneval_batch_size",
+               "vqa_num_scenes", "depth_eval_images", "nmi_images"),
+}  # fmt: skip
+STAGES = tuple(STAGE_SETTINGS)
+
+
+def miniature_config(preset: str = "demo", **overrides) -> MiniatureConfig:
+    if preset not in MINIATURE_PRESETS:
+        raise ValueError(f"unknown miniature preset {preset!r}; available: {sorted(MINIATURE_PRESETS)}")
+    values = {**MINIATURE_PRESETS[preset], **overrides}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(MiniatureConfig)})
+    if unknown:
+        raise ValueError(f"unknown MiniatureConfig fields {unknown}")
+    return MiniatureConfig(**values)
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def set_num_threads(num_threads: int) -> None:
+    """One thread count for this process and every script it starts: results and timings are then reproducible."""
+    import torch
+
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(num_threads)
+    torch.set_num_threads(num_threads)
+
+
+# ------------------------------------------------------------------------------------------------------------ caching
+class StageCache:
+    """Stage folders under `output_dir` with their `stage.json` markers. A stage is fresh when its marker records the
+    same settings key as now; each key chains the previous stage's, so changing a stage re-runs everything after it."""
+
+    def __init__(self, output_dir: str, config: MiniatureConfig, retrain: bool = False):
+        self.output_dir = output_dir
+        self.retrain = retrain
+        self.keys, previous = {}, ""
+        for stage, names in STAGE_SETTINGS.items():
+            blob = json.dumps({"previous": previous, **config.stage_settings(*names)}, sort_keys=True)
+            previous = self.keys[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        self.rebuilt: set[str] = set()
+
+    def path(self, stage: str, *parts: str) -> str:
+        return os.path.join(self.output_dir, stage, *parts)
+
+    def fresh(self, stage: str) -> bool:
+        if self.retrain:
+            return False
+        marker = self.path(stage, STAGE_MARKER)
+        if not os.path.isfile(marker):
+            return False
+        with open(marker) as f:
+            return json.load(f).get("key") == self.keys[stage]
+
+    def start(self, stage: str) -> str:
+        """An empty folder for a stage that is about to be rebuilt."""
+        folder = self.path(stage)
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.makedirs(folder)
+        return folder
+
+    def finish(self, stage: str, summary: dict) -> dict:
+        with open(self.path(stage, STAGE_MARKER), "w") as f:
+            json.dump({"key": self.keys[stage], "summary": summary}, f, indent=2)
+        self.rebuilt.add(stage)
+        return summary
+
+    def record_build_seconds(self, stage: str, seconds: float) -> None:
+        """Keep how long a stage took to build in its marker, so a cached run still reports the training times."""
+        marker = self.path(stage, STAGE_MARKER)
+        with open(marker) as f:
+            content = json.load(f)
+        content["build_seconds"] = seconds
+        with open(marker, "w") as f:
+            json.dump(content, f, indent=2)
+
+    def build_seconds(self, stage: str) -> float:
+        with open(self.path(stage, STAGE_MARKER)) as f:
+            return json.load(f).get("build_seconds", float("nan"))
+
+    def summary(self, stage: str) -> dict:
+        with open(self.path(stage, STAGE_MARKER)) as f:
+            return json.load(f)["summary"]
+
+
+# ------------------------------------------------------------------------------------------------------------ stages
+def build_data(cache: StageCache, config: MiniatureConfig) -> dict:
+    """The Shapes splits (`save_to_disk`), train / validation parquet for the tokenizer script, and the VLM's LLaVA
+    JSON + images."""
+    from .shapes import load_shapes_dataset
+
+    folder = cache.start("data")
+    start = time.perf_counter()
+    dataset = load_shapes_dataset(config.num_train, config.num_validation, config.num_test, seed=config.seed)
+    dataset.save_to_disk(os.path.join(folder, "shapes_dataset"))
+    parquet = os.path.join(folder, "shapes_parquet")
+    os.makedirs(parquet)
+    for split in ("train", "validation"):
+        dataset[split].select_columns(["image", "caption"]).to_parquet(os.path.join(parquet, f"{split}.parquet"))
+    rows = vlm_training_rows(dataset["train"], os.path.join(folder, "vlm_images"), seed=config.seed)
+    with open(os.path.join(folder, "vlm_train.json"), "w") as f:
+        json.dump(rows, f)
+    summary = {"splits": {split: len(dataset[split]) for split in dataset}, "vlm_rows": len(rows),
+               "seconds": time.perf_counter() - start}  # fmt: skip
+    return cache.finish("data", summary)
+
+
+def vlm_training_rows(split, image_folder: str, seed: int = 0) -> list[dict]:
+    """LLaVA JSON rows for the joint VLM, two per scene: a VQA conversation (the image and one question in the first
+    user turn, the scene's other questions as later turns, in a shuffled order so every question type comes first
+    sometimes) and a caption -> image turn (an image in the assistant turn is an image to write). Images are written
+    as PNG files under `image_folder`."""
+    os.makedirs(image_folder, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for index, example in enumerate(split):
+        name = f"{index:06d}.png"
+        example["image"].save(os.path.join(image_folder, name))
+        questions = list(example["questions"])
+        rng.shuffle(questions)
+        conversation = []
+        for turn, qa in enumerate(questions):
+            prefix = f"{IMAGE_PLACEHOLDER}\n" if turn == 0 else ""
+            conversation.append({"from": "human", "value": prefix + qa["question"]})
+            conversation.append({"from": "gpt", "value": qa["answer"]})
+        if conversation:
+            rows.append({"id": f"vqa-{index}", "image": name, "conversations": conversation})
+        rows.append({"id": f"t2i-{index}", "image": name, "conversations": [
+            {"from": "human", "value": example["caption"]}, {"from": "gpt", "value": IMAGE_PLACEHOLDER}]})  # fmt: skip
+    rng.shuffle(rows)
+    return rows
+
+
+def load_data(cache: StageCache):
+    import datasets
+
+    return datasets.load_from_disk(cache.path("data", "shapes_dataset"))
+
+
+def build_text_tokenizer(cache: StageCache, config: MiniatureConfig, dataset) -> dict:
+    from .text import shapes_text_corpus, train_bpe_tokenizer
+
+    folder = cache.start("text")
+    tokenizer = train_bpe_tokenizer(shapes_text_corpus(dataset["train"]), vocab_size=config.bpe_vocab_size)
+    tokenizer.save_pretrained(folder)
+    return cache.finish("text", {"vocab_size": len(tokenizer)})
+
+
+def build_siglip(cache: StageCache, config: MiniatureConfig, dataset, progress: bool = True) -> dict:
+    from transformers import AutoTokenizer
+
+    from ..modeling.configuration_evotok import EVOTOK_PRESETS
+    from ..training.trainer import TRAINING_PRESETS
+    from .siglip import save_mini_siglip, train_mini_siglip, zero_shot_accuracy
+
+    folder = cache.start("siglip")
+    tokenizer = AutoTokenizer.from_pretrained(cache.path("text"))
+    encoder_config = EVOTOK_PRESETS[TRAINING_PRESETS["shapes"]["model_preset"]]["encoder_config"]
+    model, summary = train_mini_siglip(
+        dataset["train"], tokenizer, encoder_config, max_steps=config.siglip_steps, batch_size=config.siglip_batch_size,
+        learning_rate=config.siglip_learning_rate, seed=config.seed, progress=progress,
+    )  # fmt: skip
+    summary["zero_shot_test"] = zero_shot_accuracy(model, tokenizer, dataset["test"])
+    save_mini_siglip(model, tokenizer, folder)
+    return cache.finish("siglip", summary)
+
+
+def _run_script(script: str, argv: list[str], num_threads: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(num_threads), "MKL_NUM_THREADS": str(num_threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    command = [sys.executable, script, *argv]
+    logger.info("running %s", " ".join(command))
+    subprocess.run(command, check=True, env=env)
+
+
+def build_tokenizer(cache: StageCache, config: MiniatureConfig, scripts_dir: str) -> dict:
+    """`scripts/train_tokenizer.py --preset shapes` with the mini-SigLIP as encoder initialisation and teacher."""
+    folder = cache.start("tokenizer")
+    # The script's output folder holds checkpoints and `final/`; the stage folder is the final tokenizer itself.
+    run = os.path.join(cache.output_dir, "tokenizer_run")
+    if os.path.exists(run):
+        shutil.rmtree(run)
+    siglip, data = cache.path("siglip"), cache.path("data", "shapes_parquet")
+    argv = ["--preset", "shapes", "--output_dir", run, "--encoder_pretrained", siglip, "--teacher", siglip,
+            "--train_data", data, "--eval_data", data, "--max_train_steps", str(config.tokenizer_steps),
+            "--train_batch_size", str(config.tokenizer_batch_size), "--seed", str(config.seed)]  # fmt: skip
+    for key, value in config.tokenizer_overrides.items():
+        argv += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    _run_script(os.path.join(scripts_dir, "train_tokenizer.py"), argv, config.num_threads)
+    with open(os.path.join(run, "train_summary.json")) as f:
+        summary = json.load(f)
+    for name in os.listdir(os.path.join(run, "final")):
+        shutil.move(os.path.join(run, "final", name), os.path.join(folder, name))
+    shutil.rmtree(run)
+    return cache.finish("tokenizer", {k: summary[k] for k in ("global_step", "train_seconds", "steps_per_s", "eval",
+                                                               "history") if k in summary})  # fmt: skip
+
+
+def build_llm(cache: StageCache, config: MiniatureConfig) -> dict:
+    from transformers import AutoTokenizer
+
+    from .text import build_qwen2
+
+    folder = cache.start("llm")
+    tokenizer = AutoTokenizer.from_pretrained(cache.path("text"))
+    model = build_qwen2(tokenizer, hidden_size=config.llm_hidden_size, num_hidden_layers=config.llm_layers,
+                        num_attention_heads=config.llm_heads, num_key_value_heads=config.llm_kv_heads,
+                        seed=config.seed)  # fmt: skip
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return cache.finish("llm", {"parameters": sum(p.numel() for p in model.parameters())})
+
+
+def _vlm_argv(config: MiniatureConfig, output_dir: str, steps: int, learning_rate: float) -> list[str]:
+    import torch
+
+    argv = ["--task", "joint", "--output_dir", output_dir, "--max_steps", str(steps), "--learning_rate",
+            str(learning_rate), "--per_device_train_batch_size", str(config.vlm_batch_size), "--lr_scheduler_type",
+            "cosine", "--warmup_steps", str(max(1, steps // 20)), "--weight_decay", "0.0", "--save_strategy", "no",
+            "--report_to", "none", "--logging_steps", str(max(1, steps // 10)), "--seed", str(config.seed),
+            "--dataloader_num_workers", "0", "--max_length", "1024"]  # fmt: skip
+    # TRL's SFTConfig turns bf16 on by default; say explicitly what this run uses.
+    argv += ["--bf16", "true" if config.vlm_bf16 else "false"]
+    if not torch.cuda.is_available():
+        argv.append("--use_cpu")  # the Trainer refuses bf16 on a CPU-only machine unless told it is one
+    return argv
+
+
+def build_vlm(cache: StageCache, config: MiniatureConfig, scripts_dir: str) -> dict:
+    """Stage 1 then stage 2 of `scripts/train_vlm.py --task joint`; the final folder gets the image-generation
+    defaults in its generation config."""
+    from transformers import GenerationConfig
+
+    folder = cache.start("vlm")
+    stage1 = os.path.join(cache.output_dir, "vlm_stage1")
+    if os.path.exists(stage1):
+        shutil.rmtree(stage1)
+    data = ["--dataset", cache.path("data", "vlm_train.json"), "--image_folder", cache.path("data", "vlm_images")]
+    script = os.path.join(scripts_dir, "train_vlm.py")
+    start = time.perf_counter()
+    _run_script(script, [
+        "--stage", "pretrain", "--tokenizer_name_or_path", cache.path("tokenizer"), "--llm_name_or_path",
+        cache.path("llm"), "--depth_head_config", json.dumps(config.depth_head), *data,
+        *_vlm_argv(config, stage1, config.vlm_stage1_steps, config.vlm_stage1_learning_rate)], config.num_threads)
+    stage1_seconds = time.perf_counter() - start
+    _run_script(script, ["--stage", "sft", "--model_name_or_path", stage1, *data,
+                         *_vlm_argv(config, folder, config.vlm_stage2_steps, config.vlm_stage2_learning_rate)],
+                config.num_threads)  # fmt: skip
+    generation_config = GenerationConfig.from_pretrained(folder)
+    generation_config.image_generation = dict(config.image_generation_defaults)
+    generation_config.save_pretrained(folder)
+    results = {}
+    for name, path in (("stage1", stage1), ("stage2", folder)):
+        with open(os.path.join(path, "train_results.json")) as f:
+            results[name] = json.load(f)
+    shutil.rmtree(stage1)
+    results["stage1_seconds"] = stage1_seconds
+    results["stage2_seconds"] = time.perf_counter() - start - stage1_seconds
+    return cache.finish("vlm", results)
+
+
+# ------------------------------------------------------------------------------------------------------------ scoring
+def score(cache: StageCache, config: MiniatureConfig, dataset, progress: bool = True) -> dict:
+    """Every score of the miniature; the generated and reconstructed images the report shows are saved beside it."""
+    from .scoring import score_miniature
+
+    folder = cache.start("scores")
+    scores = score_miniature(cache, config, dataset, folder, progress=progress)
+    with open(os.path.join(folder, "scores.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+    return cache.finish("scores", {"seconds": scores["seconds"]})
+
+
+def run_miniature(
+    output_dir: str = "outputs/demo",
+    config: MiniatureConfig | None = None,
+    scripts_dir: str | None = None,
+    retrain: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Run (or reuse) every stage, then write `report.json` and `report.html`. Returns the report."""
+    from .report import build_report, write_report
+
+    config = config or miniature_config()
+    if scripts_dir is None or not os.path.isfile(os.path.join(scripts_dir, "train_tokenizer.py")):
+        raise ValueError(f"scripts_dir must be the folder holding train_tokenizer.py and train_vlm.py, got {scripts_dir!r}")
+    set_num_threads(config.num_threads)
+    os.makedirs(output_dir, exist_ok=True)
+    cache = StageCache(output_dir, config, retrain=retrain)
+    timings = {}
+    run_start = time.perf_counter()
+
+    def stage(name, build):
+        start = time.perf_counter()
+        if cache.fresh(name):
+            logger.info("stage %s: cached", name)
+        else:
+            logger.info("stage %s: building", name)
+            build()
+            cache.record_build_seconds(name, time.perf_counter() - start)
+        timings[name] = time.perf_counter() - start
+
+    stage("data", lambda: build_data(cache, config))
+    dataset = load_data(cache)
+    stage("text", lambda: build_text_tokenizer(cache, config, dataset))
+    stage("siglip", lambda: build_siglip(cache, config, dataset, progress=progress))
+    stage("tokenizer", lambda: build_tokenizer(cache, config, scripts_dir))
+    stage("llm", lambda: build_llm(cache, config))
+    stage("vlm", lambda: build_vlm(cache, config, scripts_dir))
+    stage("scores", lambda: score(cache, config, dataset, progress=progress))
+    timings["total"] = time.perf_counter() - run_start
+    report = build_report(cache, config, timings)
+    write_report(report, cache, output_dir)
+    return report
+
+
+__all__ = ["MINIATURE_PRESETS", "MiniatureConfig", "StageCache", "miniature_config", "run_miniature",
+           "vlm_training_rows"]  # fmt: skip

@@ -1,0 +1,230 @@
+"""EvoTok in miniature (`evotok_hf.miniature.pipeline`, `scripts/demo_miniature.py`): every stage trains a few steps
+through the real code paths (the mini-SigLIP's sigmoid loss, `scripts/train_tokenizer.py --preset shapes`, the BPE
+tokenizer and the Qwen2 built from its config, `scripts/train_vlm.py --task joint` in two stages), the checkpoints load
+through the public loaders, the report carries every score, and a second run reuses every stage."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, SiglipModel
+
+from evotok_hf import EvoTokModel
+from evotok_hf.miniature import load_shapes_dataset
+from evotok_hf.miniature.pipeline import STAGES, StageCache, miniature_config, vlm_training_rows
+from evotok_hf.miniature.report import FLOORS
+from evotok_hf.miniature.siglip import _batch, train_mini_siglip, zero_shot_accuracy
+from evotok_hf.miniature.text import build_qwen2, describe_scene, shapes_text_corpus, train_bpe_tokenizer
+from evotok_hf.modeling.configuration_evotok import EVOTOK_PRESETS
+from evotok_hf.training.teacher import SiglipTeacher
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "scripts", "demo_miniature.py")
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return load_shapes_dataset(num_train=24, num_validation=6, num_test=12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer(shapes):
+    return train_bpe_tokenizer(shapes_text_corpus(shapes["train"]))
+
+
+def _run_demo(output_dir, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, DEMO, "--preset", "tiny", "--output-dir", str(output_dir), "--no-progress", *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole miniature at tiny sizes through scripts/demo_miniature.py (a few steps of every stage)."""
+    output_dir = tmp_path_factory.mktemp("miniature")
+    result = _run_demo(output_dir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output_dir
+
+
+# ------------------------------------------------------------------------------------------------ text and LLM
+def test_bpe_tokenizer_round_trips_the_dataset_text_and_holds_the_chat_and_image_tokens(shapes, text_tokenizer):
+    for text in shapes_text_corpus(shapes["test"]):
+        assert text_tokenizer.decode(text_tokenizer.encode(text, add_special_tokens=False)) == text
+    for token in ("<|im_start|>", "<|im_end|>", "<image>", "<boi>", "<eoi>", "<pad>"):
+        assert len(text_tokenizer.encode(token, add_special_tokens=False)) == 1
+    # every answer word is one token, so a one-token answer is one decoding step
+    for answer in ("red", "triangle", "three", "yes"):
+        assert len(text_tokenizer.tokenize(" " + answer)) == 1 or len(text_tokenizer.tokenize(answer)) == 1
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many circles are there?"}]},
+                {"role": "assistant", "content": "two"}]  # fmt: skip
+    rendered = text_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert "<|im_start|>user\n<image>\nHow many circles are there?<|im_end|>" in rendered
+    assert rendered.endswith("<|im_start|>assistant\ntwo<|im_end|>\n")
+
+
+def test_describe_scene_names_every_object_with_its_colour_left_to_right():
+    objects = [{"shape": "square", "color": "blue", "bbox": [40, 0, 56, 16]},
+               {"shape": "circle", "color": "red", "bbox": [2, 30, 18, 46]},
+               {"shape": "triangle", "color": "green", "bbox": [20, 10, 36, 26]}]  # fmt: skip
+    assert describe_scene(objects) == "a photo of a red circle, a green triangle and a blue square"
+    assert describe_scene(objects[:1]) == "a photo of a blue square"
+    with pytest.raises(ValueError):
+        describe_scene([])
+
+
+def test_qwen2_built_from_config_learns_the_dataset_text(shapes, text_tokenizer):
+    """A few optimizer steps of the from-scratch LLM on the dataset's questions lower its loss (it trains)."""
+    model = build_qwen2(text_tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1)  # fmt: skip
+    assert model.config.vocab_size == len(text_tokenizer) and model.config.tie_word_embeddings
+    assert model.generation_config.eos_token_id == text_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    texts = [q["question"] + " " + q["answer"] for row in shapes["train"] for q in row["questions"]][:32]
+    batch = text_tokenizer(texts, padding=True, return_tensors="pt")
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+# ------------------------------------------------------------------------------------------------ mini-SigLIP
+def test_siglip_batches_hold_each_text_once():
+    import numpy as np
+
+    captions = ["a photo of a circle"] * 10 + [f"a photo of {i}" for i in range(10)]
+    indices, texts = _batch(np.random.default_rng(0), captions, captions, batch_size=16)
+    assert len(texts) == len(set(texts)) == len(indices)
+    assert [captions[i] for i in indices] == texts
+
+
+def test_mini_siglip_trains_and_serves_as_teacher_and_encoder(shapes, text_tokenizer, tmp_path):
+    encoder_config = EVOTOK_PRESETS["evotok-shapes"]["encoder_config"]
+    model, summary = train_mini_siglip(shapes["train"], text_tokenizer, encoder_config, max_steps=3, batch_size=8,
+                                       progress=False)  # fmt: skip
+    assert isinstance(model, SiglipModel) and summary["steps"] == 3
+    assert torch.isfinite(torch.tensor([summary["first_loss"], summary["final_loss"]])).all()
+    accuracy = zero_shot_accuracy(model, text_tokenizer, shapes["test"])
+    assert accuracy["num_images"] == 4  # the single_object and colors scenes of 12 test scenes
+    assert 0 <= accuracy["pair_accuracy"] <= min(accuracy["color_accuracy"], accuracy["shape_accuracy"]) <= 1
+
+    model.save_pretrained(tmp_path)
+    text_tokenizer.save_pretrained(tmp_path)
+    # the teacher: the vision tower's hidden_states[-2], one feature per tokenizer grid position
+    teacher = SiglipTeacher(str(tmp_path), grid_size=8)
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    expected = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(teacher(pixels), expected)
+    # the encoder of EvoTok starts from the same weights
+    tokenizer = EvoTokModel.from_encoder_pretrained(str(tmp_path), config=None,
+                                                    **{k: v for k, v in EVOTOK_PRESETS["evotok-shapes"].items()
+                                                       if k != "encoder_config"})  # fmt: skip
+    for name, value in model.vision_model.state_dict().items():
+        torch.testing.assert_close(tokenizer.encoder.state_dict()[name], value)
+
+
+# ------------------------------------------------------------------------------------------------ data and caching
+def test_vlm_training_rows_read_in_user_turns_and_write_in_assistant_turns(shapes, tmp_path):
+    rows = vlm_training_rows(shapes["train"], str(tmp_path), seed=0)
+    vqa = [r for r in rows if r["id"].startswith("vqa-")]
+    t2i = [r for r in rows if r["id"].startswith("t2i-")]
+    assert len(t2i) == len(vqa) == len(shapes["train"])
+    for row in vqa:
+        turns = row["conversations"]
+        assert turns[0]["from"] == "human" and turns[0]["value"].startswith("<image>\n")
+        assert sum(t["value"].count("<image>") for t in turns) == 1
+        assert os.path.isfile(tmp_path / row["image"])
+    for row in t2i:
+        index = int(row["id"].split("-")[1])
+        assert row["conversations"] == [{"from": "human", "value": shapes["train"][index]["caption"]},
+                                        {"from": "gpt", "value": "<image>"}]  # fmt: skip
+
+
+def test_stage_cache_keys_change_from_the_changed_stage_on(tmp_path):
+    base = StageCache(str(tmp_path), miniature_config("tiny"))
+    changed = StageCache(str(tmp_path), miniature_config("tiny", tokenizer_steps=3))
+    same = [s for s in STAGES if base.keys[s] == changed.keys[s]]
+    assert same == ["data", "text", "siglip"]
+
+
+def test_unknown_miniature_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown MiniatureConfig fields"):
+        miniature_config("tiny", vlm_steps=3)
+    with pytest.raises(ValueError, match="unknown miniature preset"):
+        miniature_config("huge")
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_tiny_run_writes_loadable_checkpoints_and_a_complete_report(tiny_run):
+    from evotok_hf.pipelines import EvoTokPipeline
+
+    with open(tiny_run / "report.json") as f:
+        report = json.load(f)
+    assert set(report["floors"]) == set(FLOORS)
+    scores = report["scores"]
+    assert set(scores["per_depth"]["psnr"]) == {"1", "2", "3", "4"}
+    assert set(scores["per_depth"]["semantic_cosine"]) == {str(k) for k in range(1, 17)}
+    assert "psnr_mean_colour_baseline" in scores["per_depth"]
+    assert set(scores["nmi_by_depth"]["16"]) >= {"color", "shape"}
+    assert set(scores["vqa"]["per_type"]) and 0 <= scores["vqa"]["overall"] <= 1
+    geneval = scores["geneval"]
+    assert set(geneval["by_guidance_scale"]) == {"1.0", "3.0"}
+    assert {"overall", "per_category", "control", "heldout"} <= set(geneval["default"])
+    assert set(scores["detector_ground_truth"]["per_category"]) == set(geneval["default"]["per_category"])
+    assert {"color_accuracy", "shape_accuracy"} <= set(report["stages"]["siglip"]["zero_shot_test"])
+    assert set(report["timings_seconds"]) == {*STAGES, "total"}
+    assert set(report["build_seconds"]) == set(STAGES)
+    # each stage trained through its real script
+    assert report["stages"]["tokenizer"]["global_step"] == 2
+    assert report["stages"]["vlm"]["stage1"]["stage"] == "pretrain"
+    assert report["stages"]["vlm"]["stage2"]["stage"] == "sft"
+
+    html = (tiny_run / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<svg" in html and "not comparable" in html
+    assert "src=\"http" not in html  # self-contained
+
+    # one folder with both heads, through the public loaders
+    vlm = AutoModelForImageTextToText.from_pretrained(tiny_run / "vlm")
+    assert vlm.config.has_understanding_head and vlm.config.has_generation_head
+    assert vlm.generation_config.image_generation["guidance_scale"] == 3.0
+    processor = AutoProcessor.from_pretrained(tiny_run / "vlm")
+    pipe = EvoTokPipeline.from_pretrained(tiny_run / "vlm")
+    image = pipe("a photo of a red circle", generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert processor.num_image_tokens == 64
+    assert isinstance(SiglipModel.from_pretrained(tiny_run / "siglip"), SiglipModel)
+    assert EvoTokModel.from_pretrained(tiny_run / "tokenizer").config.semantic_depth == 16
+
+
+def test_second_run_reuses_every_stage(tiny_run):
+    start = time.perf_counter()
+    result = _run_demo(tiny_run)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(tiny_run / "report.json") as f:
+        report = json.load(f)
+    assert report["stages_rebuilt"] == []
+    assert time.perf_counter() - start < 60
+
+
+# ------------------------------------------------------------------------------------------------ the main job
+@pytest.mark.slow
+def test_demo_reaches_the_floors(tmp_path):
+    """The whole demo at its real budgets, on a quiet 2-core machine about 15 minutes: every acceptance floor."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, DEMO, "--output-dir", str(tmp_path), "--no-progress"], env=env,
+                            capture_output=True, text=True, timeout=3600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(tmp_path / "report.json") as f:
+        report = json.load(f)
+    assert report["scores"]["detector_ground_truth"]["overall"] >= 0.98
+    missed = {name: item for name, item in report["floors"].items() if not item["met"]}
+    assert not missed, missed
