@@ -404,7 +404,7 @@ def score(cache: StageCache, config: MiniatureConfig, dataset, progress: bool = 
 
 
 def run_miniature(
-    output_dir: str = "outputs/demo",
+    output_dir: str = "outputs/demo-miniature",
     config: MiniatureConfig | None = None,
     scripts_dir: str | None = None,
     retrain: bool = False,

@@ -45,6 +45,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_evotok_depth_head import EvoTokDepthHeadConfig
+from .modeling_evotok import eager_attention_forward
 
 logger = logging.get_logger(__name__)
 
@@ -128,27 +129,6 @@ def depth_causal_mask(steps: int, cached: int, dtype: torch.dtype, device: torch
     visible = torch.ones(steps, cached + steps, dtype=torch.bool, device=device).tril(diagonal=cached)
     mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
     return mask[None, None]
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference attention (the `"eager"` implementation) over `(batch, heads, tokens, head_dim)`: returns the
-    output as `(batch, tokens, heads, head_dim)`, as every entry of `ALL_ATTENTION_FUNCTIONS` does, and the weights."""
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    # at least fp32 for the softmax (bf16 / fp16 would round the weights), full precision for fp64
-    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class EvoTokDepthAttention(nn.Module):
