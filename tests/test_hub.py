@@ -19,7 +19,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModel, PreTrainedTokenizerFast, Qwen2Config
-from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor
+from vlm_helpers import BLOCK_EVOTOK_HF, bpe_tokenizer, tiny_generation_vlm, tiny_processor
 
 from evotok_hf import (
     EvoTokConfig,
@@ -386,19 +386,8 @@ def test_exported_files_import_only_siblings(tmp_path):
     check_flat_imports(path, {"bad", "sibling"})
 
 
-CLEAN_PROCESS = r"""
-import importlib.abc, importlib.util, json, os, socket, sys
-
-# evotok_hf is installed (editable) in this environment: take its path entry away and refuse any later import.
-sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "evotok_hf"))]
-assert importlib.util.find_spec("evotok_hf") is None
-
-class BlockEvoTok(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "evotok_hf":
-            raise ImportError("evotok_hf is blocked in this process")
-
-sys.meta_path.insert(0, BlockEvoTok())
+CLEAN_PROCESS = BLOCK_EVOTOK_HF + r"""
+import json, socket
 network = []
 
 def no_network(*args, **kwargs):

@@ -12,27 +12,14 @@ import PIL.Image
 import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
-from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor
+from vlm_helpers import BLOCK_EVOTOK_HF, bpe_tokenizer, tiny_generation_vlm, tiny_processor
 
 from evotok_hf import EvoTokConfig, EvoTokImageProcessor, EvoTokModel
 from evotok_hf.hub.remote_code import export_remote_code
 
 PROMPT = "a red bicycle on a green hill"
 
-BLOCKED_PROCESS = r"""
-import importlib.abc, importlib.util, os, sys
-
-# evotok_hf is installed (editable) in this environment: take its path entry away and refuse any later import.
-sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "evotok_hf"))]
-assert importlib.util.find_spec("evotok_hf") is None
-
-class BlockEvoTok(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "evotok_hf":
-            raise ImportError("evotok_hf is blocked in this process")
-
-sys.meta_path.insert(0, BlockEvoTok())
-
+BLOCKED_PROCESS = BLOCK_EVOTOK_HF + r"""
 import numpy as np
 import PIL.Image
 import torch

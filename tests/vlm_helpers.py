@@ -60,3 +60,20 @@ def tiny_processor(tokenizer, wrap_image_tokens: bool = False, resize_mode: str 
         tokenizer=tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE, num_image_tokens=vision.grid_size**2,
         boi_token="<boi>", eoi_token="<eoi>", wrap_image_tokens=wrap_image_tokens,
     )  # fmt: skip
+
+
+# The start of a subprocess script that runs as a user without evotok_hf would: the package cannot be imported.
+BLOCK_EVOTOK_HF = r"""
+import importlib.abc, importlib.util, os, sys
+
+# evotok_hf is installed (editable) in this environment: take its path entry away and refuse any later import.
+sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "evotok_hf"))]
+assert importlib.util.find_spec("evotok_hf") is None
+
+class BlockEvoTok(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "evotok_hf":
+            raise ImportError("evotok_hf is blocked in this process")
+
+sys.meta_path.insert(0, BlockEvoTok())
+"""
