@@ -37,14 +37,15 @@ extras = {
     "space": ["gradio>=6.0"],
     # Evaluation: metrics and plots (the offline-capable parts); scipy labels the Shapes detector's regions.
     "eval": ["torchmetrics>=1.4", "matplotlib>=3.7", "evaluate>=0.4", "scipy>=1.10"] + bundled_photos,
-    # The main job (`make demo`): trains on the photos scikit-image / scikit-learn ship.
-    "demo": train + bundled_photos,
     # Online-only networks (LPIPS-VGG perceptual loss, Inception rFID). They pull torchvision, which does not import
     # beside the CPU torch build used here, so this extra is for machines with a matching CUDA torch + torchvision.
     "online": ["lpips>=0.1.4", "torchvision", "torch-fidelity>=0.3", "torchmetrics>=1.4"],
     # Benchmarks: the reference residual VQ we compare against.
     "bench": ["vector-quantize-pytorch>=1.20"],
 }
+# The main job (`make demo`: EvoTok in miniature, the teacher, the tokenizer, the joint VLM through TRL / Trainer and
+# its scores through EvoTokPipeline) and the photo demo (`make demo-photos`, on the photos scikit-image ships).
+extras["demo"] = sorted(set(train + vlm + extras["eval"] + extras["diffusers"]))
 # Tests: everything above that works offline, plus `gguf` (the real SmolLM2 test LLM ships as GGUF), the browser
 # driver for the Space test (it drives the system's Chromium; `make test` installs that) and `parameterized`, which
 # transformers' own common model tests (run against our classes from its sdist) import.

@@ -1,7 +1,8 @@
-"""The main job: train a small EvoTok on real bundled photos (2 CPU cores, about 3 minutes), reload it with
-`AutoModel.from_pretrained`, and analyse it per residual depth on held-out photos that never entered training.
+"""The photo demo (`make demo-photos`): train a small EvoTok on real bundled photos (2 CPU cores, about 3 minutes),
+reload it with `AutoModel.from_pretrained`, and analyse it per residual depth on held-out photos that never entered
+training.
 
-Writes to `--output-dir` (default outputs/demo):
+Writes to `--output-dir` (default outputs/demo-photos; `make demo-photos`):
     model/                     the trained tokenizer (save_pretrained + preprocessor config); reused unless --retrain.
                                It is written to a staging folder that replaces model/ only once complete, so an
                                interrupted run never leaves a half-written model/ behind (the next run trains again).
@@ -10,7 +11,7 @@ Writes to `--output-dir` (default outputs/demo):
     demo.json                  those numbers, code shapes, codebook usage, timings
 and prints a short table.
 
-    python scripts/demo.py [--output-dir outputs/demo] [--retrain] [--max-train-steps 600] [--num-threads 2]
+    python scripts/demo.py [--output-dir outputs/demo-photos] [--retrain] [--max-train-steps 600] [--num-threads 2]
 
 Reproducibility: training results depend on the number of intra-op CPU threads (a different split of each reduction
 rounds differently, and the nearest-code search amplifies the difference), so the demo sets it (`--num-threads`,
@@ -39,7 +40,7 @@ from evotok_hf.training.trainer import TRAINING_PRESETS, TokenizerTrainer, train
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="outputs/demo")
+    parser.add_argument("--output-dir", default="outputs/demo-photos")
     parser.add_argument("--retrain", action="store_true", help="train again even if a trained model is cached")
     parser.add_argument("--preset", default="cpu-small", help="training preset (see TRAINING_PRESETS)")
     parser.add_argument("--max-train-steps", type=int, default=None, help="override the preset's step count")

@@ -6,8 +6,8 @@ mini-GenEval, exact-match VQA and per-depth reconstruction / semantic cosine / N
 tokenizer/, vlm/ (loadable folders), report.json and report.html. Each stage is cached: a second run only rewrites the
 report; `--retrain` trains everything again.
 
-    python scripts/demo_miniature.py --output-dir outputs/demo-miniature
-    python scripts/demo_miniature.py --output-dir outputs/demo-miniature --retrain
+    python scripts/demo_miniature.py --output-dir outputs/demo
+    python scripts/demo_miniature.py --output-dir outputs/demo --retrain
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="outputs/demo-miniature")
+    parser.add_argument("--output-dir", default="outputs/demo")
     parser.add_argument("--preset", choices=sorted(MINIATURE_PRESETS), default="demo",
                         help="stage sizes and budgets (tiny: a few steps of each stage, for tests)")
     parser.add_argument("--retrain", action="store_true", help="ignore cached stages and train everything again")

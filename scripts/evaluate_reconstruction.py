@@ -15,7 +15,7 @@ needs the online extra and Hub access to the gated dataset):
 
 Offline, on the embedded photos (what the tests run):
 
-    python scripts/evaluate_reconstruction.py --model outputs/demo/model --dataset bundled \\
+    python scripts/evaluate_reconstruction.py --model outputs/demo-photos/model --dataset bundled \\
         --feature-network efficientnet-lite0 --teacher efficientnet-lite0 --output-dir outputs/eval
 """
 

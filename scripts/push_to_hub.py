@@ -6,7 +6,7 @@ model card; with --remote-code the flat modeling/processing code and `auto_map`,
 never modified: everything is written to a staging folder that is moved to --output-dir at the end.
 
     # a tokenizer trained with this project, with its evaluation report, loadable without evotok_hf
-    python scripts/push_to_hub.py --model-dir outputs/demo/model --repo-id me/evotok-small --license apache-2.0 \\
+    python scripts/push_to_hub.py --model-dir outputs/demo-photos/model --repo-id me/evotok-small --license apache-2.0 \\
         --eval-json outputs/eval/report.json --remote-code
 
     # converted official weights (no licence is stated by the authors: the card says so), written locally only

@@ -77,6 +77,11 @@ class VLMScriptArguments(VLMLoraArguments):
         metadata={"choices": ["auto", "trl", "hf"], "help": "TRL SFTTrainer, Trainer, or auto (TRL unless the model "
                   "has a generation head)"},
     )
+    unconditional_probability: float = field(
+        default=0.0,
+        metadata={"help": "how often a text-to-image row's prompt is replaced by the unconditional one, so that "
+                  "classifier-free guidance has a trained unconditional model (LlamaGen / Janus: 0.1)"},
+    )
     merge_lora: bool = field(default=True, metadata={"help": "also save the LoRA-merged full model"})
     lora_target_modules: list[str] = field(default_factory=lambda: list(LLM_LINEAR_LAYERS))
 
@@ -207,7 +212,8 @@ def main(argv=None) -> str:
 
     train_dataset = load_conversation_dataset(script_args.dataset, script_args.dataset_split)
     collator = EvoTokVLMDataCollator(
-        processor, max_length=training_args.max_length, image_folder=script_args.image_folder
+        processor, max_length=training_args.max_length, image_folder=script_args.image_folder,
+        unconditional_probability=script_args.unconditional_probability, seed=training_args.seed,
     )
     trainer_kind = script_args.trainer
     has_generation_head = model.config.has_generation_head  # a PeftModel forwards `config` to the VLM

@@ -177,3 +177,37 @@ def test_joint_checkpoint_from_components_trains_both_heads(tmp_path, text_token
     with torch.no_grad():
         output = model(**batch)
     assert torch.isfinite(output.image_loss) and torch.isfinite(output.text_loss)
+
+
+def test_unconditional_rows_train_the_prompt_guidance_runs_as_its_unconditional_half(processor, photos):
+    """Classifier-free guidance contrasts the prompt with the unconditional prompt; a model never trained on the
+    latter extrapolates from an untrained branch. With unconditional_probability=1 every text-to-image row becomes the
+    exact prefix inference feeds the unconditional half (the processor's negative_input_ids, up to the image start);
+    a VQA row is never changed; with 0 nothing is."""
+    vqa = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]},
+                        {"role": "assistant", "content": "a cat"}], "images": [photos[0]]}  # fmt: skip
+    t2i = {"text": CAPTION, "image": photos[0]}
+    always = EvoTokVLMDataCollator(processor, unconditional_probability=1.0)
+    never = EvoTokVLMDataCollator(processor, unconditional_probability=0.0)
+    negative = processor(text=CAPTION, generation_mode="image", return_tensors="pt")["negative_input_ids"][0]
+    dropped = always([t2i])["input_ids"][0]
+    assert torch.equal(dropped[: negative.numel()], negative)
+    kept = never([t2i])["input_ids"][0]
+    assert not torch.equal(kept[: negative.numel()], negative)
+    assert torch.equal(always([vqa])["input_ids"], never([vqa])["input_ids"])
+
+
+def test_unconditional_probability_drops_about_that_share_of_rows_reproducibly(processor, photos):
+    rows = [{"text": CAPTION, "image": photos[0]}] * 400
+    negative = processor(text=CAPTION, generation_mode="image", return_tensors="pt")["negative_input_ids"][0]
+
+    def dropped(seed):
+        collator = EvoTokVLMDataCollator(processor, unconditional_probability=0.25, seed=seed)
+        ids = [collator([row])["input_ids"][0] for row in rows]
+        return [torch.equal(i[: negative.numel()], negative) for i in ids]
+
+    first = dropped(0)
+    assert 0.18 < sum(first) / len(first) < 0.32  # binomial(400, 0.25): 5 standard deviations either side
+    assert dropped(0) == first and dropped(1) != first
+    with pytest.raises(ValueError, match="unconditional_probability"):
+        EvoTokVLMDataCollator(processor, unconditional_probability=1.5)

@@ -17,7 +17,7 @@ from evotok_hf import EvoTokModel
 from evotok_hf.miniature import load_shapes_dataset
 from evotok_hf.miniature.pipeline import STAGES, StageCache, miniature_config, vlm_training_rows
 from evotok_hf.miniature.report import FLOORS
-from evotok_hf.miniature.siglip import _batch, train_mini_siglip, zero_shot_accuracy
+from evotok_hf.miniature.siglip import _batch, shape_twins, train_mini_siglip, zero_shot_accuracy
 from evotok_hf.miniature.text import build_qwen2, describe_scene, shapes_text_corpus, train_bpe_tokenizer
 from evotok_hf.modeling.configuration_evotok import EVOTOK_PRESETS
 from evotok_hf.training.teacher import SiglipTeacher
@@ -107,6 +107,37 @@ def test_siglip_batches_hold_each_text_once():
     assert [captions[i] for i in indices] == texts
 
 
+def test_shape_twins_share_the_colours_and_differ_in_shape():
+    scenes = load_shapes_dataset(num_train=300, num_validation=1, num_test=1, seed=5)["train"]["objects"]
+    twins = shape_twins(scenes)
+
+    def colours(i):
+        return sorted(obj["color"] for obj in scenes[i])
+
+    def shapes_of(i):
+        return sorted(obj["shape"] for obj in scenes[i])
+
+    for index in range(len(scenes)):  # brute force over every pair
+        expected = [j for j in range(len(scenes)) if colours(j) == colours(index) and shapes_of(j) != shapes_of(index)]
+        assert twins[index] == expected
+
+
+def test_siglip_batches_with_twins_pair_scenes_only_shape_tells_apart():
+    import numpy as np
+
+    scenes = load_shapes_dataset(num_train=300, num_validation=1, num_test=1, seed=5)["train"]
+    descriptions = [describe_scene(objects) for objects in scenes["objects"]]
+    indices, texts = _batch(np.random.default_rng(0), list(scenes["caption"]), descriptions, 32,
+                            shape_twins(scenes["objects"]))  # fmt: skip
+    assert len(indices) == len(set(indices)) == len(set(texts)) == 32  # no image and no text twice
+    pairs = list(zip(indices[:16:2], indices[1:16:2]))
+    for a, b in pairs:  # the first half: twin pairs with their descriptions
+        objects_a, objects_b = scenes[a]["objects"], scenes[b]["objects"]
+        assert sorted(o["color"] for o in objects_a) == sorted(o["color"] for o in objects_b)
+        assert sorted(o["shape"] for o in objects_a) != sorted(o["shape"] for o in objects_b)
+    assert texts[:16] == [descriptions[i] for i in indices[:16]]
+
+
 def test_mini_siglip_trains_and_serves_as_teacher_and_encoder(shapes, text_tokenizer, tmp_path):
     encoder_config = EVOTOK_PRESETS["evotok-shapes"]["encoder_config"]
     model, summary = train_mini_siglip(shapes["train"], text_tokenizer, encoder_config, max_steps=3, batch_size=8,
@@ -177,7 +208,7 @@ def test_tiny_run_writes_loadable_checkpoints_and_a_complete_report(tiny_run):
     assert set(scores["nmi_by_depth"]["16"]) >= {"color", "shape"}
     assert set(scores["vqa"]["per_type"]) and 0 <= scores["vqa"]["overall"] <= 1
     geneval = scores["geneval"]
-    assert set(geneval["by_guidance_scale"]) == {"1.0", "3.0"}
+    assert set(geneval["by_guidance_scale"]) == {"1.0", "7.5"}
     assert {"overall", "per_category", "control", "heldout"} <= set(geneval["default"])
     assert set(scores["detector_ground_truth"]["per_category"]) == set(geneval["default"]["per_category"])
     assert {"color_accuracy", "shape_accuracy"} <= set(report["stages"]["siglip"]["zero_shot_test"])
@@ -195,7 +226,7 @@ def test_tiny_run_writes_loadable_checkpoints_and_a_complete_report(tiny_run):
     # one folder with both heads, through the public loaders
     vlm = AutoModelForImageTextToText.from_pretrained(tiny_run / "vlm")
     assert vlm.config.has_understanding_head and vlm.config.has_generation_head
-    assert vlm.generation_config.image_generation["guidance_scale"] == 3.0
+    assert vlm.generation_config.image_generation["guidance_scale"] == 7.5
     processor = AutoProcessor.from_pretrained(tiny_run / "vlm")
     pipe = EvoTokPipeline.from_pretrained(tiny_run / "vlm")
     image = pipe("a photo of a red circle", generator=torch.Generator().manual_seed(0)).images[0]

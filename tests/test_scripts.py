@@ -145,8 +145,8 @@ def readme_demo_figures() -> list[str]:
 
 @pytest.mark.slow
 def test_demo_acceptance_full_run(tmp_path):
-    """The main job as `make demo` runs it (about 4 minutes on 2 idle cores): the acceptance figures of the training
-    issue on held-out photos, and the figures the README quotes. (Its duration is measured and reported, not
+    """The photo demo as `make demo-photos` runs it (about 4 minutes on 2 idle cores): the acceptance figures of the
+    training issue on held-out photos, and the figures the README quotes. (Its duration is measured and reported, not
     asserted.) The quoted figures hold bit for bit for the pinned torch on an x86-64 CPU of the same instruction set
     as the one that measured them; see the README on reproducibility."""
     report = load_main("scripts/demo.py")(["--output-dir", str(tmp_path)])

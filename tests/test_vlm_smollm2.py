@@ -259,9 +259,9 @@ def test_readme_vlm_recipe_runs_with_a_text_only_template(smollm2, evotok_tiny_d
     from evotok_hf.data import load_bundled_photos
 
     block = readme_vlm_recipe()
-    for model_id in ("outputs/demo/model", "Qwen/Qwen2.5-7B-Instruct"):
+    for model_id in ("outputs/demo-photos/model", "Qwen/Qwen2.5-7B-Instruct"):
         assert model_id in block
-    code = block.replace("outputs/demo/model", evotok_tiny_dir).replace("Qwen/Qwen2.5-7B-Instruct", smollm2)
+    code = block.replace("outputs/demo-photos/model", evotok_tiny_dir).replace("Qwen/Qwen2.5-7B-Instruct", smollm2)
     monkeypatch.chdir(tmp_path)
     load_bundled_photos(["chelsea"])["chelsea"].save("photo.jpg")
     namespace = {"__name__": "readme"}

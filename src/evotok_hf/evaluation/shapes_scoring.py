@@ -324,9 +324,11 @@ def evaluate_geneval_mini(
     num_images_per_prompt: int = 4,
     batch_size: int = 8,
     seed: int = 0,
+    **generation_kwargs,
 ) -> dict[float, dict]:
     """Generate `num_images_per_prompt` images per prompt through an `EvoTokPipeline` at each guidance scale (every
-    other setting is the checkpoint's default) and score them with `score_geneval_mini`.
+    other setting is the checkpoint's default unless `generation_kwargs` sets it, e.g. `depth_temperature=0.7`) and
+    score them with `score_geneval_mini`.
 
     Batches of `batch_size` prompts are generated with a generator seeded `seed + index of the batch's first prompt`,
     so a run is reproducible. Returns {guidance_scale: {"scores": score_geneval_mini's dict, "images": the PIL images
@@ -346,7 +348,7 @@ def evaluate_geneval_mini(
             batch = [p["prompt"] for p in prompts[start : start + batch_size]]
             generator = torch.Generator(device=device.type).manual_seed(seed + start)
             output = pipeline(batch, guidance_scale=float(guidance_scale), num_images_per_prompt=num_images_per_prompt,
-                              generator=generator)  # fmt: skip
+                              generator=generator, **generation_kwargs)  # fmt: skip
             for i in range(len(batch)):
                 images.append(list(output.images[i * num_images_per_prompt : (i + 1) * num_images_per_prompt]))
         scores = score_geneval_mini(images, prompts)
@@ -413,7 +415,7 @@ def evaluate_vqa(
             ]
             inputs = processor.apply_chat_template(
                 conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-                padding=True, padding_side="left",
+                processor_kwargs={"padding": True, "padding_side": "left"},
             ).to(model.device)  # fmt: skip
             with torch.no_grad():
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -58,9 +58,11 @@ class MiniatureConfig:
     seed: int = 0
     bpe_vocab_size: int = 512
     # teacher
-    siglip_steps: int = 150
+    siglip_steps: int = 600
     siglip_batch_size: int = 64
     siglip_learning_rate: float = 1e-3
+    # half of each batch in pairs of scenes only the shapes tell apart (`miniature.siglip.shape_twins`)
+    siglip_hard_negatives: bool = True
     # image tokenizer (scripts/train_tokenizer.py --preset shapes; these override the preset)
     tokenizer_steps: int = 600
     tokenizer_batch_size: int = 16
@@ -75,13 +77,16 @@ class MiniatureConfig:
     # VLM (scripts/train_vlm.py --task joint)
     vlm_stage1_steps: int = 60
     vlm_stage1_learning_rate: float = 1e-3
-    vlm_stage2_steps: int = 400
+    vlm_stage2_steps: int = 900
     vlm_stage2_learning_rate: float = 1e-3
     vlm_batch_size: int = 32
     vlm_bf16: bool = True
-    # the checkpoint's image-generation defaults (generation_config.image_generation)
-    image_generation_defaults: dict = field(default_factory=lambda: {"guidance_scale": 3.0, "do_sample": True,
-                                                                     "depth_temperature": 1.0, "depth_top_k": 20,
+    # how often a caption -> image row trains the unconditional prompt (classifier-free guidance needs that model)
+    vlm_unconditional_probability: float = 0.1
+    # the checkpoint's image-generation defaults (generation_config.image_generation): the paper's guidance scale and
+    # the authors' temperature / top-p (their top-k of 900 keeps every code of a 4-entry codebook)
+    image_generation_defaults: dict = field(default_factory=lambda: {"guidance_scale": 7.5, "do_sample": True,
+                                                                     "depth_temperature": 1.0,
                                                                      "depth_top_p": 0.96})  # fmt: skip
     # scoring
     geneval_per_category: int = 50
@@ -107,7 +112,7 @@ MINIATURE_PRESETS: dict[str, dict] = {
         "llm_kv_heads": 1, "depth_head": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                                           "resid_dropout": 0.0},
         "vlm_stage1_steps": 1, "vlm_stage2_steps": 2, "vlm_batch_size": 4, "vlm_bf16": False,
-        "geneval_per_category": 1, "geneval_images_per_prompt": 1, "geneval_guidance_scales": (1.0, 3.0),
+        "geneval_per_category": 1, "geneval_images_per_prompt": 1, "geneval_guidance_scales": (1.0, 7.5),
         "geneval_batch_size": 6, "vqa_num_scenes": 3, "vqa_batch_size": 16, "depth_eval_images": 6, "nmi_images": 6,
         "num_threads": 1,
     },  # fmt: skip
@@ -117,11 +122,12 @@ MINIATURE_PRESETS: dict[str, dict] = {
 STAGE_SETTINGS = {
     "data": ("num_train", "num_validation", "num_test", "seed"),
     "text": ("bpe_vocab_size",),
-    "siglip": ("siglip_steps", "siglip_batch_size", "siglip_learning_rate"),
+    "siglip": ("siglip_steps", "siglip_batch_size", "siglip_learning_rate", "siglip_hard_negatives"),
     "tokenizer": ("tokenizer_steps", "tokenizer_batch_size", "tokenizer_overrides"),
     "llm": ("llm_hidden_size", "llm_layers", "llm_heads", "llm_kv_heads"),
     "vlm": ("depth_head", "vlm_stage1_steps", "vlm_stage1_learning_rate", "vlm_stage2_steps",
-            "vlm_stage2_learning_rate", "vlm_batch_size", "vlm_bf16", "image_generation_defaults"),
+            "vlm_stage2_learning_rate", "vlm_batch_size", "vlm_bf16", "vlm_unconditional_probability",
+            "image_generation_defaults"),
     "scores": ("geneval_per_category", "geneval_images_per_prompt", "geneval_guidance_scales", "geneval_batch_size",
                "vqa_num_scenes", "depth_eval_images", "nmi_images"),
 }  # fmt: skip
@@ -290,7 +296,8 @@ def build_siglip(cache: StageCache, config: MiniatureConfig, dataset, progress: 
     encoder_config = EVOTOK_PRESETS[TRAINING_PRESETS["shapes"]["model_preset"]]["encoder_config"]
     model, summary = train_mini_siglip(
         dataset["train"], tokenizer, encoder_config, max_steps=config.siglip_steps, batch_size=config.siglip_batch_size,
-        learning_rate=config.siglip_learning_rate, seed=config.seed, progress=progress,
+        learning_rate=config.siglip_learning_rate, hard_negatives=config.siglip_hard_negatives, seed=config.seed,
+        progress=progress,
     )  # fmt: skip
     summary["zero_shot_test"] = zero_shot_accuracy(model, tokenizer, dataset["test"])
     save_mini_siglip(model, tokenizer, folder)
@@ -350,7 +357,8 @@ def _vlm_argv(config: MiniatureConfig, output_dir: str, steps: int, learning_rat
             str(learning_rate), "--per_device_train_batch_size", str(config.vlm_batch_size), "--lr_scheduler_type",
             "cosine", "--warmup_steps", str(max(1, steps // 20)), "--weight_decay", "0.0", "--save_strategy", "no",
             "--report_to", "none", "--logging_steps", str(max(1, steps // 10)), "--seed", str(config.seed),
-            "--dataloader_num_workers", "0", "--max_length", "1024"]  # fmt: skip
+            "--dataloader_num_workers", "0", "--max_length", "1024",
+            "--unconditional_probability", str(config.vlm_unconditional_probability)]  # fmt: skip
     # TRL's SFTConfig turns bf16 on by default; say explicitly what this run uses.
     argv += ["--bf16", "true" if config.vlm_bf16 else "false"]
     if not torch.cuda.is_available():
@@ -404,7 +412,7 @@ def score(cache: StageCache, config: MiniatureConfig, dataset, progress: bool = 
 
 
 def run_miniature(
-    output_dir: str = "outputs/demo-miniature",
+    output_dir: str = "outputs/demo",
     config: MiniatureConfig | None = None,
     scripts_dir: str | None = None,
     retrain: bool = False,

@@ -59,19 +59,54 @@ def encode_texts(tokenizer, texts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids  # fmt: skip
 
 
-def _batch(rng: np.random.Generator, captions: list[str], descriptions: list[str], batch_size: int):
-    """Indices and texts of one batch: each text at most once (the sigmoid loss's negatives must be true negatives)."""
+def _batch(rng: np.random.Generator, captions: list[str], descriptions: list[str], batch_size: int,
+           twins: dict[int, list[int]] | None = None):
+    """Indices and texts of one batch: each text at most once (the sigmoid loss's negatives must be true negatives).
+
+    With `twins` (`shape_twins`), half of the batch comes in pairs of scenes that have the same colours but other
+    shapes, each with its description: a pair only the shapes tell apart. Colour is visible in every pixel and is
+    learnt within a few dozen steps; circle against square is a matter of a few corner pixels, which random batches
+    rarely make the loss look at."""
     indices, texts, seen = [], [], set()
-    for index in rng.permutation(len(captions)):
-        text = descriptions[index] if rng.random() < 0.5 else captions[index]
-        if text in seen:
-            continue
+
+    def add(index: int, text: str) -> None:
+        if text in seen or int(index) in indices or len(indices) == batch_size:
+            return
         seen.add(text)
         indices.append(int(index))
         texts.append(text)
+
+    order = rng.permutation(len(captions))
+    if twins:
+        for index in order:
+            if len(indices) >= batch_size // 2:
+                break
+            partners = twins.get(int(index))
+            if not partners:
+                continue
+            partner = partners[rng.integers(len(partners))]
+            if descriptions[index] in seen or descriptions[partner] in seen or index in indices or partner in indices:
+                continue
+            add(index, descriptions[index])
+            add(partner, descriptions[partner])
+    for index in order:
         if len(indices) == batch_size:
             break
+        add(index, descriptions[index] if rng.random() < 0.5 else captions[index])
     return indices, texts
+
+
+def shape_twins(objects_per_scene) -> dict[int, list[int]]:
+    """For each scene, the scenes with the same colours (as a multiset) but other shapes."""
+    by_colours: dict[tuple, list[int]] = {}
+    for index, objects in enumerate(objects_per_scene):
+        by_colours.setdefault(tuple(sorted(obj["color"] for obj in objects)), []).append(index)
+    twins = {}
+    for members in by_colours.values():
+        shapes = {index: sorted(obj["shape"] for obj in objects_per_scene[index]) for index in members}
+        for index in members:
+            twins[index] = [other for other in members if shapes[other] != shapes[index]]
+    return twins
 
 
 def train_mini_siglip(
@@ -83,6 +118,7 @@ def train_mini_siglip(
     learning_rate: float = 1e-3,
     warmup_steps: int = 20,
     weight_decay: float = 1e-4,
+    hard_negatives: bool = True,
     seed: int = 0,
     progress: bool = True,
 ):
@@ -100,7 +136,9 @@ def train_mini_siglip(
         model.logit_bias.fill_(-10.0)
     images = images_to_tensor(dataset["image"])
     captions = list(dataset["caption"])
-    descriptions = [describe_scene(objects) for objects in dataset["objects"]]
+    objects = list(dataset["objects"])
+    descriptions = [describe_scene(scene) for scene in objects]
+    twins = shape_twins(objects) if hard_negatives else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
 
     def schedule(step: int) -> float:
@@ -114,7 +152,7 @@ def train_mini_siglip(
     losses = []
     start = time.perf_counter()
     for step in tqdm(range(max_steps), desc="mini-SigLIP", disable=not progress):
-        indices, texts = _batch(rng, captions, descriptions, batch_size)
+        indices, texts = _batch(rng, captions, descriptions, batch_size, twins)
         output = model(input_ids=encode_texts(tokenizer, texts), pixel_values=to_pixel_values(images[indices]),
                        return_loss=True)  # fmt: skip
         output.loss.backward()
@@ -169,4 +207,4 @@ def save_mini_siglip(model, tokenizer, folder: str | os.PathLike) -> str:
     return str(folder)
 
 
-__all__ = ["mini_siglip_config", "save_mini_siglip", "train_mini_siglip", "zero_shot_accuracy"]
+__all__ = ["mini_siglip_config", "save_mini_siglip", "shape_twins", "train_mini_siglip", "zero_shot_accuracy"]

@@ -73,6 +73,11 @@ def image_aware_chat_template(chat_template: str | dict, image_token: str = "<im
 
 
 # No `from __future__ import annotations` here: ProcessorMixin reads this TypedDict's annotations at run time.
+# The authors' unconditional prompt of classifier-free guidance: a user turn holding a single space. Training drops a
+# text-to-image row's prompt to it now and then (`EvoTokVLMDataCollator(unconditional_probability=)`) so the
+# unconditional half of guidance is a model that was trained.
+UNCONDITIONAL_PROMPT = " "
+
 class EvoTokProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: EvoTokImageProcessorKwargs
     _defaults = {"text_kwargs": {"padding": False}}
@@ -200,7 +205,7 @@ class EvoTokProcessor(ProcessorMixin):
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("EvoTokProcessor: generation_mode='image' needs `text` as a string or a list of strings.")
         if negative_prompt is None:
-            negative_prompt = " "  # the authors' unconditional prompt: a user turn holding a single space
+            negative_prompt = UNCONDITIONAL_PROMPT
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"EvoTokProcessor: {len(negatives)} negative prompts for {len(prompts)} prompts.")

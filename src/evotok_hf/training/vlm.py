@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..modeling import EvoTokForConditionalGeneration
+from ..processing.processing_evotok import UNCONDITIONAL_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +141,33 @@ class EvoTokVLMDataCollator:
         image_folder (`str`, *optional*): where LLaVA image paths are relative to.
         train_on_system_and_user (`bool`): label every text token, not only the assistant's (off in the paper's
             recipe).
+        unconditional_probability (`float`): how often a text-to-image row (one user turn, then an assistant turn that
+            is one image to write) has its prompt replaced by the unconditional prompt, so that classifier-free
+            guidance contrasts the prompt with a model trained without one (LlamaGen and Janus drop 10%). 0 keeps
+            every prompt.
+        seed (`int`): seeds the choice of the rows that lose their prompt.
     """
 
     processor: object
     max_length: int | None = 2048
     image_folder: str | None = None
     train_on_system_and_user: bool = False
+    unconditional_probability: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.unconditional_probability <= 1.0:
+            raise ValueError(f"unconditional_probability must be in [0, 1], got {self.unconditional_probability}.")
+        self._rng = random.Random(self.seed)
+
+    def _maybe_unconditional(self, messages: list[dict]) -> list[dict]:
+        """A text-to-image conversation with its prompt replaced by the unconditional one, with probability
+        `unconditional_probability`; any other conversation unchanged."""
+        if self.unconditional_probability == 0.0 or not _is_text_to_image(messages):
+            return messages
+        if self._rng.random() >= self.unconditional_probability:
+            return messages
+        return [{"role": "user", "content": UNCONDITIONAL_PROMPT}, messages[1]]
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages and not add_generation_prompt:
@@ -191,6 +214,7 @@ class EvoTokVLMDataCollator:
     def encode_example(self, example: dict) -> dict:
         tokenizer, row = self.processor.tokenizer, example.get("id", "?")
         messages, images = example_to_conversation(example, self.image_folder, self.processor.image_token)
+        messages = self._maybe_unconditional(messages)
         text, spans, writes = self.render(messages)
         num_write = sum(writes)
         num_read = len(writes) - num_write
@@ -265,6 +289,14 @@ class EvoTokVLMDataCollator:
                 if images:
                     batch[pixels_key] = image_processor(images, return_tensors="pt")["pixel_values"]
         return batch
+
+
+def _is_text_to_image(messages: list[dict]) -> bool:
+    """One user turn, then one assistant turn that is exactly one image (to write)."""
+    if len(messages) != 2 or [m["role"] for m in messages] != ["user", "assistant"]:
+        return False
+    content = messages[1]["content"]
+    return isinstance(content, list) and len(content) == 1 and content[0].get("type") == "image"
 
 
 def _codes(value) -> list[torch.Tensor] | None:
