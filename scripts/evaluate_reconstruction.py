@@ -31,7 +31,8 @@ from transformers import AutoImageProcessor, AutoModel
 import evotok_hf  # noqa: F401  (registers the Auto classes)
 from evotok_hf.evaluation.reconstruction import ALL_METRICS, evaluate_reconstruction
 from evotok_hf.evaluation.representation import kmeans_by_depth, lfw_probe_dataset, probe_by_depth, save_cluster_grid
-from evotok_hf.training.data import bundled_photo_dataset, eval_transform, load_image_dataset
+from evotok_hf.frozen_networks import DEFAULT_SIGLIP_TEACHER, build_teacher
+from evotok_hf.image_datasets import bundled_photo_dataset, eval_transform, load_image_dataset
 
 
 def _ints(text: str) -> list[int]:
@@ -80,11 +81,9 @@ def main(argv=None) -> dict:
                                      image_column=args.image_column)
     teacher = args.teacher
     if teacher == "auto":
-        teacher = "efficientnet-lite0" if config.teacher_dim == 1280 else "google/siglip2-large-patch16-256"
+        teacher = "efficientnet-lite0" if config.teacher_dim == 1280 else DEFAULT_SIGLIP_TEACHER
     metrics = [m for m in args.metrics.split(",") if m]
     if "semantic" in metrics and teacher == "efficientnet-lite0":
-        from evotok_hf.training.teacher import build_teacher
-
         teacher = build_teacher(teacher, grid_size=config.grid_size, image_size=args.teacher_image_size)
         teacher.name = f"efficientnet-lite0 @ {teacher.image_size} px (offline stand-in for SigLIP2)"
 

@@ -125,7 +125,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
 
 
 def load_model_and_processor(args: VLMScriptArguments):
-    from evotok_hf import EvoTokForConditionalGeneration, EvoTokImageProcessor, EvoTokProcessor
+    from evotok_hf import EvoTokForConditionalGeneration, EvoTokProcessor
 
     dtype = DTYPES[args.dtype]
     understanding, generation = TASK_HEADS[args.task]
@@ -144,26 +144,18 @@ def load_model_and_processor(args: VLMScriptArguments):
         from transformers import AutoTokenizer
 
         text_tokenizer = AutoTokenizer.from_pretrained(args.llm_name_or_path, gguf_file=args.llm_gguf_file)
-    model, text_tokenizer = EvoTokForConditionalGeneration.from_components(
+    # the processor comes from `EvoTokProcessor.for_config`: with no chat_template given it adapts the LLM's own
+    # template to image parts (ChatML when it has none), so the model is trained on the prompt format it answers in
+    model, processor = EvoTokForConditionalGeneration.from_components(
         args.tokenizer_name_or_path, args.llm_name_or_path, text_tokenizer=text_tokenizer, dtype=dtype,
         has_understanding_head=understanding, has_generation_head=generation,
         # the authors' generation model wraps images in start / end tokens; their understanding model does not
         wrap_image_tokens=generation and not understanding,
-        depth_head_config=json.loads(args.depth_head_config) if args.depth_head_config else None, **llm_kwargs,
+        depth_head_config=json.loads(args.depth_head_config) if args.depth_head_config else None,
+        return_processor=True, **llm_kwargs,
     )  # fmt: skip
-    if text_tokenizer.pad_token is None:
-        text_tokenizer.pad_token = text_tokenizer.eos_token
-    size = model.config.vision_config.image_size
-    processor = EvoTokProcessor(
-        image_processor=EvoTokImageProcessor(size={"height": size, "width": size}, resize_mode="squash"),
-        tokenizer=text_tokenizer,
-        # no chat_template: the processor adapts the LLM's own template to image parts (ChatML when it has none), so
-        # the model is trained on the prompt format it answers in
-        num_image_tokens=model.config.num_image_tokens,
-        boi_token=text_tokenizer.convert_ids_to_tokens(model.config.boi_token_id),
-        eoi_token=text_tokenizer.convert_ids_to_tokens(model.config.eoi_token_id),
-        wrap_image_tokens=model.config.wrap_image_tokens,
-    )
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return model, processor
 
 

@@ -10,6 +10,48 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from evotok_hf import EvoTokConfig, EvoTokModel  # noqa: E402
 
+# ----------------------------------------------------------------------------- the `integration` mark
+# The tests that run the package end to end: through another process (a subprocess, torchrun, spawned ranks), a live
+# Gradio server or headless Chromium, or the real SmolLM2 weights. `make test` (and so CI) runs them; `make test-fast`
+# leaves them out. Most are found by a fixture they use; the others are named. A named test that a collected file no
+# longer holds is an error, so a rename cannot quietly move a test out of the mark.
+INTEGRATION_FIXTURES = {
+    "server": "a live Gradio server (test_space.py)",
+    "generation_server": "a live Gradio server (test_space.py)",
+    "smollm2": "the real SmolLM2-135M weights (test_vlm_smollm2.py)",
+    "tiny_run": "scripts/demo_miniature.py in a subprocess (test_miniature_pipeline.py)",
+}
+INTEGRATION_TESTS = {
+    "test_distributed.py::test_codebooks_identical_on_two_processes": "two spawned gloo ranks",
+    "test_training_loop.py::test_two_process_run_keeps_ranks_identical": "torchrun with two ranks",
+    "test_training_loop.py::test_kill_then_resume_restores_everything": "a training subprocess, killed and resumed",
+    "test_training_resume.py::test_resume_after_a_kill_equals_the_uninterrupted_run": "training subprocesses, killed",
+    "test_hub.py::test_remote_code_loads_without_evotok_hf_and_matches_the_package": "a subprocess without evotok_hf",
+    "test_remote_code_resave.py::test_resaved_remote_code_folder_loads_without_evotok_hf": "a subprocess without "
+    "evotok_hf",
+    "test_publish_script_errors.py::test_a_refused_output_folder_is_one_line": "the publishing scripts as subprocesses",
+    "test_convert_official.py::test_script_refuses_a_non_empty_output_folder_in_one_line": "the script as a subprocess",
+    "test_space.py::test_push_space_dry_run_builds_a_space_that_imports_the_copied_package": "the written Space, "
+    "imported in a subprocess",
+    "test_scripts.py::test_demo_trains_caches_and_writes_outputs": "scripts/demo.py, three runs",
+    "test_scripts.py::test_demo_figures_do_not_depend_on_the_ambient_thread_count": "scripts/demo.py, two runs",
+    "test_scripts.py::test_an_interrupted_demo_does_not_block_the_next_run": "scripts/demo.py, interrupted and rerun",
+    "test_scripts.py::test_training_throughput_benchmark_runs": "benchmarks/train_throughput.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        if name in INTEGRATION_TESTS or INTEGRATION_FIXTURES.keys() & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+    modules = {item.path.name: item.module for item in items if getattr(item, "module", None) is not None}
+    missing = [
+        name for name in INTEGRATION_TESTS
+        if name.split("::")[0] in modules and not hasattr(modules[name.split("::")[0]], name.split("::")[1])
+    ]  # fmt: skip
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py INTEGRATION_TESTS names tests that do not exist: {missing}")
 
 
 @pytest.fixture

@@ -594,7 +594,7 @@ def gen_llava(gen_tokenizer, tmp_path_factory):
 def test_generation_checkpoint_converts_to_a_generation_vlm(gen_llava, gen_tokenizer, tmp_path, caplog):
     folder, llm, weights, head, rows = gen_llava
     output = tmp_path / "vlm"
-    with caplog.at_level(logging.INFO, logger="evotok_hf.hub.convert_official"):
+    with caplog.at_level(logging.INFO, logger="evotok_hf.hub"):
         convert_generation_checkpoint(folder, gen_tokenizer[0], output,
                                       depth_head_config={"num_attention_heads": HEAD_HEADS})  # fmt: skip
     assert "differ" not in caplog.text  # the tokenizer copy in the folder is the converted tokenizer

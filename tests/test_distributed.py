@@ -6,7 +6,6 @@ different images. The frozen encoder parts must not trip DDP's unused-parameter 
 """
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -15,17 +14,12 @@ import torch.multiprocessing as mp
 from evotok_hf import EvoTokConfig, EvoTokModel
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, world: int, out_dir: str, steps: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # The ranks meet through a file, not a TCP port chosen in advance (which another process could take first); gloo
+    # then opens its own connections on ports the system assigns.
+    rendezvous = f"file://{os.path.join(out_dir, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     torch.manual_seed(0)  # same initial weights on every rank
     model = EvoTokModel(EvoTokConfig.from_preset("evotok-tiny", ema_warmup_steps=1)).train()
     initial_codebook = model.quantizer.codebook.detach().clone()
@@ -52,7 +46,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> None:
 
 def test_codebooks_identical_on_two_processes(tmp_path):
     steps = 4
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), steps), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path), steps), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert not torch.allclose(r0["first_images"], r1["first_images"]), "ranks should see different data"

@@ -42,12 +42,13 @@ def folders(tmp_path_factory):
     llm.save_pretrained(root / "llm")
     text_tokenizer.save_pretrained(root / "llm")
     for name, generation in (("vlm", False), ("vlm_generation", True)):
-        vlm, vlm_tokenizer = EvoTokForConditionalGeneration.from_components(
+        vlm, processor = EvoTokForConditionalGeneration.from_components(
             str(root / "tokenizer"), str(root / "llm"), has_generation_head=generation,
             depth_head_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4},
+            return_processor=True,
         )  # fmt: skip
         vlm.save_pretrained(root / name)
-        vlm_tokenizer.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
     return root, tokenizer_model
 
 

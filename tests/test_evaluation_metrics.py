@@ -19,10 +19,7 @@ from torch import nn  # noqa: E402
 from evotok_hf.data import load_bundled_photos  # noqa: E402
 from evotok_hf.evaluation import metrics  # noqa: E402
 from evotok_hf.evaluation.metrics import (  # noqa: E402
-    EfficientNetLite0Features,
     FeatureStatistics,
-    InceptionV3Features,
-    build_feature_network,
     feature_statistics,
     fid_from_statistics,
     frechet_distance,
@@ -30,6 +27,11 @@ from evotok_hf.evaluation.metrics import (  # noqa: E402
     psnr,
     ssim,
     uint8_images_to_pixel_values,
+)
+from evotok_hf.frozen_networks import (  # noqa: E402
+    EfficientNetLite0Features,
+    InceptionV3Features,
+    build_feature_network,
 )
 
 EGYPTIAN_CAT = 285  # ImageNet class index
@@ -81,6 +83,23 @@ def test_ssim_matches_skimage_on_real_photos():
         assert 0.2 < reference.min() and reference.max() < 0.98
         np.testing.assert_allclose(ours.numpy(), reference, atol=1e-4)
     np.testing.assert_allclose(ssim(target, target).numpy(), 1.0, atol=1e-6)
+
+
+def test_ssim_matches_torchmetrics_where_the_window_fits():
+    """torchmetrics' SSIM (Gaussian 11x11, sigma 1.5) is the other implementation users compare with, and the one
+    training logged before it used this one. Its map agrees with ours wherever the window fits; it also averages the
+    border positions, computed on reflected pixels, which ours (like skimage) leaves out."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    target = _photo_crops()
+    reconstruction = F.interpolate(F.avg_pool2d(target, 2), size=target.shape[-2:], mode="bilinear",
+                                   align_corners=False)  # fmt: skip
+    _, their_map = structural_similarity_index_measure(
+        (reconstruction.double() + 1) / 2, (target.double() + 1) / 2, data_range=1.0, return_full_image=True
+    )
+    radius = metrics.SSIM_RADIUS
+    inside = their_map[..., radius:-radius, radius:-radius].flatten(1).mean(dim=1)
+    np.testing.assert_allclose(ssim(reconstruction, target).numpy(), inside.numpy(), atol=1e-9)
 
 
 def test_ssim_is_measured_on_the_unit_scale_not_on_raw_pixel_values():
@@ -261,7 +280,25 @@ def test_inception_features_name_the_online_extra_when_unavailable(monkeypatch):
 
     monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", Missing)
     with pytest.raises(ImportError, match=r'pip install "evotok_hf\[online\]"'):
-        InceptionV3Features()
+        InceptionV3Features.from_pretrained()
+
+
+def test_inception_features_load_only_in_from_pretrained(monkeypatch, tmp_path):
+    """The constructor wraps a built network and loads nothing; `from_pretrained` builds the FID Inception, with the
+    weights file it is given."""
+    import torchmetrics.image.fid
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the constructor must not build (and so download) the Inception network")
+
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", no_loading)
+    wrapped = InceptionV3Features(FakeNoTrainInceptionV3("inception-v3-compat", ["2048"]))
+    assert wrapped(torch.zeros(1, 3, 8, 8)).shape == (1, 2048)
+    with pytest.raises(ValueError, match="from_pretrained"):
+        InceptionV3Features("weights.pth")
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", FakeNoTrainInceptionV3)
+    loaded = InceptionV3Features.from_pretrained(tmp_path / "weights.pth")
+    assert loaded.network.constructed_with == ("inception-v3-compat", ["2048"], tmp_path / "weights.pth")
 
 
 def test_build_feature_network_wraps_modules_and_rejects_unknown_specs():

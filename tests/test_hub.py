@@ -29,7 +29,7 @@ from evotok_hf import (
     EvoTokProcessor,
     EvoTokVLMConfig,
 )
-from evotok_hf.hub.model_card import render_tokenizer_card, render_vlm_card, tokenizer_pipeline_tag
+from evotok_hf.hub.model_card import TOKENIZER_PIPELINE_TAG, render_tokenizer_card, render_vlm_card
 from evotok_hf.hub.remote_code import RemoteCodeExportError, check_flat_imports, exportable_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ def test_tokenizer_card_metadata_model_index_and_labels(published):
     card = ModelCard.load(published["tok"] / "README.md")
     data = card.data
     assert data.library_name == "transformers" and data.license == "apache-2.0"
-    assert data.pipeline_tag == tokenizer_pipeline_tag() == "image-to-image"
+    assert data.pipeline_tag == TOKENIZER_PIPELINE_TAG == "image-to-image"
     assert "evotok" in data.tags and "custom_code" not in data.tags
     assert data.model_name == "evotok-tiny"
     results = {(r.metric_type, r.metric_config): r for r in data.eval_results}
@@ -271,7 +271,7 @@ def test_pipeline_tag_matches_what_the_feature_extraction_pipeline_returns(sourc
         codes = model.encode(processor(fixed_image(), return_tensors="pt").pixel_values).codes
         semantic = model.get_semantic_features(codes)
     returns_semantic = features.shape == semantic.shape and torch.allclose(features, semantic)
-    assert returns_semantic == (tokenizer_pipeline_tag() == "image-feature-extraction")
+    assert returns_semantic == (TOKENIZER_PIPELINE_TAG == "image-feature-extraction")
 
 
 # ----------------------------------------------------------------------------- (b) the card snippets run

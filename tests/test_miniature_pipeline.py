@@ -20,7 +20,7 @@ from evotok_hf.miniature.report import FLOORS
 from evotok_hf.miniature.siglip import _batch, shape_twins, train_mini_siglip, zero_shot_accuracy
 from evotok_hf.miniature.text import build_qwen2, describe_scene, shapes_text_corpus, train_bpe_tokenizer
 from evotok_hf.modeling.configuration_evotok import EVOTOK_PRESETS
-from evotok_hf.training.teacher import SiglipTeacher
+from evotok_hf.frozen_networks import SiglipTeacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "scripts", "demo_miniature.py")
@@ -151,7 +151,7 @@ def test_mini_siglip_trains_and_serves_as_teacher_and_encoder(shapes, text_token
     model.save_pretrained(tmp_path)
     text_tokenizer.save_pretrained(tmp_path)
     # the teacher: the vision tower's hidden_states[-2], one feature per tokenizer grid position
-    teacher = SiglipTeacher(str(tmp_path), grid_size=8)
+    teacher = SiglipTeacher.from_pretrained(tmp_path, grid_size=8)
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1
     expected = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
     torch.testing.assert_close(teacher(pixels), expected)

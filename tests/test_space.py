@@ -108,12 +108,6 @@ def png_claiming_size(path: Path, width: int, height: int) -> None:
                      chunk(b"IEND", b""))  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("space")
@@ -160,21 +154,22 @@ def app():
 
 
 def serve(app, files, models):
-    """Serve the demo of `models` on a free port until the generator is closed; yields its URL."""
+    """Serve the demo of `models` until the generator is closed; yields its URL. The port is gradio's choice: it takes
+    the first one its server starts on and reports it, so no other process can take it between a check and the
+    start."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(files / "gradio"))
         demo = app.build_demo(*models, max_upload_pixels=MAX_UPLOAD_PIXELS, max_upload_bytes=MAX_UPLOAD_BYTES)
-        port = free_port()
-        app.launch_demo(demo, port=port, max_upload_bytes=MAX_UPLOAD_BYTES, prevent_thread_lock=True)
+        app.launch_demo(demo, max_upload_bytes=MAX_UPLOAD_BYTES, prevent_thread_lock=True)
         try:
-            yield f"http://127.0.0.1:{port}/"
+            yield demo.local_url
         finally:
             demo.close()
 
 
 @pytest.fixture(scope="module")
 def server(app, files):
-    """The demo, loaded with `load_models` from the saved folders and served on a free port, once for the module."""
+    """The demo, loaded with `load_models` from the saved folders and served, once for the module."""
     yield from serve(app, files, app.load_models(str(files / "tokenizer"), str(files / "vlm"), device="cpu"))
 
 

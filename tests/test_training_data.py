@@ -4,6 +4,7 @@ Offline and CPU-only: every dataset is written into tmp_path from the real bundl
 """
 
 import io
+import itertools
 import json
 import random
 import tarfile
@@ -16,9 +17,10 @@ import torch
 
 from evotok_hf.data import load_bundled_photos
 from evotok_hf.processing import EvoTokImageProcessor
-from evotok_hf.training.data import (
+from evotok_hf.image_datasets import (
     BUNDLED_PHOTOS,
     DEFAULT_HELD_OUT,
+    DataPosition,
     ImageBatchCollator,
     bundled_photo_dataset,
     eval_transform,
@@ -427,6 +429,37 @@ def test_infinite_batches_cycles_reshuffled_epochs(processor):
     assert len({tuple(epoch) for epoch in epochs}) == 3
     with pytest.raises(ValueError, match="no batch"):
         next(infinite_batches(torch.utils.data.DataLoader([])))
+
+
+def test_infinite_batches_resume_from_a_data_position_and_keep_it_up_to_date():
+    """The trainer's batches: a checkpoint records the position, a resumed loop continues with exactly the batches
+    the uninterrupted one gave, whether the batches already seen are skipped by a function (the trainer passes
+    Accelerate's) or drawn and dropped. The order of an epoch must depend on the epoch alone, as with Accelerate's
+    seedable sampler (here a DistributedSampler of one process)."""
+    ids = list(range(10))
+    sampler = torch.utils.data.DistributedSampler(ids, num_replicas=1, rank=0, shuffle=True, seed=0)
+    loader = torch.utils.data.DataLoader(ids, batch_size=5, sampler=sampler)  # 2 batches an epoch
+    uninterrupted = infinite_batches(loader)
+    expected = [next(uninterrupted).tolist() for _ in range(6)]
+    assert sorted(expected[2] + expected[3]) == ids and expected[:2] != expected[2:4]
+    position = DataPosition()
+    batches = infinite_batches(loader, position)
+    for _ in range(3):
+        next(batches)
+    assert position == DataPosition(epoch=1, batches_in_epoch=1)
+
+    skipped = []
+
+    def skip_first_batches(dataloader, count):
+        skipped.append(count)
+        return itertools.islice(dataloader, count, None)
+
+    for skip in (None, skip_first_batches):
+        resumed = infinite_batches(loader, DataPosition(epoch=1, batches_in_epoch=1), skip)
+        assert [next(resumed).tolist() for _ in range(3)] == expected[3:6]
+    assert skipped == [1]
+    # a checkpoint taken after the last batch of an epoch goes on with the next epoch
+    assert next(infinite_batches(loader, DataPosition(epoch=0, batches_in_epoch=2))).tolist() == expected[2]
 
 
 def _photo_dataset(photos, n=6):

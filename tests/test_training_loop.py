@@ -173,12 +173,11 @@ def test_non_finite_loss_can_be_skipped(tmp_path):
 
 def test_two_process_run_keeps_ranks_identical(tmp_path):
     dump = tmp_path / "ranks"
-    args = dict(TINY, output_dir=str(tmp_path / "run"), max_train_steps=3, checkpointing_steps=0, eval_data="none",
-                dump_rank_state=str(dump))
+    args = dict(TINY, output_dir=str(tmp_path / "run"), max_train_steps=3, checkpointing_steps=0, eval_data="none")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "scripts" / "train_tokenizer.py"), "--preset", "cpu-small", *cli(args)],
+         str(ROOT / "tests" / "train_and_dump_rank_state.py"), str(dump), "--preset", "cpu-small", *cli(args)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

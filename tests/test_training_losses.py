@@ -16,12 +16,18 @@ from PIL import Image
 from torch import nn
 
 from evotok_hf import EvoTokConfig, EvoTokModel
-from evotok_hf.training.discriminator import PatchGANDiscriminator
+from evotok_hf.frozen_networks import (
+    EfficientNetLite0Teacher,
+    SemanticTeacher,
+    SiglipTeacher,
+    build_perceptual_loss,
+    build_teacher,
+)
+from evotok_hf.training.discriminator import PatchGANDiscriminator, PatchGANDiscriminatorConfig
 from evotok_hf.training.losses import (
     EvoTokLoss,
     EvoTokLossConfig,
     adaptive_gan_weight,
-    build_perceptual_loss,
     check_finite,
     gan_weight_at,
     hinge_d_loss,
@@ -30,12 +36,6 @@ from evotok_hf.training.losses import (
     non_saturating_g_loss,
     reconstruction_loss,
     semantic_cosine_loss,
-)
-from evotok_hf.training.teacher import (
-    EfficientNetLite0Teacher,
-    SemanticTeacher,
-    SiglipTeacher,
-    build_teacher,
 )
 
 
@@ -255,7 +255,7 @@ def test_generator_loss_adaptive_weight_on_a_real_tiny_model():
     torch.manual_seed(0)
     config = EvoTokConfig.from_preset("evotok-tiny")
     model = EvoTokModel(config).train()
-    disc = PatchGANDiscriminator(base_channels=8, num_layers=2, norm="group")
+    disc = PatchGANDiscriminator(PatchGANDiscriminatorConfig(base_channels=8, num_layers=2, norm="group"))
     cfg = EvoTokLossConfig(disc_start=0, disc_adaptive_weight=True, perceptual_weight=0.5)
     loss_fn = EvoTokLoss(cfg, perceptual=MeanAbsPerImage())
     pixels = _randn(2, 3, config.image_size, config.image_size, seed=14).clamp(-1, 1)
@@ -335,7 +335,7 @@ def _patchgan_parameter_count(in_ch, base, layers, norm_params_per_channel=2):
 @pytest.mark.parametrize("norm", ["batch", "group"])
 @pytest.mark.parametrize("size, out", [(32, 2), (64, 6)])
 def test_patchgan_shapes_and_parameter_count(norm, size, out):
-    disc = PatchGANDiscriminator(in_channels=3, base_channels=8, num_layers=3, norm=norm)
+    disc = PatchGANDiscriminator(PatchGANDiscriminatorConfig(in_channels=3, base_channels=8, num_layers=3, norm=norm))
     logits = disc(_randn(2, 3, size, size))
     assert logits.shape == (2, 1, out, out)
     assert sum(p.numel() for p in disc.parameters()) == _patchgan_parameter_count(3, 8, 3)
@@ -344,7 +344,7 @@ def test_patchgan_shapes_and_parameter_count(norm, size, out):
 
 
 def test_patchgan_default_matches_the_taming_layout():
-    disc = PatchGANDiscriminator()
+    disc = PatchGANDiscriminator(PatchGANDiscriminatorConfig())
     # 2,765,633 parameters, as the authors' NLayerDiscriminator(ndf=64, n_layers=3) (counted once from their code)
     assert sum(p.numel() for p in disc.parameters()) == _patchgan_parameter_count(3, 64, 3) == 2_765_633
     # the authors' state-dict names, so official discriminator weights load as they are
@@ -363,13 +363,31 @@ def test_patchgan_default_matches_the_taming_layout():
 
 def test_patchgan_validates():
     with pytest.raises(ValueError, match="norm"):
-        PatchGANDiscriminator(norm="instance")
+        PatchGANDiscriminatorConfig(norm="instance")
+    with pytest.raises(ValueError, match="base_channels"):
+        PatchGANDiscriminatorConfig(base_channels=0)
+    small = PatchGANDiscriminator(PatchGANDiscriminatorConfig(base_channels=4))
     with pytest.raises(ValueError, match="at least 24x24"):
-        PatchGANDiscriminator(base_channels=4)(torch.zeros(1, 3, 16, 16))
+        small(torch.zeros(1, 3, 16, 16))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        PatchGANDiscriminator(base_channels=4)(torch.zeros(1, 1, 32, 32))
+        small(torch.zeros(1, 1, 32, 32))
     # group norm trains with a single image
-    PatchGANDiscriminator(base_channels=4, norm="group").train()(torch.zeros(1, 3, 24, 24)).sum().backward()
+    group = PatchGANDiscriminator(PatchGANDiscriminatorConfig(base_channels=4, norm="group"))
+    group.train()(torch.zeros(1, 3, 24, 24)).sum().backward()
+
+
+def test_patchgan_saves_and_loads_as_a_pretrained_model(tmp_path):
+    disc = PatchGANDiscriminator(PatchGANDiscriminatorConfig(base_channels=8, num_layers=2, norm="batch"))
+    disc.train()(_randn(2, 3, 32, 32))  # moves the BatchNorm running statistics away from their initial values
+    disc.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = PatchGANDiscriminator.from_pretrained(tmp_path)
+    assert (loaded.config.base_channels, loaded.config.num_layers, loaded.config.norm) == (8, 2, "batch")
+    assert disc.state_dict().keys() == loaded.state_dict().keys()
+    for name, tensor in disc.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    x = _randn(1, 3, 32, 32, seed=3)
+    torch.testing.assert_close(loaded.eval()(x), disc.eval()(x), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- SigLIP teacher
@@ -392,7 +410,7 @@ def _reference_siglip(path):
 
 
 def test_siglip_teacher_is_the_second_to_last_hidden_state(tiny_siglip_path):
-    teacher = SiglipTeacher(str(tiny_siglip_path), grid_size=4)
+    teacher = SiglipTeacher.from_pretrained(tiny_siglip_path, grid_size=4)
     reference = _reference_siglip(tiny_siglip_path)
     x = _randn(2, 3, 32, 32, seed=20).clamp(-1, 1)
     features = teacher(x)
@@ -422,6 +440,21 @@ def test_siglip_teacher_resamples_grid_and_input(tiny_siglip_path):
                                                         output_hidden_states=True).hidden_states[1])
     with pytest.raises(ValueError, match="feature_layer"):
         SiglipTeacher(reference, grid_size=4, feature_layer=4)
+
+
+def test_siglip_teacher_builds_from_a_config_without_loading_anything(tiny_siglip_path, monkeypatch):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a constructor must not load weights")
+
+    monkeypatch.setattr(SiglipVisionModel, "from_pretrained", no_loading)
+    config = SiglipVisionConfig.from_pretrained(tiny_siglip_path)
+    teacher = SiglipTeacher(config, grid_size=2)
+    assert teacher.feature_dim == 16 and teacher(_randn(1, 3, 32, 32).clamp(-1, 1)).shape == (1, 4, 16)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ValueError, match="SiglipVisionConfig"):
+        SiglipTeacher({"hidden_size": 16}, grid_size=2)
 
 
 def test_siglip_teacher_is_frozen_and_stays_eval(tiny_siglip_path):

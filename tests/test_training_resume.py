@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,6 +125,44 @@ def test_streaming_resume_equals_the_uninterrupted_run(tmp_path):
     checkpoint = str(tmp_path / "run" / "checkpoints" / "checkpoint-3")  # one batch into the second epoch
     resumed = run(tmp_path / "resumed", checkpointing_steps=0, resume_from_checkpoint=checkpoint, **streaming)
     assert resumed["resumed_from"] == checkpoint
+    assert_bitwise_equal(resumed, uninterrupted)
+
+
+def test_checkpoints_hold_a_pretrained_discriminator_and_old_checkpoints_still_resume(tmp_path):
+    """A checkpoint's discriminator/ is a `save_pretrained` folder. Checkpoints written before held its weights beside
+    a hand-written config.json; one rewritten to that layout resumes to the weights of the uninterrupted run (which
+    went through the same checkpoint: saving changes nothing) and restores the discriminator exactly."""
+    from safetensors.torch import save_file
+
+    from evotok_hf.training.discriminator import PatchGANDiscriminator
+
+    steps = {"max_train_steps": 5, "checkpoints_total_limit": 10}  # the GAN trains from step 2
+    uninterrupted = run(tmp_path / "run", checkpointing_steps=3, **steps)
+    discriminator = tmp_path / "run" / "checkpoints" / "checkpoint-3" / "discriminator"
+    saved = load_file(str(discriminator / "model.safetensors"))
+    loaded = PatchGANDiscriminator.from_pretrained(discriminator)
+    assert loaded.config.base_channels == TINY["disc_channels"]
+    assert all(torch.equal(saved[name], tensor) for name, tensor in loaded.state_dict().items())
+
+    old = tmp_path / "old-checkpoint-3"
+    shutil.copytree(discriminator.parent, old)
+    shutil.rmtree(old / "discriminator")
+    (old / "discriminator").mkdir()
+    save_file(saved, str(old / "discriminator" / "model.safetensors"))
+    (old / "discriminator" / "config.json").write_text(json.dumps({"base_channels": TINY["disc_channels"],
+                                                                   "num_layers": 3, "norm": "group"}))  # fmt: skip
+    args = training_arguments_from_preset("cpu-small", **{**TINY, **steps, "output_dir": str(tmp_path / "resumed"),
+                                                          "checkpointing_steps": 0, "resume_from_checkpoint": str(old)})
+    trainer = TokenizerTrainer(args)
+    restored = trainer._unwrap(trainer.discriminator).state_dict()
+    assert restored.keys() == saved.keys()
+    assert all(torch.equal(restored[name].cpu(), saved[name]) for name in saved)
+    trainer.train()
+    trainer.export(str(tmp_path / "resumed" / "final"))
+    trainer.end()
+    final = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    resumed = {"resumed_from": trainer.resumed_from, **final}
+    assert resumed["resumed_from"] == str(old)
     assert_bitwise_equal(resumed, uninterrupted)
 
 

@@ -77,9 +77,6 @@ MIXIN_SKIP_REASONS = {
     "No sequence-to-sequence language modeling head to check": "decoder-only",
     "No decoder-only language modeling head to check": "the tokenizer and the depth head have no LM head",
     "No model with a differentiable loss": "the tokenizer and the depth head have no loss output",
-    "does not output attentions": "the tokenizer returns no attention weights (has_attentions = False)",
-    "does not support output_attentions": "the tokenizer returns no attention weights (has_attentions = False)",
-    "does not support attentions": "the tokenizer returns no attention weights (has_attentions = False)",
     "doesn't use `inputs_embeds`": "the tokenizer and the depth head take pixels / hidden states, not token embeddings",
     "test_resize_embeddings is set to `False`": "the tokenizer and the depth head have no token embeddings",
     "does not have a TP plan": "only the VLM (its LLM) has a tensor-parallel plan",
@@ -88,10 +85,10 @@ MIXIN_SKIP_REASONS = {
     "convert through evotok_hf.hub.convert_official)",
     "Only PrefixChange conversions found for": "likewise: only transformers' own prefix handling applies",
     # the mixin's wording when a dispatch test for one kind of model meets the other kind; each kind runs its own
-    "does not support SDPA": "the non-composite SDPA-dispatch test meeting the (composite) VLM, or the composite one "
-    "meeting the tokenizer / depth head; each runs the other test",
-    "is not a composite model": "the tokenizer / depth head: the non-composite attention tests run instead",
-    "This model is not composite": "the tokenizer / depth head: the non-composite attention tests run instead",
+    "does not support SDPA": "the non-composite SDPA-dispatch test meeting a composite model (the VLM, the tokenizer "
+    "with its SigLIP encoder), or the composite one meeting the depth head; each runs the other test or says why not",
+    "is not a composite model": "the depth head: the non-composite attention tests run instead",
+    "This model is not composite": "the depth head: the non-composite attention tests run instead",
     "No subconfigs so the test does not make sense": "the depth head's config has no sub-configs",
 }
 
@@ -179,6 +176,11 @@ NO_TOKEN_EMBEDDINGS = "no token embeddings: the inputs are {}"
 # The tokenizer's forward is a round trip (encoder, quantiser, two decoders) with no layer sequence whose hidden states
 # or attention weights it could return, as transformers' Encodec; asking for them raises.
 NO_LAYER_OUTPUTS = "the tokenizer returns no per-layer hidden states / attentions (a codec round trip, as Encodec)"
+EAGER_MATCHES_SDPA = [name for name in dir(ModelTesterMixin) if name.startswith("test_eager_matches_sdpa_inference_")]
+TOKENIZER_KERNELS_COMPARED = (
+    NO_LAYER_OUTPUTS + ", which the mixin compares; test_attention_interface.py::"
+    "test_tokenizer_eager_matches_sdpa_in_float64 compares encode / decode / semantic features"
+)
 TOKENIZER_NO_LOSS = (
     "no loss output: the tokenizer's objective is assembled by training/losses.py; gradients and checkpointing are "
     "test_model.py's test_forward_gradients_reach_encoder_from_both_paths / test_gradient_checkpointing_*"
@@ -195,19 +197,24 @@ TOKENIZER_NO_LOSS = (
         "test_can_capture_specific_layers_hidden_states": NO_LAYER_OUTPUTS + "; the nested SigLIP's are its own",
         "test_model_outputs_equivalence": NO_LAYER_OUTPUTS + "; the return_dict half is "
         "test_transformers_conventions.py::test_tokenizer_forward_follows_return_dict",
+        "test_attention_outputs": NO_LAYER_OUTPUTS,
+        "test_sdpa_can_dispatch_composite_models": "written for a vision tower beside a language model; the "
+        "tokenizer's dispatch is test_attention_interface.py::test_set_attn_implementation_runs_the_named_kernel_in_"
+        "every_attention_module, and test_attn_implementation_composite_models runs",
         "test_training": TOKENIZER_NO_LOSS,
         "test_training_gradient_checkpointing": TOKENIZER_NO_LOSS,
         "test_training_gradient_checkpointing_use_reentrant_false": TOKENIZER_NO_LOSS,
         "test_training_gradient_checkpointing_use_reentrant_true": TOKENIZER_NO_LOSS,
         "test_init_weights_can_init_buffers": EMA_BUFFER,
     }
+    | {name: TOKENIZER_KERNELS_COMPARED for name in EAGER_MATCHES_SDPA}
 )
 class EvoTokModelCommonTest(CommonTests, unittest.TestCase):
     all_model_classes = (EvoTokModel,)
     test_resize_embeddings = False  # an image model: no token embeddings
-    # No attention weights to return (so the mixin's eager-vs-SDPA test does not run): test_model.py::
-    # test_eager_equals_sdpa and test_transformers_conventions.py compare the kernels.
-    has_attentions = False
+    # A composite model: the nested SigLIP encoder has its own sub-config (`encoder_config`), so the mixin's tests of
+    # per-sub-config attention implementations (a dict at loading and in `set_attn_implementation`) apply.
+    _is_composite = True
 
     def setUp(self):
         self.model_tester = EvoTokModelTester(self)
@@ -325,8 +332,7 @@ class EvoTokVLMUnderstandingCommonTest(VLMCommonTests, unittest.TestCase):
 # repeat EvoTokVLMUnderstandingCommonTest's run of the same code.
 SAME_AS_UNDERSTANDING = {
     name: "input_ids only: the same code path as EvoTokVLMUnderstandingCommonTest's run of this test"
-    for name in dir(ModelTesterMixin)
-    if name.startswith("test_eager_matches_sdpa_inference_")
+    for name in EAGER_MATCHES_SDPA
 }
 
 

@@ -231,16 +231,19 @@ def test_processor_left_pads_and_batched_generation_equals_one_by_one(assembled)
 def test_pipeline_answers_image_prompts_batched_as_one_by_one(assembled_folder, dtype):
     """`pipeline("image-text-to-text")` on a folder assembled with `from_components` from SmolLM2's tokenizer and
     model answers image prompts, and `batch_size=2` (the pipeline pads with the tokenizer's side) gives the answers
-    of `batch_size=1`."""
+    of `batch_size=1`. A padding or masking fault shows from the first token on; in bf16 a padded batch rounds its
+    matmuls differently from a single row, so a long greedy continuation may part at a near-tie (seen at token 8 of 12
+    with one random projector): bf16 compares 6 tokens, fp32 12."""
     from transformers import pipeline
 
     pipe = pipeline("image-text-to-text", model=assembled_folder, dtype=dtype)
     assert pipe.model.lm_head.weight.dtype == dtype
     assert pipe.tokenizer.padding_side == "left"
     chats = image_chats()
-    one = [out[0]["generated_text"] for out in pipe(text=chats, batch_size=1, max_new_tokens=12,
+    new_tokens = 12 if dtype == torch.float32 else 6
+    one = [out[0]["generated_text"] for out in pipe(text=chats, batch_size=1, max_new_tokens=new_tokens,
                                                     return_full_text=False)]  # fmt: skip
-    two = [out[0]["generated_text"] for out in pipe(text=chats, batch_size=2, max_new_tokens=12,
+    two = [out[0]["generated_text"] for out in pipe(text=chats, batch_size=2, max_new_tokens=new_tokens,
                                                     return_full_text=False)]  # fmt: skip
     assert all(answer.strip() for answer in one)
     assert two == one

@@ -2,18 +2,16 @@
 similarity to a teacher, codebook health, and representation analysis (k-means, probes, NMI); on EvoTok Shapes, the
 mini-GenEval, VQA and per-depth NMI scorers."""
 
+from ..frozen_networks import EfficientNetLite0Features, InceptionV3Features, build_feature_network
 from .metrics import (
-    EfficientNetLite0Features,
     FeatureStatistics,
-    InceptionV3Features,
-    build_feature_network,
     fid_from_statistics,
     frechet_distance,
+    mean_colour_baseline,
     metric_path,
     psnr,
     ssim,
 )
-from .per_depth import mean_colour_baseline, per_depth_psnr, per_depth_semantic_cosine
 from .reconstruction import ReconstructionReport, evaluate_reconstruction
 from .representation import label_nmi, nmi_by_depth
 from .shapes_scoring import (

@@ -8,28 +8,22 @@ References:
 - FID: Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium",
   NeurIPS 2017; the standard feature network is the FID Inception-v3's 2048-d pool3 output.
 
-rFID here is the Fréchet distance between the feature statistics of the originals and of their reconstructions.
-Only `InceptionV3Features` gives numbers comparable with published rFID; `EfficientNetLite0Features` is an offline
-stand-in (real ImageNet weights shipped in a registry package) for machines that cannot download the Inception
-weights, useful to compare checkpoints with each other, never with papers.
+rFID here is the Fréchet distance between the feature statistics of the originals and of their reconstructions. The
+feature networks themselves (`InceptionV3Features`, the offline stand-in `EfficientNetLite0Features`) live in
+`evotok_hf.frozen_networks`, beside the teachers.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..training.teacher import FrozenModule
-
 EVALUATE_METRICS_DIR = Path(__file__).resolve().parent / "evaluate_metrics"
-INSTALL_ONLINE = 'pip install "evotok_hf[online]"'
 
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # int(3.5 * sigma + 0.5): scipy.ndimage's truncation at 3.5 sigma, i.e. an 11x11 window
@@ -54,13 +48,18 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB, shape (B,), of (B, C, H, W) images in [-1, 1], measured on the [0, 1] scale (peak 1).
 
     Values outside [-1, 1] are clipped first, as they would be when the image is saved. A perfect reconstruction
-    gives `inf` (unlike `per_depth.psnr`, which floors the MSE and reports 120 dB)."""
+    gives `inf` (no floor on the MSE)."""
     _check_image_pair(reconstruction, target)
     dtype = _float64_on(reconstruction.device)
     a = (reconstruction.to(dtype).clamp(-1, 1) + 1) / 2
     b = (target.to(dtype).clamp(-1, 1) + 1) / 2
     mse = (a - b).pow(2).flatten(1).mean(dim=1)
     return -10 * torch.log10(mse)
+
+
+def mean_colour_baseline(images: torch.Tensor) -> torch.Tensor:
+    """Each (B, C, H, W) image replaced by its mean colour: the PSNR reference a tokenizer must clearly beat."""
+    return images.float().mean(dim=(2, 3), keepdim=True).expand_as(images)
 
 
 def _valid_gaussian_filter_matrix(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -199,116 +198,6 @@ def fid_from_statistics(real: FeatureStatistics, fake: FeatureStatistics) -> flo
     return frechet_distance(real.mean(), real.covariance(), fake.mean(), fake.covariance())
 
 
-class FeatureNetwork(FrozenModule):
-    """Base class of rFID feature networks: (B, 3, H, W) images in [-1, 1] -> (B, num_features) float features.
-
-    Subclasses set `num_features` and `name`, build their network, call `_freeze()` and implement `extract`. The
-    network is frozen and always in eval mode."""
-
-    num_features: int
-    name: str
-
-    def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        self._check_images(pixel_values)
-        features = self.extract(pixel_values).float()
-        expected = (pixel_values.shape[0], self.num_features)
-        if tuple(features.shape) != expected:
-            raise RuntimeError(f"{self.name} returned features of shape {tuple(features.shape)}, expected {expected}")
-        return features
-
-
-class EfficientNetLite0Features(FeatureNetwork):
-    """Offline stand-in for the FID Inception: EfficientNet-Lite0 (real ImageNet weights from a registry package),
-    global average pool of its last feature map (1280). rFID values from it are not comparable with published ones.
-
-    Loads the network, its weights and its input normalisation through `EfficientNetLite0Teacher`."""
-
-    num_features = 1280
-    name = "efficientnet-lite0-pool (offline stand-in, NOT Inception: values are not comparable with published rFID)"
-
-    def __init__(self, weights_path: str | os.PathLike | None = None, image_size: int = 224):
-        super().__init__()
-        from ..training.teacher import EfficientNetLite0Teacher
-
-        self.teacher = EfficientNetLite0Teacher(grid_size=1, weights_path=weights_path, image_size=image_size)
-        self._freeze()
-
-    def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        network = self.teacher.network
-        inputs = self.teacher.preprocess(pixel_values).to(next(network.parameters()).dtype)
-        return network.extract_features(inputs).mean(dim=(2, 3))
-
-
-class InceptionV3Features(FeatureNetwork):
-    """The standard FID feature network: torchmetrics' `NoTrainInceptionV3` (torch-fidelity's port of the TF FID
-    Inception-v3), 2048-d pool3 features. It needs torch-fidelity (and so torchvision) and downloads its weights on
-    first use unless `weights_path` is given.
-
-    That network takes uint8 images in 0..255 of any size (it resizes to 299x299 itself), so [-1, 1] images are
-    clipped and rounded to 0..255, like images saved to PNG before a standard FID evaluation."""
-
-    num_features = 2048
-    name = "inception-v3-fid (pool3, 2048)"
-
-    def __init__(self, weights_path: str | os.PathLike | None = None):
-        super().__init__()
-        missing = (f"InceptionV3Features needs torchmetrics, torch-fidelity and a torchvision matching your torch: "
-                   f"{INSTALL_ONLINE}, or use the offline 'efficientnet-lite0' feature network")
-        try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-        # A torchvision built for another torch fails at import with a RuntimeError (unknown operator), not an
-        # ImportError.
-        except (ImportError, RuntimeError) as error:
-            raise ImportError(f"{missing} ({error})") from error
-        try:
-            self.network = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)],
-                                              feature_extractor_weights_path=weights_path)
-        except ImportError as error:  # torchmetrics imports without torch-fidelity and raises here instead
-            raise ImportError(f"{missing} ({error})") from error
-        self._freeze()
-
-    def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        pixels_uint8 = ((pixel_values.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return self.network(pixels_uint8)
-
-
-class _NamedFeatureNetwork(FeatureNetwork):
-    """A user's feature module (taking [-1, 1] images) given a `name` and the checks of `FeatureNetwork`."""
-
-    def __init__(self, module: nn.Module, name: str):
-        super().__init__()
-        self.module = module
-        self.num_features = int(module.num_features)
-        self.name = name
-        self._freeze()
-
-    def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.module(pixel_values)
-
-
-def build_feature_network(spec: str | nn.Module, name: str | None = None) -> FeatureNetwork:
-    """"inception" -> `InceptionV3Features` (standard, online); "efficientnet-lite0" -> `EfficientNetLite0Features`
-    (offline stand-in); an nn.Module with an integer `num_features` that maps [-1, 1] images to (B, num_features)
-    -> wrapped, frozen and in eval mode, named `name` (default: its own `name` attribute, else its class name)."""
-    if isinstance(spec, FeatureNetwork) and name is None:
-        return spec
-    if isinstance(spec, nn.Module):
-        if not isinstance(getattr(spec, "num_features", None), int):
-            raise ValueError(f"a feature network module needs an integer `num_features`, got {type(spec).__name__}")
-        own_name = getattr(spec, "name", None)
-        return _NamedFeatureNetwork(spec, name or (own_name if isinstance(own_name, str) else type(spec).__name__))
-    if isinstance(spec, str) and spec.lower() == "inception":
-        return InceptionV3Features()
-    if isinstance(spec, str) and spec.lower() == "efficientnet-lite0":
-        return EfficientNetLite0Features()
-    raise ValueError(f"feature network spec must be 'inception', 'efficientnet-lite0' or an nn.Module with "
-                     f"`num_features`, got {spec!r}")
-
-
 @torch.no_grad()
 def feature_statistics(images: torch.Tensor | Iterable[torch.Tensor], network: nn.Module,
                        batch_size: int = 32) -> FeatureStatistics:
@@ -384,15 +273,12 @@ def metric_path(name: str) -> str:
 
 
 __all__ = [
-    "EfficientNetLite0Features",
-    "FeatureNetwork",
     "FeatureStatistics",
-    "InceptionV3Features",
-    "build_feature_network",
     "feature_statistics",
     "fid_from_statistics",
     "frechet_distance",
     "image_pair_batches",
+    "mean_colour_baseline",
     "metric_path",
     "psnr",
     "ssim",

@@ -19,7 +19,9 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .metrics import FeatureStatistics, build_feature_network, fid_from_statistics, psnr, ssim
+from ..frozen_networks import build_feature_network, build_perceptual_loss, build_teacher
+from ..image_datasets import eval_transform
+from .metrics import FeatureStatistics, fid_from_statistics, psnr, ssim
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +138,6 @@ def _batches(dataset, processor, batch_size: int, max_images: int | None, image_
         images = dataset[:max_images] if max_images else dataset
         yield from (batch for batch in images.split(batch_size) if len(batch))
         return
-    from ..training.data import eval_transform
-
     transform = eval_transform(processor)
     batch, seen = [], 0
     for example in dataset:
@@ -190,7 +190,7 @@ def evaluate_reconstruction(
         feature_network: rFID features: "inception" (the standard FID Inception; online, torchmetrics +
             torch-fidelity), "efficientnet-lite0" (offline stand-in) or a module with `num_features`.
         teacher: for "semantic": a module mapping [-1, 1] images to (B, grid*grid, teacher_dim) features (see
-            `evotok_hf.training.teacher.build_teacher`), or a spec string for `build_teacher`.
+            `evotok_hf.frozen_networks.build_teacher`), or a spec string for `build_teacher`.
         lpips: for "lpips": a module (reconstruction, target) -> distance, or "lpips-vgg" (online extra).
         dataset_name / split: what the data is called (a Hub id such as "ILSVRC/imagenet-1k", a folder, "bundled")
             and its split; recorded in the report, where model cards read them.
@@ -212,8 +212,6 @@ def evaluate_reconstruction(
         if teacher is None:
             raise ValueError("the 'semantic' metric needs a teacher (e.g. build_teacher('efficientnet-lite0', grid))")
         if isinstance(teacher, str):
-            from ..training.teacher import build_teacher
-
             teacher_name, teacher = teacher, build_teacher(teacher, grid_size=config.grid_size)
         else:
             teacher_name = getattr(teacher, "name", type(teacher).__name__)
@@ -224,8 +222,6 @@ def evaluate_reconstruction(
         if lpips is None:
             raise ValueError("the 'lpips' metric needs an LPIPS module (or 'lpips-vgg' with the online extra)")
         if isinstance(lpips, str):
-            from ..training.losses import build_perceptual_loss
-
             lpips = build_perceptual_loss(lpips)
         lpips = lpips.to(device).eval()
 

@@ -1,4 +1,5 @@
-"""Model cards for EvoTok checkpoints: the Jinja templates in `model_cards/` rendered by `huggingface_hub.ModelCard`.
+"""Model cards for EvoTok checkpoints: the Jinja templates in `model_cards/` beside this module (package data, so
+rendering works from an installed wheel) rendered by `huggingface_hub.ModelCard`.
 
 What a card says follows three rules:
 - Numbers from the paper are shown in a table labelled "reported in the paper (not measured on these weights)";
@@ -12,7 +13,6 @@ What a card says follows three rules:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -23,7 +23,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..modeling.generation import IMAGE_GENERATION_DEFAULTS
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[3] / "model_cards"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "model_cards"
 PAPER_URL = "https://arxiv.org/abs/2603.12108"
 PAPER_ARXIV_TAG = "arxiv:2603.12108"
 AUTHORS_CODE = "VisionXLab/EvoTok"
@@ -198,16 +198,10 @@ def _slug(text) -> str:
 
 
 # ----------------------------------------------------------------------------- pipeline tags
-def tokenizer_pipeline_tag() -> str:
-    """"image-feature-extraction" when transformers' pipeline of that name returns the semantic features, else
-    "image-to-image" (encode -> decode reconstruction).
-
-    The pipeline returns `model(**inputs)[0]`, the first field of `EvoTokModelOutput` that is set; it is the
-    semantic features only when that dataclass lists them first."""
-    from ..modeling.modeling_evotok import EvoTokModelOutput
-
-    first = dataclasses.fields(EvoTokModelOutput)[0].name
-    return "image-feature-extraction" if first == "semantic_features" else "image-to-image"
+# transformers' "image-feature-extraction" pipeline returns `model(**inputs)[0]`, the first field of
+# `EvoTokModelOutput` that is set: the reconstruction, not the semantic features, so a tokenizer card says
+# "image-to-image" (encode -> decode). tests/test_hub.py checks this against the pipeline itself.
+TOKENIZER_PIPELINE_TAG = "image-to-image"
 
 
 def vlm_pipeline_tag(config) -> str:
@@ -222,7 +216,7 @@ def _render(template: str, template_path, *, pipeline_tag: str, tags: list[str],
     path = Path(template_path) if template_path is not None else TEMPLATE_DIR / template
     if not path.is_file():
         raise FileNotFoundError(
-            f"model card template {str(path)!r} not found (the templates live in the repository's model_cards/)."
+            f"model card template {str(path)!r} not found (the templates ship in evotok_hf/hub/model_cards/)."
         )
     model_name = repo_id.split("/")[-1]
     card_data = ModelCardData(
@@ -284,7 +278,7 @@ def render_tokenizer_card(
         eval_dataset / eval_split: override the data the report records (its "dataset" / "split"), e.g. with the
             Hub id of the local folder it read; needed only for reports that do not record it.
         remote_code: the folder ships its code (`export_remote_code`): snippets use `trust_remote_code=True`.
-        template_path: another template than `model_cards/tokenizer.md`.
+        template_path: another template than the packaged `model_cards/tokenizer.md`.
     """
     config = _config_of(model_or_config, "evotok", "render_tokenizer_card")
     repo_id, license, base_model, datasets, results, measured = _common(
@@ -293,7 +287,7 @@ def render_tokenizer_card(
     )  # fmt: skip
     encoder = config.encoder_config
     return _render(
-        "tokenizer.md", template_path, pipeline_tag=tokenizer_pipeline_tag(),
+        "tokenizer.md", template_path, pipeline_tag=TOKENIZER_PIPELINE_TAG,
         tags=["evotok", "image-tokenizer", "vector-quantization", "residual-quantization", PAPER_ARXIV_TAG],
         repo_id=repo_id, license=license, base_model=base_model, datasets=datasets, results=results,
         measured=measured, official=official, remote_code=remote_code,
@@ -366,9 +360,9 @@ __all__ = [
     "PAPER_GENERATION_RESULTS",
     "PAPER_TOKENIZER_RESULTS",
     "PAPER_UNDERSTANDING_RESULTS",
+    "TOKENIZER_PIPELINE_TAG",
     "load_reconstruction_results",
     "render_tokenizer_card",
     "render_vlm_card",
-    "tokenizer_pipeline_tag",
     "vlm_pipeline_tag",
 ]

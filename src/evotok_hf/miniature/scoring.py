@@ -42,16 +42,15 @@ def detector_on_renders(prompts, seed: int = 0) -> dict:
 def per_depth_scores(tokenizer, image_processor, teacher, images, folder: str) -> dict:
     """PSNR / SSIM by pixel depth 1..D_pix (with the mean-colour baseline PSNR) and semantic cosine to the teacher by
     depth 1..D_sem, on held-out scenes; reconstructions of the first few by depth, saved for the report."""
-    from ..evaluation import evaluate_reconstruction, psnr
-    from ..training.data import eval_transform
+    from ..evaluation import evaluate_reconstruction, mean_colour_baseline, psnr
+    from ..image_datasets import eval_transform
 
     report = evaluate_reconstruction(tokenizer, images, image_processor, metrics=("psnr", "ssim", "semantic", "usage"),
                                      teacher=teacher, progress=False, dataset_name="EvoTok Shapes",
                                      split="test")  # fmt: skip
     transform = eval_transform(image_processor)
     pixel_values = torch.stack([transform(image) for image in images])
-    mean_colour = pixel_values.mean(dim=(2, 3), keepdim=True).expand_as(pixel_values)
-    baseline = float(psnr(mean_colour, pixel_values).mean())
+    baseline = float(psnr(mean_colour_baseline(pixel_values), pixel_values).mean())
     shown = pixel_values[:REPORT_RECONSTRUCTIONS]
     codes = tokenizer.encode(shown).codes
     rows = [{"depth": 0, "images": _save_images(image_processor.postprocess(shown, return_tensors="PIL.Image.Image"),
@@ -73,7 +72,7 @@ def per_depth_scores(tokenizer, image_processor, teacher, images, folder: str) -
 
 def nmi_scores(tokenizer, image_processor, split, num_images: int) -> dict:
     from ..evaluation.shapes_scoring import shapes_nmi_by_depth
-    from ..training.data import eval_transform
+    from ..image_datasets import eval_transform
 
     rows = split.select(range(min(num_images, len(split))))
     transform = eval_transform(image_processor)
@@ -118,7 +117,7 @@ def score_miniature(cache, config, dataset, folder: str, progress: bool = True) 
 
     from ..evaluation.shapes_scoring import evaluate_vqa
     from ..pipelines import EvoTokPipeline
-    from ..training.teacher import SiglipTeacher
+    from ..frozen_networks import SiglipTeacher
     from .shapes import geneval_prompts
 
     start = time.perf_counter()
@@ -129,7 +128,7 @@ def score_miniature(cache, config, dataset, folder: str, progress: bool = True) 
 
     tokenizer = AutoModel.from_pretrained(cache.path("tokenizer")).eval()
     image_processor = AutoImageProcessor.from_pretrained(cache.path("tokenizer"))
-    teacher = SiglipTeacher(cache.path("siglip"), grid_size=tokenizer.config.grid_size)
+    teacher = SiglipTeacher.from_pretrained(cache.path("siglip"), grid_size=tokenizer.config.grid_size)
     held_out = list(test.select(range(min(config.depth_eval_images, len(test))))["image"])
     scores["per_depth"] = per_depth_scores(tokenizer, image_processor, teacher, held_out, images_folder)
     scores["nmi_by_depth"] = nmi_scores(tokenizer, image_processor, test, config.nmi_images)

@@ -2,8 +2,9 @@
 sigmoid loss (`return_loss=True`).
 
 In the paper the frozen SigLIP2's `hidden_states[-2]` is the semantic target of the tokenizer and the same SigLIP2
-initialises the tokenizer's encoder; here the mini-SigLIP plays both parts (`SiglipTeacher(folder)` and
-`EvoTokModel.from_encoder_pretrained(folder)`), so its vision tower has the shape of the "evotok-small" encoder.
+initialises the tokenizer's encoder; here the mini-SigLIP plays both parts
+(`SiglipTeacher.from_pretrained(folder, grid_size=...)` and `EvoTokModel.from_encoder_pretrained(folder)`), so its
+vision tower has the shape of the "evotok-small" encoder.
 
 SigLIP's sigmoid loss treats every other pair of a batch as a negative, and EvoTok Shapes repeats captions ("a photo
 of a circle" has three variants), so a batch holds each text at most once. Half of the texts are the GenEval
@@ -200,7 +201,7 @@ def zero_shot_accuracy(model, tokenizer, dataset, batch_size: int = 128) -> dict
 
 def save_mini_siglip(model, tokenizer, folder: str | os.PathLike) -> str:
     """`save_pretrained` of the model and its text tokenizer: the folder loads with `SiglipModel.from_pretrained`,
-    as a teacher with `SiglipTeacher(folder)` and as an encoder with `EvoTokModel.from_encoder_pretrained(folder)`."""
+    as a teacher with `SiglipTeacher.from_pretrained(folder, grid_size=...)` and as an encoder with `EvoTokModel.from_encoder_pretrained(folder)`."""
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -38,6 +38,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
@@ -121,16 +122,6 @@ class EvoTokDepthHeadOutput(ModelOutput):
 
 
 # ----------------------------------------------------------------------------- blocks
-def depth_causal_mask(steps: int, cached: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """Additive mask `(1, 1, steps, cached + steps)` for `steps` new depths after `cached` ones: new depth i sees depths
-    0 .. cached + i. None for a single new depth, which sees every depth there is."""
-    if steps == 1:
-        return None
-    visible = torch.ones(steps, cached + steps, dtype=torch.bool, device=device).tril(diagonal=cached)
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
 class EvoTokDepthAttention(nn.Module):
     """Causal self-attention over the depth axis with biased q/k/v/o projections and an optional KV cache; the kernel
     is the one `config._attn_implementation` names in transformers' attention interface (eager as the fallback)."""
@@ -236,9 +227,14 @@ class EvoTokDepthTransformer(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["EvoTokDepthLayer", "EvoTokDepthClassifier"]
     _skip_keys_device_placement = ["past_key_values"]
-    # Eager and SDPA are the implementations checked against each other here; flash / flex attention would need their
-    # own handling of the cached-prefix causal mask.
+    # Eager and SDPA are the kernels checked here, against each other and against a float64 reference. Flash and flex
+    # attention are not declared: no machine that runs the tests can run those kernels.
     _supports_sdpa = True
+    # The mask comes from transformers' mask interface and the forward's attention kwargs reach every attention call,
+    # so a kernel registered with `AttentionInterface` (a serving backend's) runs as the built-in ones do.
+    _supports_attention_backend = True
+    # Teacher forcing and each cached step compile with `fullgraph=True` (no data-dependent branch).
+    _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": EvoTokDepthLayer, "attentions": EvoTokDepthAttention}
 
     def __init__(self, config: EvoTokDepthHeadConfig):
@@ -382,7 +378,10 @@ class EvoTokDepthTransformer(PreTrainedModel):
         steps = sequence.shape[1]
         sequence = sequence + self.depth_embeddings[:, depth_offset : depth_offset + steps]
 
-        mask = depth_causal_mask(steps, depth_offset, sequence.dtype, sequence.device)
+        # Through transformers' mask interface, in the form the configured kernel takes: an additive mask for eager,
+        # None where SDPA's own causal flag suffices, none at all for a backend that applies causality itself. New
+        # depth i sees the cached depths and new depths 0 .. i.
+        mask = create_causal_mask(self.config, sequence, attention_mask=None, past_key_values=past_key_values)
         for layer in self.layers:
             sequence = layer(sequence, attention_mask=mask, past_key_values=past_key_values, **kwargs)
 

@@ -360,6 +360,12 @@ class EvoTokPreTrainedModel(PreTrainedModel):
         "EvoTokResnetBlock",
         "EvoTokAttnBlock",
     ]
+    # Every attention module (SigLIP's, the semantic decoder's, the pixel decoder's) runs the kernel its config names
+    # through transformers' attention interface. Eager and SDPA are the ones declared and checked against each other.
+    # Not declared: flash attention (the pixel decoder's single head is as wide as its channels, 512 in the paper, past
+    # the flash kernels' 256), flex attention (no test here runs it), `_supports_attention_backend` (encode / decode
+    # take no attention kwargs to pass down) and `_can_compile_fullgraph` (the input checks read values: NaN / inf
+    # pixels and out-of-range codes break the graph).
     _supports_sdpa = True
     # The codebooks and their EMA statistics stay fp32 whatever dtype the model is loaded in: rounding them would change
     # the codes. The strict list is the one transformers applies to bf16 and fp16 loads alike (the plain
@@ -428,11 +434,10 @@ class EvoTokModel(EvoTokPreTrainedModel):
 
     # -- construction helpers ------------------------------------------------------------------------------------
     def freeze_untrained_parameters(self) -> None:
-        """Set requires_grad=False on what gradients must not train: the EMA-updated codebooks, and the encoder parts
-        that cannot influence `hidden_states[encoder_feature_layer]` (the later layers, the post-layernorm and the
-        pooling head, kept for checkpoint compatibility). Called at construction and after `from_pretrained`, whose
-        loading re-creates parameters with requires_grad=True."""
-        self.quantizer.codebook.requires_grad_(False)
+        """Set requires_grad=False on the encoder parts that cannot influence `hidden_states[encoder_feature_layer]`
+        (the later layers, the post-layernorm and the pooling head, kept for checkpoint compatibility); the codebooks
+        are buffers and need no freezing. Called at construction and after `from_pretrained`, whose loading re-creates
+        parameters with requires_grad=True."""
         used = self.config.num_encoder_layers_used
         for layer in self.encoder.encoder.layers[used:]:
             layer.requires_grad_(False)

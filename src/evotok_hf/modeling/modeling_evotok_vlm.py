@@ -106,7 +106,15 @@ class EvoTokVLMPreTrainedModel(PreTrainedModel):
     # The sub-models' own lists (SigLIP / EvoTok blocks, the LLM's decoder layers) are merged in by `post_init`.
     _no_split_modules = ["EvoTokMultiModalProjector"]
     _skip_keys_device_placement = ["past_key_values"]
+    # `attn_implementation=` and `set_attn_implementation` reach every part: a string sets all of them, a dict keyed by
+    # sub-config sets each part, e.g. `{"text_config": "flash_attention_2"}` for the LLM alone. Flash and flex are not
+    # declared for the whole model, as the tokenizer and the depth head do not declare them.
     _supports_sdpa = True
+    # As LLaVA: the attention kwargs of `forward` reach the LLM's attention, whose masks come from the mask interface,
+    # `logits_to_keep` takes tensors and the LLM's tensor-parallel plan is merged in.
+    _supports_attention_backend = True
+    # A decoding step compiles with `fullgraph=True`, with a dynamic or a static cache.
+    _can_compile_fullgraph = True
     # The tokenizer's codebooks stay fp32 under bf16 / fp16 loading through `EvoTokModel._keep_in_fp32_modules_strict`,
     # which `post_init` merges into this model's list.
 
@@ -351,6 +359,7 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         has_understanding_head: bool = True,
         has_generation_head: bool = False,
         depth_head_config: dict | None = None,
+        return_processor: bool = False,
         **llm_kwargs,
     ):
         """Assemble a VLM from an EvoTok checkpoint (folder / Hub id / `EvoTokModel`) and a pretrained causal LM
@@ -359,14 +368,22 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         when missing and the LLM's embeddings resized (new rows from the old rows' statistics); they are also put in
         `generation_config.suppress_tokens`, so in text decoding the new rows can never win over real text.
 
-        Returns `(model, text_tokenizer)`: the tokenizer now holds the special tokens (build an `EvoTokProcessor`
-        from it)."""
+        The components are loaded in `dtype` (the codebooks fp32) and the VLM is assembled the way `from_pretrained`
+        loads a checkpoint: built on the meta device, then given the components' tensors (cast to `dtype` only where
+        they are in another one; the codebooks stay fp32 and bit-identical), and only the new parts are initialised.
+        No randomly initialised copy of the LLM is ever made, so the peak memory is about that of the components
+        (figures in benchmarks/README.md). Components passed as models lend their tensors: the VLM shares those
+        already in `dtype`.
+
+        Returns `(model, text_tokenizer)`, the model in eval mode as from `from_pretrained`; the tokenizer now holds
+        the special tokens. With `return_processor=True`, `(model, processor)`: the processor `AutoProcessor` maps the
+        VLM's config to, from its `for_config` (for `EvoTokProcessor`: the LLM's chat template adapted to images)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         vision = (
             tokenizer_path_or_model
             if isinstance(tokenizer_path_or_model, EvoTokModel)
-            else EvoTokModel.from_pretrained(tokenizer_path_or_model)
+            else EvoTokModel.from_pretrained(tokenizer_path_or_model, dtype=dtype)
         )
         if isinstance(llm_name_or_path, PreTrainedModel):
             llm = llm_name_or_path
@@ -394,15 +411,29 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
             has_generation_head=has_generation_head,
             depth_head_config=depth_head_config,
         )
-        model = cls._from_config(config, dtype=dtype)  # the codebooks stay fp32 (not rounded by a cast)
-        model.vision_tower.load_state_dict(vision.state_dict())
-        model.language_model.load_state_dict(llm.base_model.state_dict())
-        model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
+        state = {f"model.vision_tower.{k}": v for k, v in vision.state_dict().items()}
+        state.update({f"model.language_model.{k}": v for k, v in llm.base_model.state_dict().items()})
+        if not config.tie_word_embeddings:
+            state["lm_head.weight"] = llm.get_output_embeddings().weight
+        # transformers' load report lists the new parts as newly initialised; anything else missing, or left over,
+        # means the components do not fit (a mismatched shape already raises inside)
+        model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+        new_parts = ("model.multi_modal_projector.", "model.generation_projector.", "depth_head.")
+        problems = [f"{key} was not in the components" for key in info["missing_keys"] if not key.startswith(new_parts)]
+        problems += [f"{key} does not fit the VLM" for key in info["unexpected_keys"]]
+        if problems:
+            raise ValueError("from_components: the components do not assemble into the VLM: " + "; ".join(problems))
         model.generation_config = copy.deepcopy(llm.generation_config)
         suppressed = set(model.generation_config.suppress_tokens or []) | set(ids)
         model.generation_config.suppress_tokens = sorted(suppressed)
-        model.freeze_vision_tower()
-        return model, text_tokenizer
+        if not return_processor:
+            return model, text_tokenizer
+        # found through the Auto registry: `modeling/` never imports `processing/` (its remote-code export stands alone)
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+        if type(model.config) not in PROCESSOR_MAPPING:
+            raise ValueError("from_components: no processor is registered for EvoTokVLMConfig (import evotok_hf).")
+        return model, PROCESSOR_MAPPING[type(model.config)].for_config(model.config, text_tokenizer)
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:

@@ -46,10 +46,12 @@ class ResidualQuantizerOutput:
 class EvoTokResidualQuantizer(nn.Module):
     """Residual VQ with one EMA codebook per depth, stored stacked as `codebook` (depth, codebook_size, codebook_dim).
 
-    The codebook is a frozen `nn.Parameter` (optimizers skip it); the EMA statistics `cluster_size_ema` / `embed_ema`
-    and the step counter `ema_step` are persistent buffers, so a saved training checkpoint resumes exactly. The float
-    ones are created fp32 whatever the default dtype, so a model built or loaded in bf16 / fp16 keeps them fp32 also
-    when they are missing from a checkpoint (loaded ones are kept fp32 by `_keep_in_fp32_modules_strict`).
+    The codebook, the EMA statistics `cluster_size_ema` / `embed_ema` and the step counter `ema_step` are persistent
+    buffers, as in vector-quantize-pytorch's EMA codebooks: they are state that the EMA updates, not weights that
+    gradients train, so no optimizer, FSDP / ZeRO sharding or `requires_grad` bookkeeping ever sees them, while
+    `state_dict` (hence a saved checkpoint, which resumes exactly) holds them under their usual names. The float ones
+    are created fp32 whatever the default dtype, so a model built or loaded in bf16 / fp16 keeps them fp32 also when
+    they are missing from a checkpoint (loaded ones are kept fp32 by `_keep_in_fp32_modules_strict`).
     """
 
     def __init__(
@@ -78,9 +80,9 @@ class EvoTokResidualQuantizer(nn.Module):
         self.search_chunk_size = search_chunk_size
 
         codebook = torch.randn(semantic_depth, codebook_size, codebook_dim, dtype=torch.float32)
-        self.codebook = nn.Parameter(codebook, requires_grad=False)
+        self.register_buffer("codebook", codebook)
         self.register_buffer("cluster_size_ema", torch.zeros(semantic_depth, codebook_size, dtype=torch.float32))
-        self.register_buffer("embed_ema", self.codebook.detach().clone())
+        self.register_buffer("embed_ema", codebook.clone())
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
 
     @classmethod

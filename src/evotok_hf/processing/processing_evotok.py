@@ -157,6 +157,35 @@ class EvoTokProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @classmethod
+    def for_config(cls, config, tokenizer, chat_template: str | None = None, image_processor=None) -> "EvoTokProcessor":
+        """The processor that matches an `EvoTokVLMConfig`: the one place that turns the model's facts into processor
+        arguments, for every new VLM (`from_components`, the official-checkpoint converter, training scripts).
+
+        The image special tokens are the tokenizer's tokens at the config's ids, the number of image tokens per image
+        is the tokenizer's code grid, and images are squashed to the tokenizer's square input (what the official VLM
+        does) unless an `image_processor` is given. `chat_template` as in the constructor: by default the tokenizer's
+        own template adapted to image parts. The config is read, not imported (no import from `modeling/`)."""
+        if config.image_token_id is None:
+            raise ValueError("EvoTokProcessor.for_config: the config has no `image_token_id`.")
+
+        def token(token_id: int | None) -> str | None:
+            return None if token_id is None else tokenizer.convert_ids_to_tokens(token_id)
+
+        if image_processor is None:
+            size = config.vision_config.image_size
+            image_processor = EvoTokImageProcessor(size={"height": size, "width": size}, resize_mode="squash")
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            image_token=token(config.image_token_id),
+            num_image_tokens=config.num_image_tokens,
+            boi_token=token(config.boi_token_id),
+            eoi_token=token(config.eoi_token_id),
+            wrap_image_tokens=config.wrap_image_tokens,
+        )
+
+    @classmethod
     def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
         result = super().from_args_and_dict(args, processor_dict, **kwargs)
         # ProcessorMixin drops `auto_map` on load (it keeps it only for classes loaded as remote code, through

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from ..frozen_networks import build_perceptual_loss
 
-ONLINE_EXTRA_HINT = "install the online extra: pip install 'evotok_hf[online]' (lpips, torchvision, torch-fidelity)"
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- pixel terms
@@ -137,35 +137,6 @@ def semantic_cosine_loss(prediction: torch.Tensor, target: torch.Tensor, fold: i
     target = target.float().reshape(batch, positions, fold, dim // fold)
     cosine = (F.normalize(prediction, dim=-1, eps=1e-8) * F.normalize(target, dim=-1, eps=1e-8)).sum(-1)
     return (1.0 - cosine).mean()
-
-
-# ----------------------------------------------------------------------------- perceptual network
-def _freeze(module: nn.Module) -> nn.Module:
-    module.requires_grad_(False)
-    return module.eval()
-
-
-def build_perceptual_loss(spec: str | nn.Module | None) -> nn.Module | None:
-    """The perceptual distance network, frozen and in eval mode.
-
-    - None or "none": no perceptual term (the caller should use `perceptual_weight=0`).
-    - "lpips-vgg": LPIPS with a VGG-16 trunk (Zhang et al. 2018), as the paper; it comes from the `lpips` package,
-      which needs torchvision and downloads VGG weights, hence the `online` extra and the lazy import.
-    - an `nn.Module` mapping (reconstruction, target), both in [-1, 1], to a per-image or scalar distance: used as
-      is (e.g. a locally available network for offline runs and tests)."""
-    if spec is None or (isinstance(spec, str) and spec.lower() == "none"):
-        return None
-    if isinstance(spec, nn.Module):
-        return _freeze(spec)
-    if spec == "lpips-vgg":
-        try:
-            import lpips
-        except (ImportError, RuntimeError, OSError) as error:  # a broken torchvision fails with RuntimeError
-            raise ImportError(f"the 'lpips-vgg' perceptual loss needs the lpips package: {ONLINE_EXTRA_HINT} "
-                              f"({type(error).__name__}: {error})") from error
-        # lpips expects inputs in [-1, 1] by default (normalize=False), which is our pixel range.
-        return _freeze(lpips.LPIPS(net="vgg", verbose=False))
-    raise ValueError(f"unknown perceptual loss {spec!r}; expected None, 'none', 'lpips-vgg' or an nn.Module")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -366,7 +337,6 @@ __all__ = [
     "EvoTokLoss",
     "EvoTokLossConfig",
     "adaptive_gan_weight",
-    "build_perceptual_loss",
     "check_finite",
     "gan_weight_at",
     "hinge_d_loss",

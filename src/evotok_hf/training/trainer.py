@@ -7,7 +7,7 @@ distillation (cosine + 4-fold cosine) against a frozen teacher; the codebooks le
 
 Checkpoint folder `checkpoints/checkpoint-<step>/`:
     tokenizer/              EvoTokModel.save_pretrained (codebook EMA statistics included) + preprocessor config
-    discriminator/          model.safetensors + config.json
+    discriminator/          PatchGANDiscriminator.save_pretrained (config.json + model.safetensors)
     ema/                    model.safetensors (only with use_ema): the EMA of the trainable tokenizer weights
     optimizer*.bin, scheduler*.bin, random_states_<rank>.pkl    Accelerate's own files (loaded weights_only)
     trainer_state.json      step, epoch, batches of that epoch consumed
@@ -17,198 +17,39 @@ a checkpoint name.
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..evaluation import psnr
-from ..modeling import EvoTokConfig, EvoTokModel
-from ..processing import EvoTokImageProcessor
-from .data import (
+from ..evaluation import psnr, ssim
+from ..frozen_networks import build_perceptual_loss, build_teacher
+from ..image_datasets import (
+    DataPosition,
     bundled_photo_dataset,
     eval_transform,
+    infinite_batches,
     load_image_dataset,
     make_dataloader,
-    set_loader_epoch,
     train_transform,
 )
-from .discriminator import PatchGANDiscriminator
-from .losses import EvoTokLoss, EvoTokLossConfig, build_perceptual_loss, check_finite
-from .teacher import build_teacher
+from ..modeling import EvoTokConfig, EvoTokModel
+from ..processing import EvoTokImageProcessor
+# The run's settings live in `arguments`; importing them from here too keeps one import line for scripts and users.
+from .arguments import TRAINING_PRESETS, TokenizerTrainingArguments, training_arguments_from_preset
+from .discriminator import PatchGANDiscriminator, PatchGANDiscriminatorConfig
+from .losses import EvoTokLoss, check_finite
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
-@dataclass
-class TokenizerTrainingArguments(EvoTokLossConfig):
-    """Everything a tokenizer training run needs; `scripts/train_tokenizer.py` maps its flags onto these fields.
-    The loss weights and kinds are the inherited `EvoTokLossConfig` fields (reconstruction_loss, disc_weight,
-    disc_start, semantic_fold, ...)."""
-
-    output_dir: str = "outputs/evotok-tokenizer"
-    # model
-    model_preset: str = "evotok-small"
-    model_overrides: dict = field(default_factory=dict)
-    init_from: str | None = None  # an EvoTok folder to continue from (fine-tuning)
-    encoder_pretrained: str | None = None  # a SigLIP / SigLIP2 vision checkpoint for the encoder
-    teacher: str = "efficientnet-lite0"  # or a SigLIP path / Hub id (google/siglip2-large-patch16-256 in the paper)
-    teacher_image_size: int | None = None  # EfficientNet-Lite0 input size (default 224)
-    # data
-    train_data: str = "bundled"
-    eval_data: str | None = "bundled"
-    image_column: str | None = None
-    streaming: bool = False
-    crops_per_photo: int = 32
-    crop_size: int = 160
-    num_workers: int = 0
-    # optimisation
-    train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int = 1000
-    learning_rate: float = 1e-4
-    disc_learning_rate: float | None = None
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    weight_decay: float = 0.0
-    lr_scheduler: str = "constant_with_warmup"
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    use_ema: bool = False
-    ema_decay: float = 0.999
-    # loss networks (the weights are the inherited EvoTokLossConfig fields)
-    perceptual: str | None = "lpips-vgg"
-    disc_norm: str = "group"
-    disc_channels: int = 64
-    disc_layers: int = 3
-    on_nonfinite: str = "raise"  # or "skip": drop the step (on every rank) instead of stopping
-    max_consecutive_skips: int = 10  # with on_nonfinite="skip": give up after this many non-finite steps in a row
-    # bookkeeping
-    seed: int = 0
-    log_steps: int = 10
-    eval_steps: int = 0  # 0: evaluate only at the end
-    eval_max_images: int = 64
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = 3
-    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
-    report_to: str | None = None  # "tensorboard", "wandb", ... (Accelerate trackers)
-    dump_rank_state: str | None = None  # testing aid: each rank writes its final tokenizer state here
-
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("perceptual", "eval_data", "resume_from_checkpoint", "report_to", "init_from",
-                     "encoder_pretrained", "dump_rank_state"):
-            if isinstance(getattr(self, name), str) and getattr(self, name).lower() in ("none", ""):
-                setattr(self, name, None)  # "none" on the command line means: no such thing
-        if self.on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-
-    def loss_config(self) -> EvoTokLossConfig:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(EvoTokLossConfig)}
-        if self.perceptual is None:
-            values["perceptual_weight"] = 0.0
-        return EvoTokLossConfig(**values)
-
-
-TRAINING_PRESETS: dict[str, dict] = {
-    # The authors' run (EVOTOK_REFERENCE.md): SigLIP2-L/16-256 encoder and teacher, 32768 x 32, depths 4/16, EMA
-    # warm-up 2000, global batch 256, constant lr 1e-4, Adam(0.9, 0.95) without weight decay (their script parses a
-    # weight-decay flag but never uses it), grad clip 1.0, GAN weight 0.5 from step 20k, bf16, 500k steps on
-    # CC12M + ImageNet-1K. Pass --train_data / per-device batch to match your hardware (256 = devices x batch x accum).
-    "paper": {
-        "model_preset": "evotok-siglip2-l16-256",
-        "encoder_pretrained": "google/siglip2-large-patch16-256",
-        "teacher": "google/siglip2-large-patch16-256",
-        "train_batch_size": 32,
-        "max_train_steps": 500_000,
-        "learning_rate": 1e-4,
-        "lr_scheduler": "constant",
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "mixed_precision": "bf16",
-        "perceptual": "lpips-vgg",
-        "perceptual_weight": 1.0,
-        "disc_weight": 0.5,
-        "disc_start": 20_000,
-        "disc_norm": "batch",
-        "semantic_fold": 4,
-        "checkpointing_steps": 10_000,
-        "eval_steps": 10_000,
-        "streaming": True,
-    },
-    # Two CPU cores, about 3 minutes: the small preset (one resnet block per decoder level, for speed) on the bundled
-    # photos with the EfficientNet-Lite0 teacher at 128 px. No perceptual network is available offline (LPIPS needs
-    # torchvision), so its weight is 0; the GAN is off (it costs PSNR early in training; the tests exercise it).
-    "cpu-small": {
-        "model_preset": "evotok-small",
-        "model_overrides": {"codebook_size": 512, "ema_warmup_steps": 0, "decoder_res_blocks_per_level": 1},
-        "teacher": "efficientnet-lite0",
-        "teacher_image_size": 128,
-        "train_data": "bundled",
-        "eval_data": "bundled",
-        "train_batch_size": 8,
-        "max_train_steps": 750,
-        "learning_rate": 1e-3,
-        "lr_scheduler": "cosine",
-        "lr_warmup_steps": 30,
-        "perceptual": None,
-        "perceptual_weight": 0.0,
-        "disc_weight": 0.0,
-        "disc_start": 0,
-        "disc_norm": "group",
-        "disc_channels": 32,
-        "checkpointing_steps": 250,
-        "log_steps": 50,
-    },
-    # EvoTok in miniature (evotok_hf.miniature): pixel depth 4, semantic depth 16, the paper's losses (L2 + commitment +
-    # cosine and 4-fold cosine to the teacher; no perceptual network offline, GAN off for speed) on EvoTok Shapes
-    # (--train_data: a folder of train / validation parquet files), teacher and encoder = the mini-SigLIP folder.
-    "shapes": {
-        "model_preset": "evotok-shapes",
-        "model_overrides": {"ema_warmup_steps": 0},
-        "encoder_pretrained": "outputs/demo/siglip",
-        "teacher": "outputs/demo/siglip",
-        "train_data": "outputs/demo/data/shapes_parquet",
-        "eval_data": "outputs/demo/data/shapes_parquet",
-        "train_batch_size": 16,
-        "max_train_steps": 600,
-        "learning_rate": 1e-3,
-        "lr_scheduler": "cosine",
-        "lr_warmup_steps": 30,
-        "perceptual": None,
-        "perceptual_weight": 0.0,
-        "disc_weight": 0.0,
-        "disc_start": 0,
-        "disc_norm": "group",
-        "disc_channels": 32,
-        "semantic_fold": 4,
-        "checkpointing_steps": 0,
-        "log_steps": 50,
-    },
-}
-
-
-def training_arguments_from_preset(name: str, **overrides) -> TokenizerTrainingArguments:
-    if name not in TRAINING_PRESETS:
-        raise ValueError(f"Unknown training preset {name!r}; available: {sorted(TRAINING_PRESETS)}")
-    values = {**TRAINING_PRESETS[name], **overrides}
-    return TokenizerTrainingArguments(**values)
 
 
 class ParameterEMA:
@@ -269,8 +110,7 @@ class TokenizerTrainer:
         )
         set_seed(args.seed)
         self.global_step = 0
-        self.epoch = 0  # the data position: epoch, and batches of it consumed so far
-        self.batches_in_epoch = 0
+        self.data_position = DataPosition()  # saved in checkpoints; the training batches resume from it
         self.skipped_steps = 0
         self._skipped_in_a_row = 0
 
@@ -285,9 +125,9 @@ class TokenizerTrainer:
         config = self.model.config
         size = config.image_size
         self.processor = EvoTokImageProcessor(size={"height": size, "width": size})
-        self.discriminator = PatchGANDiscriminator(
+        self.discriminator = PatchGANDiscriminator(PatchGANDiscriminatorConfig(
             base_channels=args.disc_channels, num_layers=args.disc_layers, norm=args.disc_norm
-        )
+        ))  # fmt: skip
         self.loss_fn = EvoTokLoss(args.loss_config(), perceptual=build_perceptual_loss(args.perceptual)
                                   if args.perceptual_weight > 0 else None)
 
@@ -388,20 +228,13 @@ class TokenizerTrainer:
                 unwrapped.save_pretrained(os.path.join(output_dir, "tokenizer"))
                 self.processor.save_pretrained(os.path.join(output_dir, "tokenizer"))
             elif isinstance(unwrapped, PatchGANDiscriminator):
-                folder = os.path.join(output_dir, "discriminator")
-                os.makedirs(folder, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in unwrapped.state_dict().items()},
-                          os.path.join(folder, "model.safetensors"))
-                with open(os.path.join(folder, "config.json"), "w") as f:
-                    json.dump({"base_channels": self.args.disc_channels, "num_layers": self.args.disc_layers,
-                               "norm": self.args.disc_norm}, f)
+                unwrapped.save_pretrained(os.path.join(output_dir, "discriminator"))
         weights.clear()  # everything above is the model state: Accelerate must not write it again
         if self.ema is not None:
             os.makedirs(os.path.join(output_dir, "ema"), exist_ok=True)
             save_file(self.ema.shadow, os.path.join(output_dir, "ema", "model.safetensors"))
         with open(os.path.join(output_dir, "trainer_state.json"), "w") as f:
-            json.dump({"global_step": self.global_step, "epoch": self.epoch,
-                       "batches_in_epoch": self.batches_in_epoch}, f)  # fmt: skip
+            json.dump({"global_step": self.global_step, **dataclasses.asdict(self.data_position)}, f)
 
     def _load_hook(self, models, input_dir):
         while models:
@@ -410,6 +243,8 @@ class TokenizerTrainer:
                 state = load_file(os.path.join(input_dir, "tokenizer", "model.safetensors"))
                 model.load_state_dict(state)
             elif isinstance(model, PatchGANDiscriminator):
+                # The weights file is all a resume needs, so checkpoints of earlier versions (the same weights file
+                # beside a hand-written config.json) resume too.
                 model.load_state_dict(load_file(os.path.join(input_dir, "discriminator", "model.safetensors")))
         if self.ema is not None:
             self.ema.shadow = load_file(os.path.join(input_dir, "ema", "model.safetensors"))
@@ -454,37 +289,14 @@ class TokenizerTrainer:
             state = json.load(f)
         self.global_step = state["global_step"]
         if "epoch" in state:
-            self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+            self.data_position = DataPosition(state["epoch"], state["batches_in_epoch"])
         else:  # written before checkpoints recorded the data position: by map-style runs, one batch per micro-step
             consumed = self.global_step * self.args.gradient_accumulation_steps
-            self.epoch, self.batches_in_epoch = divmod(consumed, len(self.train_dataloader))
+            self.data_position = DataPosition(*divmod(consumed, len(self.train_dataloader)))
         self.resumed_from = path
         logger.info("Resumed from %s at step %d", path, self.global_step)
 
     # ------------------------------------------------------------------ the loop
-    def _batches(self):
-        """Infinite stream of batches from the data position (`self.epoch`, `self.batches_in_epoch`) on, which it
-        keeps up to date for checkpoints: batches, not steps, are counted, so gradient accumulation, batches dropped
-        for a non-finite loss and streaming datasets (no length) resume where they were. On resume the batches the
-        epoch already gave are skipped without decoding. The augmentations of an example depend only on (seed, epoch,
-        example) (see `make_dataloader`), so the batches after a resume are those the uninterrupted run saw, although
-        the loader had already prepared the next batch when the checkpoint's RNG states were saved."""
-        dataloader = self.train_dataloader
-        while True:
-            set_loader_epoch(dataloader, self.epoch)
-            skip = self.batches_in_epoch
-            loader = self.accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-            yielded = False
-            for batch in loader:
-                yielded = True
-                self.batches_in_epoch += 1
-                yield batch
-            # nothing left after skipping: the checkpoint was taken at the end of its epoch
-            if not yielded and not skip:
-                raise ValueError("the training dataloader yields no batch (dataset smaller than one batch?)")
-            self.epoch += 1
-            self.batches_in_epoch = 0
-
     def _teacher_features(self, pixel_values):
         if self.teacher is None:
             return None
@@ -503,7 +315,9 @@ class TokenizerTrainer:
         last_layer = self._unwrap(model).pixel_decoder.last_layer
         progress = tqdm(range(self.global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
                         desc="train", initial=0)
-        batches = self._batches()
+        # The loader gives batches from the checkpoint's data position on (Accelerate skips the ones already seen
+        # without decoding them), and keeps the position up to date for the next checkpoint.
+        batches = infinite_batches(self.train_dataloader, self.data_position, self.accelerator.skip_first_batches)
         history: list[dict] = []
         start_time, start_step = time.perf_counter(), self.global_step
         model.train()
@@ -577,10 +391,6 @@ class TokenizerTrainer:
                    "steps_per_s": (self.global_step - start_step) / max(elapsed, 1e-9), "history": history}
         if self.eval_images is not None:
             summary["eval"] = self.evaluate()
-        if args.dump_rank_state:
-            os.makedirs(args.dump_rank_state, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in self._unwrap(model).state_dict().items()},
-                      os.path.join(args.dump_rank_state, f"rank{accelerator.process_index}.safetensors"))
         accelerator.wait_for_everyone()
         return summary
 
@@ -610,7 +420,8 @@ class TokenizerTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """PSNR (and SSIM when torchmetrics is installed) of full reconstructions on the held-out images."""
+        """PSNR and SSIM of full reconstructions on the held-out images (the metrics of `evotok_hf.evaluation`, so
+        the numbers logged in training are those its reports give)."""
         if self.eval_images is None:
             return {}
         model = self._unwrap(self.model)
@@ -618,13 +429,8 @@ class TokenizerTrainer:
         model.eval()
         images = self.eval_images.to(self.accelerator.device)
         reconstructions = torch.cat([model(chunk).reconstruction.float() for chunk in images.split(16)])
-        metrics = {"eval_psnr": float(psnr(reconstructions, images).mean())}
-        try:
-            from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-        except ImportError:
-            ssim = None
-        if ssim is not None:
-            metrics["eval_ssim"] = float(ssim((reconstructions.clamp(-1, 1) + 1) / 2, (images + 1) / 2, data_range=1.0))
+        metrics = {"eval_psnr": float(psnr(reconstructions, images).mean()),
+                   "eval_ssim": float(ssim(reconstructions, images).mean())}  # fmt: skip
         model.train(was_training)
         return metrics
 

@@ -2,8 +2,8 @@
 reconstructions.
 
 A local module, loaded offline with `evaluate.load(evotok_hf.evaluation.metrics.metric_path("evotok_fid"))`. It
-only adapts evaluate's inputs; the computation is `evotok_hf.evaluation.metrics` (`build_feature_network`,
-`FeatureStatistics`, `fid_from_statistics`), so `evotok_hf` must be installed in the environment that loads it
+only adapts evaluate's inputs; the computation is `evotok_hf.evaluation.metrics` (`FeatureStatistics`,
+`fid_from_statistics`) over a network of `evotok_hf.frozen_networks.build_feature_network`, so `evotok_hf` must be installed in the environment that loads it
 (`pip install "evotok_hf[eval]"`; the standard Inception network also needs `pip install "evotok_hf[online]"`).
 """
 
@@ -11,10 +11,10 @@ import evaluate
 import torch
 
 from evotok_hf.evaluation.metrics import FeatureStatistics
-from evotok_hf.evaluation.metrics import build_feature_network
 from evotok_hf.evaluation.metrics import fid_from_statistics
 from evotok_hf.evaluation.metrics import image_pair_batches
 from evotok_hf.evaluation.metrics import image_pair_metric_info
+from evotok_hf.frozen_networks import build_feature_network
 
 _DESCRIPTION = """Fréchet distance between Gaussians fitted to a feature network's outputs on the references
 (originals) and on the predictions (reconstructions). The default network is the offline EfficientNet-Lite0 stand-in,

@@ -1,6 +1,7 @@
-"""Training data for the EvoTok tokenizer: augmentations, image sources and DataLoaders.
+"""Image datasets for training and evaluating the EvoTok tokenizer: augmentations, image sources and DataLoaders.
 
-Read top to bottom:
+Shared by `training` (the loop's data) and `evaluation` (the evaluation preprocessing), and by the scripts, hence
+outside both packages. Read top to bottom:
 1. transforms: `train_transform` (random-resized crop + horizontal flip, then the processor squashes the crop to its
    square size) and `eval_transform` (the processor's shortest side + centre crop). Both return one (3, S, S)
    float32 tensor in [-1, 1]; every preprocessing constant comes from `EvoTokImageProcessor`.
@@ -9,7 +10,8 @@ Read top to bottom:
 3. `bundled_photo_dataset`: real photos shipped by scikit-image / scikit-learn, cut into small train crops and a
    held-out validation set, so training and its tests run offline.
 4. loaders: `make_dataloader` (map-style or streaming) yields {"pixel_values": (B, 3, S, S)}; `infinite_batches`
-   cycles epochs for step-based loops, telling the loader each epoch with `set_loader_epoch`.
+   cycles epochs for step-based loops (resuming from a `DataPosition`), telling the loader each epoch with
+   `set_loader_epoch`.
 
 Augmentation randomness is a function of (seed, epoch, example), never of Python's global `random`: the loaders give
 each example its own `random.Random`, so a batch's crops do not depend on which batches were drawn before it, on
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import inspect
+import itertools
 import logging
 import math
 import os
@@ -36,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 import PIL.Image
 import torch
 
-from ..data import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_bundled_photos
-from ..processing.image_processing_evotok import EvoTokImageProcessor
+from .data import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_bundled_photos
+from .processing.image_processing_evotok import EvoTokImageProcessor
 
 if TYPE_CHECKING:
     import datasets
@@ -482,7 +485,7 @@ def make_dataloader(
     A transform that takes a `generator` keyword (`train_transform`) is given each example's own
     `example_generator(seed, epoch, index)` (streaming: `(seed, epoch, worker, position)`), so augmentations are
     the same whatever the batching, the workers or the point a run was resumed from; call `set_loader_epoch` (as
-    `infinite_batches` and the trainer do) for a new epoch's draws.
+    `infinite_batches` does) for a new epoch's draws.
     Only the "image" column is read, so other columns (captions, extra images) are never decoded."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"make_dataloader: batch_size must be an integer >= 1, got {batch_size!r}.")
@@ -539,25 +542,57 @@ def set_loader_epoch(dataloader: torch.utils.data.DataLoader, epoch: int) -> Non
             owner.set_epoch(epoch)
 
 
-def infinite_batches(dataloader: torch.utils.data.DataLoader) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches forever, epoch after epoch, for loops counted in steps. Each epoch first calls `set_loader_epoch`,
-    so shuffled orders and augmentations change between epochs (and match across processes). Raises ValueError if
-    an epoch yields no batch, instead of spinning forever."""
-    epoch = 0
+@dataclass
+class DataPosition:
+    """Where a loop counted in steps stands in its data: the epoch, and the batches of it consumed so far. Batches,
+    not steps, are counted, so gradient accumulation, batches dropped for a non-finite loss and streaming datasets (no
+    length) all resume where they were. A checkpoint records it; `infinite_batches` resumes from it."""
+
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+def infinite_batches(
+    dataloader: torch.utils.data.DataLoader,
+    position: DataPosition | None = None,
+    skip_first_batches: Callable[[Any, int], Any] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches forever, epoch after epoch, for loops counted in steps, from `position` on (default: the start), which
+    it keeps up to date for the caller's checkpoints. Each epoch first calls `set_loader_epoch`, so shuffled orders and
+    augmentations change between epochs (and match across processes).
+
+    Resuming inside an epoch leaves out the batches it already gave: `skip_first_batches(dataloader, n)` returns a
+    loader without them (Accelerate's `Accelerator.skip_first_batches` skips without decoding), else they are drawn
+    and dropped. The augmentations of an example depend only on (seed, epoch, example) (see `make_dataloader`), so
+    the batches after a resume are those an uninterrupted loop saw. Raises ValueError if an epoch yields no batch
+    and skipped none (the checkpoint was taken at its end), instead of spinning forever."""
+    position = DataPosition() if position is None else position
     while True:
-        set_loader_epoch(dataloader, epoch)
+        set_loader_epoch(dataloader, position.epoch)
+        skip = position.batches_in_epoch
+        if not skip:
+            loader = dataloader
+        elif skip_first_batches is not None:
+            loader = skip_first_batches(dataloader, skip)
+        else:
+            loader = itertools.islice(dataloader, skip, None)
         yielded = False
-        for batch in dataloader:
+        for batch in loader:
             yielded = True
+            position.batches_in_epoch += 1
             yield batch
-        if not yielded:
-            raise ValueError(f"infinite_batches: epoch {epoch} yielded no batch (dataset smaller than one batch?).")
-        epoch += 1
+        if not yielded and not skip:
+            raise ValueError(
+                f"infinite_batches: epoch {position.epoch} yielded no batch (dataset smaller than one batch?)."
+            )
+        position.epoch += 1
+        position.batches_in_epoch = 0
 
 
 __all__ = [
     "BUNDLED_PHOTOS",
     "DEFAULT_HELD_OUT",
+    "DataPosition",
     "ImageBatchCollator",
     "bundled_photo_dataset",
     "eval_transform",
