@@ -69,6 +69,11 @@ class VLMScriptArguments(VLMLoraArguments):
     llm_name_or_path: str | None = field(default=None, metadata={"help": "a pretrained causal LM folder / Hub id"})
     llm_gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --llm_name_or_path"})
     dtype: str = field(default="float32", metadata={"choices": list(DTYPES)})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "attention for every part (eager, sdpa, ...; transformers' default when unset). On a CPU, "
+                  "eager trains small models faster than sdpa (benchmarks/README.md)"},
+    )
     dataset: str = field(default=None, metadata={"help": "LLaVA .json/.jsonl, a save_to_disk folder, or a Hub id"})
     dataset_split: str = "train"
     image_folder: str | None = field(default=None, metadata={"help": "root of the LLaVA image paths"})
@@ -198,6 +203,8 @@ def main(argv=None) -> str:
         logger.info("Resuming from %s", checkpoint)
 
     model, processor = load_model_and_processor(script_args)
+    if script_args.attn_implementation is not None:
+        model.set_attn_implementation(script_args.attn_implementation)  # every part: tokenizer, LLM, depth head
     model = prepare_model_for_stage(model, script_args.stage, script_args)
     summary = trainable_parameter_summary(model)
     logger.info("task %s, stage %s, trainable parameters: %s", script_args.task, script_args.stage, summary)

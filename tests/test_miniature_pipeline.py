@@ -180,6 +180,31 @@ def test_vlm_training_rows_read_in_user_turns_and_write_in_assistant_turns(shape
                                         {"from": "gpt", "value": "<image>"}]  # fmt: skip
 
 
+def test_vlm_training_rows_split_questions_evenly_and_repeat_captions(shapes, tmp_path):
+    """Every question of every scene lands in exactly one VQA row of at most `max_questions_per_row` questions, the
+    rows of a scene as even as possible; each caption -> image row appears `caption_repeats` times."""
+    rows = vlm_training_rows(shapes["train"], str(tmp_path), seed=1, max_questions_per_row=2, caption_repeats=3)
+    # the same rows without writing the images again (the vlm stage reads the data stage's)
+    again = vlm_training_rows(shapes["train"], str(tmp_path / "none"), seed=1, max_questions_per_row=2,
+                              caption_repeats=3, write_images=False)  # fmt: skip
+    assert again == rows and os.listdir(tmp_path / "none") == []
+    for index, example in enumerate(shapes["train"]):
+        mine = [r for r in rows if r["id"] == f"vqa-{index}" or r["id"].startswith(f"vqa-{index}-")]
+        asked = [(t["value"].removeprefix("<image>\n"), a["value"]) for r in mine
+                 for t, a in zip(r["conversations"][::2], r["conversations"][1::2])]  # fmt: skip
+        expected = [(qa["question"], qa["answer"]) for qa in example["questions"]]
+        assert sorted(asked) == sorted(expected)
+        sizes = [len(r["conversations"]) // 2 for r in mine]
+        assert len(mine) == -(-len(expected) // 2) and max(sizes) <= 2 and max(sizes) - min(sizes) <= 1
+        for r in mine:  # the image is read once, in the first user turn
+            assert r["conversations"][0]["value"].startswith("<image>\n")
+            assert sum(t["value"].count("<image>") for t in r["conversations"]) == 1
+        captions = [r for r in rows if r["id"].startswith(f"t2i-{index}-")]
+        assert len(captions) == 3 and all(r["conversations"][0]["value"] == example["caption"] for r in captions)
+    with pytest.raises(ValueError, match="max_questions_per_row"):
+        vlm_training_rows(shapes["train"], str(tmp_path), max_questions_per_row=0)
+
+
 def test_stage_cache_keys_change_from_the_changed_stage_on(tmp_path):
     base = StageCache(str(tmp_path), miniature_config("tiny"))
     changed = StageCache(str(tmp_path), miniature_config("tiny", tokenizer_steps=3))
@@ -211,6 +236,10 @@ def test_tiny_run_writes_loadable_checkpoints_and_a_complete_report(tiny_run):
     assert set(geneval["by_guidance_scale"]) == {"1.0", "7.5"}
     assert {"overall", "per_category", "control", "heldout"} <= set(geneval["default"])
     assert set(scores["detector_ground_truth"]["per_category"]) == set(geneval["default"]["per_category"])
+    # the detector on the renders' reconstructions from the first k pixel depths: the ceiling of generation
+    assert set(scores["detector_reconstructions"]) == {"1", "2", "3", "4"}
+    for ceiling in scores["detector_reconstructions"].values():
+        assert set(ceiling["per_category"]) == set(geneval["default"]["per_category"]) and 0 <= ceiling["overall"] <= 1
     assert {"color_accuracy", "shape_accuracy"} <= set(report["stages"]["siglip"]["zero_shot_test"])
     assert set(report["timings_seconds"]) == {*STAGES, "total"}
     assert set(report["build_seconds"]) == set(STAGES)

@@ -131,6 +131,20 @@ def test_training_throughput_benchmark_runs():
     assert all(r["steps_per_s"] > 0 for r in results.values())
 
 
+def test_miniature_attention_benchmark_compares_variants_that_compute_the_same_step():
+    main = load_main("benchmarks/miniature_attention.py")
+    results = main(["--rounds", "1", "--steps", "1", "--scenes", "8"])
+    siglip, vlm = results["siglip"], results["vlm"]
+    assert len(siglip) == 4 and len(vlm) == 2
+    assert all(r["best_s"] > 0 for group in (siglip, vlm) for r in group.values())
+    # same weights, same batch: eager and SDPA give the same first loss (fp32 exactly up to rounding, bf16 closely)
+    assert siglip["mini-SigLIP eager fp32"]["first_loss"] == pytest.approx(siglip["mini-SigLIP sdpa fp32"]["first_loss"],
+                                                                           rel=1e-5)  # fmt: skip
+    assert siglip["mini-SigLIP eager bf16"]["first_loss"] == pytest.approx(siglip["mini-SigLIP sdpa fp32"]["first_loss"],
+                                                                           rel=2e-2)  # fmt: skip
+    assert vlm["joint VLM eager bf16"]["first_loss"] == pytest.approx(vlm["joint VLM sdpa bf16"]["first_loss"], rel=2e-2)
+
+
 README_DEMO_FIGURES = re.compile(
     r"PSNR ([\d.]+) → ([\d.]+) dB from pixel depth 1 to 4 against ([\d.]+) dB for a mean-colour baseline; "
     r"semantic cosine ([\d.]+) → ([\d.]+) from depth 1 to 16"

@@ -442,6 +442,38 @@ def test_siglip_teacher_resamples_grid_and_input(tiny_siglip_path):
         SiglipTeacher(reference, grid_size=4, feature_layer=4)
 
 
+def test_siglip_teacher_loads_a_full_siglip_checkpoint_quietly_and_refuses_other_ones(tmp_path, capfd):
+    """A full SiglipModel folder (vision + text tower) is a teacher: its text tower is dropped without transformers'
+    load-report table; a folder whose vision weights do not fit raises, naming the keys."""
+    from transformers import SiglipConfig, SiglipModel
+    from transformers.utils import logging as hf_logging
+
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}  # fmt: skip
+    text = {"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 8}  # fmt: skip
+    torch.manual_seed(0)
+    full = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    full.save_pretrained(tmp_path / "full")
+    capfd.readouterr()
+    verbosity = hf_logging.get_verbosity()
+    teacher = SiglipTeacher.from_pretrained(tmp_path / "full", grid_size=4)
+    assert hf_logging.get_verbosity() == verbosity  # the caller's verbosity is restored
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "text_model" not in out + err
+    x = _randn(1, 3, 32, 32, seed=3).clamp(-1, 1)
+    with torch.no_grad():
+        expected = full.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(teacher(x), expected)
+    # a checkpoint whose vision tower has fewer layers than its config says is not a teacher
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "full" / "model.safetensors")
+    save_file({k: v for k, v in state.items() if ".layers.1." not in k}, tmp_path / "full" / "model.safetensors")
+    with pytest.raises(ValueError, match="not a SigLIP vision checkpoint: missing"):
+        SiglipTeacher.from_pretrained(tmp_path / "full", grid_size=4)
+
+
 def test_siglip_teacher_builds_from_a_config_without_loading_anything(tiny_siglip_path, monkeypatch):
     from transformers import SiglipVisionConfig, SiglipVisionModel
 

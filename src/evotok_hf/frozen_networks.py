@@ -157,11 +157,30 @@ class SiglipTeacher(SemanticTeacher):
         return _to_grid(grid, self.grid_size)
 
 
+# What a full SigLIP checkpoint holds beside its vision tower (dropped when the vision tower is loaded alone).
+_SIGLIP_NON_VISION_KEYS = ("text_model.", "logit_scale", "logit_bias")
+
+
 def _load_siglip_vision_model(path: str | os.PathLike, **kwargs) -> nn.Module:
+    """`SiglipVisionModel.from_pretrained`. From a full `SiglipModel` checkpoint the text tower is expected to be left
+    over, so transformers' load report (a table of every text-tower key) is kept quiet for those keys only; any other
+    leftover or missing key still raises."""
     from transformers import SiglipVisionModel
+    from transformers.utils import logging as hf_logging
 
     logger.info("loading SigLIP teacher from %s", path)
-    return SiglipVisionModel.from_pretrained(path, **kwargs)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = SiglipVisionModel.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    unexpected = [key for key in info["unexpected_keys"] if not key.startswith(_SIGLIP_NON_VISION_KEYS)]
+    problems = [f"missing {key}" for key in info["missing_keys"]] + [f"unexpected {key}" for key in unexpected]
+    problems += [f"mismatched {key}" for key in info.get("mismatched_keys", [])]
+    if problems:
+        raise ValueError(f"{path} is not a SigLIP vision checkpoint: " + ", ".join(sorted(problems)[:8]))
+    return model
 
 
 class EfficientNetLite0Teacher(SemanticTeacher):

@@ -5,8 +5,8 @@ Stages (each writes a folder under `output_dir` and a `stage.json` marker holdin
 later run reuses a stage whose marker matches, unless `retrain`):
 
 1. data: the EvoTok Shapes splits (`load_shapes_dataset`), saved with `save_to_disk`, the train / validation splits
-   also as parquet (what `scripts/train_tokenizer.py --train_data` reads) and the VLM's training conversations as
-   LLaVA JSON + PNG images (what `scripts/train_vlm.py --dataset --image_folder` reads);
+   also as parquet (what `scripts/train_tokenizer.py --train_data` reads) and the train images as PNG files (what
+   `scripts/train_vlm.py --image_folder` reads);
 2. text: a byte-level BPE tokenizer trained on the dataset's text (`miniature.text`), shared by the teacher's text
    tower and the LLM;
 3. siglip: the mini-SigLIP teacher (`miniature.siglip`), trained with SigLIP's sigmoid loss, with its zero-shot
@@ -16,7 +16,8 @@ later run reuses a stage whose marker matches, unless `retrain`):
 5. llm: a small Qwen2 built from its config (trained from scratch in the joint stages);
 6. vlm: `scripts/train_vlm.py --task joint`, stage 1 (`pretrain`: the projectors and the depth head, on a VLM
    assembled with `EvoTokForConditionalGeneration.from_components`) then stage 2 (`sft`: everything but the image
-   tokenizer), on VQA conversations and caption -> image turns; the result is one folder that
+   tokenizer), on VQA conversations and caption -> image turns (LLaVA JSON, `vlm_training_rows`); the result is
+   one folder that
    `AutoModelForImageTextToText`, `AutoProcessor` and `EvoTokPipeline` load;
 7. scores: per-depth reconstruction and semantic cosine, per-depth NMI, VQA and mini-GenEval
    (`evotok_hf.evaluation.shapes_scoring`), written to `report.json` and `report.html` (`miniature.report`).
@@ -58,13 +59,13 @@ class MiniatureConfig:
     seed: int = 0
     bpe_vocab_size: int = 512
     # teacher
-    siglip_steps: int = 600
+    siglip_steps: int = 1200
     siglip_batch_size: int = 64
     siglip_learning_rate: float = 1e-3
     # half of each batch in pairs of scenes only the shapes tell apart (`miniature.siglip.shape_twins`)
     siglip_hard_negatives: bool = True
     # image tokenizer (scripts/train_tokenizer.py --preset shapes; these override the preset)
-    tokenizer_steps: int = 600
+    tokenizer_steps: int = 1200
     tokenizer_batch_size: int = 16
     tokenizer_overrides: dict = field(default_factory=dict)
     # language model
@@ -77,14 +78,20 @@ class MiniatureConfig:
     # VLM (scripts/train_vlm.py --task joint)
     vlm_stage1_steps: int = 60
     vlm_stage1_learning_rate: float = 1e-3
-    vlm_stage2_steps: int = 900
+    vlm_stage2_steps: int = 1300
     vlm_stage2_learning_rate: float = 1e-3
     vlm_batch_size: int = 32
     vlm_bf16: bool = True
+    # eager attention trains these small models faster than SDPA on a CPU (benchmarks/README.md)
+    vlm_attn_implementation: str | None = "eager"
+    # the VQA rows hold at most this many questions of a scene (a batch is padded to its longest row), and each
+    # caption -> image row appears this many times (so about as many rows draw as answer)
+    vlm_max_questions_per_row: int | None = 4
+    vlm_caption_repeats: int = 2
     # how often a caption -> image row trains the unconditional prompt (classifier-free guidance needs that model)
     vlm_unconditional_probability: float = 0.1
     # the checkpoint's image-generation defaults (generation_config.image_generation): the paper's guidance scale and
-    # the authors' temperature / top-p (their top-k of 900 keeps every code of a 4-entry codebook)
+    # the authors' temperature / top-p (their top-k of 900 keeps every code of a 16-entry codebook)
     image_generation_defaults: dict = field(default_factory=lambda: {"guidance_scale": 7.5, "do_sample": True,
                                                                      "depth_temperature": 1.0,
                                                                      "depth_top_p": 0.96})  # fmt: skip
@@ -125,9 +132,9 @@ STAGE_SETTINGS = {
     "siglip": ("siglip_steps", "siglip_batch_size", "siglip_learning_rate", "siglip_hard_negatives"),
     "tokenizer": ("tokenizer_steps", "tokenizer_batch_size", "tokenizer_overrides"),
     "llm": ("llm_hidden_size", "llm_layers", "llm_heads", "llm_kv_heads"),
-    "vlm": ("depth_head", "vlm_stage1_steps", "vlm_stage1_learning_rate", "vlm_stage2_steps",
-            "vlm_stage2_learning_rate", "vlm_batch_size", "vlm_bf16", "vlm_unconditional_probability",
-            "image_generation_defaults"),
+    "vlm": ("depth_head", "vlm_max_questions_per_row", "vlm_caption_repeats", "vlm_stage1_steps",
+            "vlm_stage1_learning_rate", "vlm_stage2_steps", "vlm_stage2_learning_rate", "vlm_batch_size", "vlm_bf16",
+            "vlm_attn_implementation", "vlm_unconditional_probability", "image_generation_defaults"),
     "scores": ("geneval_per_category", "geneval_images_per_prompt", "geneval_guidance_scales", "geneval_batch_size",
                "vqa_num_scenes", "depth_eval_images", "nmi_images"),
 }  # fmt: skip
@@ -223,8 +230,8 @@ class StageCache:
 
 # ------------------------------------------------------------------------------------------------------------ stages
 def build_data(cache: StageCache, config: MiniatureConfig) -> dict:
-    """The Shapes splits (`save_to_disk`), train / validation parquet for the tokenizer script, and the VLM's LLaVA
-    JSON + images."""
+    """The Shapes splits (`save_to_disk`), train / validation parquet for the tokenizer script, and the train images as
+    PNG files for the VLM's LLaVA rows (written by the vlm stage)."""
     from .shapes import load_shapes_dataset
 
     folder = cache.start("data")
@@ -235,36 +242,51 @@ def build_data(cache: StageCache, config: MiniatureConfig) -> dict:
     os.makedirs(parquet)
     for split in ("train", "validation"):
         dataset[split].select_columns(["image", "caption"]).to_parquet(os.path.join(parquet, f"{split}.parquet"))
-    rows = vlm_training_rows(dataset["train"], os.path.join(folder, "vlm_images"), seed=config.seed)
-    with open(os.path.join(folder, "vlm_train.json"), "w") as f:
-        json.dump(rows, f)
-    summary = {"splits": {split: len(dataset[split]) for split in dataset}, "vlm_rows": len(rows),
-               "seconds": time.perf_counter() - start}  # fmt: skip
+    images = os.path.join(folder, "vlm_images")
+    os.makedirs(images)
+    for index, image in enumerate(dataset["train"]["image"]):
+        image.save(os.path.join(images, f"{index:06d}.png"))
+    summary = {"splits": {split: len(dataset[split]) for split in dataset}, "seconds": time.perf_counter() - start}
     return cache.finish("data", summary)
 
 
-def vlm_training_rows(split, image_folder: str, seed: int = 0) -> list[dict]:
-    """LLaVA JSON rows for the joint VLM, two per scene: a VQA conversation (the image and one question in the first
-    user turn, the scene's other questions as later turns, in a shuffled order so every question type comes first
-    sometimes) and a caption -> image turn (an image in the assistant turn is an image to write). Images are written
-    as PNG files under `image_folder`."""
+def vlm_training_rows(split, image_folder: str, seed: int = 0, max_questions_per_row: int | None = None,
+                      caption_repeats: int = 1, write_images: bool = True) -> list[dict]:
+    """LLaVA JSON rows for the joint VLM: VQA conversations (the image and one question in the first user turn, more
+    of the scene's questions as later turns, in a shuffled order so every question type comes first sometimes) and
+    caption -> image turns (an image in the assistant turn is an image to write), in a shuffled order.
+
+    Each scene's questions are split into conversations of at most `max_questions_per_row` questions (as even as
+    possible; every question kept): a batch is padded to its longest row, and a scene's 7 questions make a row twice as
+    long as a caption -> image row. Each caption -> image row appears `caption_repeats` times. Images are written as
+    PNG files under `image_folder` (or, with `write_images=False`, taken to be there already)."""
+    if max_questions_per_row is not None and max_questions_per_row < 1:
+        raise ValueError(f"max_questions_per_row must be >= 1 or None, got {max_questions_per_row}")
+    if caption_repeats < 1:
+        raise ValueError(f"caption_repeats must be >= 1, got {caption_repeats}")
     os.makedirs(image_folder, exist_ok=True)
     rng = random.Random(seed)
     rows = []
     for index, example in enumerate(split):
         name = f"{index:06d}.png"
-        example["image"].save(os.path.join(image_folder, name))
+        if write_images:
+            example["image"].save(os.path.join(image_folder, name))
         questions = list(example["questions"])
         rng.shuffle(questions)
-        conversation = []
-        for turn, qa in enumerate(questions):
-            prefix = f"{IMAGE_PLACEHOLDER}\n" if turn == 0 else ""
-            conversation.append({"from": "human", "value": prefix + qa["question"]})
-            conversation.append({"from": "gpt", "value": qa["answer"]})
-        if conversation:
-            rows.append({"id": f"vqa-{index}", "image": name, "conversations": conversation})
-        rows.append({"id": f"t2i-{index}", "image": name, "conversations": [
-            {"from": "human", "value": example["caption"]}, {"from": "gpt", "value": IMAGE_PLACEHOLDER}]})  # fmt: skip
+        per_row = max_questions_per_row or max(1, len(questions))
+        num_rows = -(-len(questions) // per_row)
+        for part in range(num_rows):
+            conversation = []
+            for turn, qa in enumerate(questions[part::num_rows]):
+                prefix = f"{IMAGE_PLACEHOLDER}\n" if turn == 0 else ""
+                conversation.append({"from": "human", "value": prefix + qa["question"]})
+                conversation.append({"from": "gpt", "value": qa["answer"]})
+            suffix = f"-{part}" if num_rows > 1 else ""
+            rows.append({"id": f"vqa-{index}{suffix}", "image": name, "conversations": conversation})
+        for repeat in range(caption_repeats):
+            suffix = f"-{repeat}" if caption_repeats > 1 else ""
+            rows.append({"id": f"t2i-{index}{suffix}", "image": name, "conversations": [
+                {"from": "human", "value": example["caption"]}, {"from": "gpt", "value": IMAGE_PLACEHOLDER}]})  # fmt: skip
     rng.shuffle(rows)
     return rows
 
@@ -361,12 +383,17 @@ def _vlm_argv(config: MiniatureConfig, output_dir: str, steps: int, learning_rat
             "--unconditional_probability", str(config.vlm_unconditional_probability)]  # fmt: skip
     # TRL's SFTConfig turns bf16 on by default; say explicitly what this run uses.
     argv += ["--bf16", "true" if config.vlm_bf16 else "false"]
+    # TRL's SFTConfig turns activation checkpointing on; models this small do not need the memory, and recomputing
+    # every forward in the backward costs a fifth of a step
+    argv += ["--activation_checkpointing", "false"]
+    if config.vlm_attn_implementation:
+        argv += ["--attn_implementation", config.vlm_attn_implementation]
     if not torch.cuda.is_available():
         argv.append("--use_cpu")  # the Trainer refuses bf16 on a CPU-only machine unless told it is one
     return argv
 
 
-def build_vlm(cache: StageCache, config: MiniatureConfig, scripts_dir: str) -> dict:
+def build_vlm(cache: StageCache, config: MiniatureConfig, dataset, scripts_dir: str) -> dict:
     """Stage 1 then stage 2 of `scripts/train_vlm.py --task joint`; the final folder gets the image-generation
     defaults in its generation config."""
     from transformers import GenerationConfig
@@ -375,7 +402,13 @@ def build_vlm(cache: StageCache, config: MiniatureConfig, scripts_dir: str) -> d
     stage1 = os.path.join(cache.output_dir, "vlm_stage1")
     if os.path.exists(stage1):
         shutil.rmtree(stage1)
-    data = ["--dataset", cache.path("data", "vlm_train.json"), "--image_folder", cache.path("data", "vlm_images")]
+    rows = vlm_training_rows(dataset["train"], cache.path("data", "vlm_images"), seed=config.seed,
+                             max_questions_per_row=config.vlm_max_questions_per_row,
+                             caption_repeats=config.vlm_caption_repeats, write_images=False)  # fmt: skip
+    rows_path = os.path.join(cache.output_dir, "vlm_train.json")
+    with open(rows_path, "w") as f:
+        json.dump(rows, f)
+    data = ["--dataset", rows_path, "--image_folder", cache.path("data", "vlm_images")]
     script = os.path.join(scripts_dir, "train_vlm.py")
     start = time.perf_counter()
     _run_script(script, [
@@ -394,6 +427,9 @@ def build_vlm(cache: StageCache, config: MiniatureConfig, scripts_dir: str) -> d
         with open(os.path.join(path, "train_results.json")) as f:
             results[name] = json.load(f)
     shutil.rmtree(stage1)
+    os.remove(rows_path)
+    results["rows"] = {"vqa": sum(r["id"].startswith("vqa-") for r in rows),
+                       "t2i": sum(r["id"].startswith("t2i-") for r in rows)}  # fmt: skip
     results["stage1_seconds"] = stage1_seconds
     results["stage2_seconds"] = time.perf_counter() - start - stage1_seconds
     return cache.finish("vlm", results)
@@ -446,7 +482,7 @@ def run_miniature(
     stage("siglip", lambda: build_siglip(cache, config, dataset, progress=progress))
     stage("tokenizer", lambda: build_tokenizer(cache, config, scripts_dir))
     stage("llm", lambda: build_llm(cache, config))
-    stage("vlm", lambda: build_vlm(cache, config, scripts_dir))
+    stage("vlm", lambda: build_vlm(cache, config, dataset, scripts_dir))
     stage("scores", lambda: score(cache, config, dataset, progress=progress))
     timings["total"] = time.perf_counter() - run_start
     report = build_report(cache, config, timings)

@@ -186,6 +186,12 @@ def render_html(report: dict, images_folder: str) -> str:
     detector = scores["detector_ground_truth"]
     scale_rows.append(["ground-truth renders (detector check)", _fmt(detector["overall"]),
                        *[_fmt(detector["per_category"].get(c, float("nan"))) for c in _categories(geneval)], "-", "-"])
+    # older reports (before this score existed) have no reconstruction ceiling
+    for depth, ceiling in sorted(scores.get("detector_reconstructions", {}).items(), key=lambda item: int(item[0])):
+        scale_rows.append([f"the renders through the tokenizer, first {depth} pixel depth(s) (ceiling)",
+                           _fmt(ceiling["overall"]),
+                           *[_fmt(ceiling["per_category"].get(c, float("nan"))) for c in _categories(geneval)], "-",
+                           "-"])  # fmt: skip
     sections += ["<h2>mini-GenEval</h2>",
                  _table(["guidance", "overall", *_categories(geneval), "control", "held-out pairs"], scale_rows),
                  f"<p>Paper (GenEval, real prompts, 7B model; <b>different benchmark and scale</b>): overall "

@@ -39,6 +39,28 @@ def detector_on_renders(prompts, seed: int = 0) -> dict:
 
 
 @torch.no_grad()
+def detector_on_reconstructions(tokenizer, image_processor, prompts, seed: int = 0, batch_size: int = 100) -> dict:
+    """The same ground-truth renders as `detector_on_renders`, encoded and decoded from their first k pixel depths,
+    scored by the detector: what a generator that predicted every code perfectly would reach with this tokenizer (the
+    ceiling of mini-GenEval), by k."""
+    from ..evaluation.shapes_scoring import score_geneval_mini
+    from ..image_datasets import eval_transform
+    from .shapes import scene_for_prompt
+
+    rng = np.random.default_rng([seed, 7])
+    transform = eval_transform(image_processor)
+    pixel_values = torch.stack([transform(scene_for_prompt(rng, prompt)["image"]) for prompt in prompts])
+    codes = torch.cat([tokenizer.encode(chunk).codes for chunk in pixel_values.split(batch_size)])
+    result = {}
+    for depth in range(1, tokenizer.config.pixel_depth + 1):
+        images = [image for chunk in codes.split(batch_size) for image in
+                  image_processor.postprocess(tokenizer.decode(chunk[..., :depth]), return_tensors="PIL.Image.Image")]  # fmt: skip
+        scored = score_geneval_mini([[image] for image in images], prompts)
+        result[depth] = {key: scored[key] for key in ("per_category", "overall")}
+    return result
+
+
+@torch.no_grad()
 def per_depth_scores(tokenizer, image_processor, teacher, images, folder: str) -> dict:
     """PSNR / SSIM by pixel depth 1..D_pix (with the mean-colour baseline PSNR) and semantic cosine to the teacher by
     depth 1..D_sem, on held-out scenes; reconstructions of the first few by depth, saved for the report."""
@@ -132,6 +154,7 @@ def score_miniature(cache, config, dataset, folder: str, progress: bool = True) 
     held_out = list(test.select(range(min(config.depth_eval_images, len(test))))["image"])
     scores["per_depth"] = per_depth_scores(tokenizer, image_processor, teacher, held_out, images_folder)
     scores["nmi_by_depth"] = nmi_scores(tokenizer, image_processor, test, config.nmi_images)
+    scores["detector_reconstructions"] = detector_on_reconstructions(tokenizer, image_processor, prompts, config.seed)
     timings = {"tokenizer": time.perf_counter() - start}
 
     vlm_folder = cache.path("vlm")
@@ -154,4 +177,4 @@ def score_miniature(cache, config, dataset, folder: str, progress: bool = True) 
     return scores
 
 
-__all__ = ["detector_on_renders", "geneval_scores", "nmi_scores", "per_depth_scores", "score_miniature"]
+__all__ = ["detector_on_reconstructions", "detector_on_renders", "geneval_scores", "nmi_scores", "per_depth_scores", "score_miniature"]

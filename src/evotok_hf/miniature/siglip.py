@@ -120,11 +120,15 @@ def train_mini_siglip(
     warmup_steps: int = 20,
     weight_decay: float = 1e-4,
     hard_negatives: bool = True,
+    bf16: bool = True,
     seed: int = 0,
     progress: bool = True,
 ):
     """Train a mini-SigLIP on the (image, caption) pairs of `dataset` (an EvoTok Shapes split). Returns
-    `(model, summary)`; the model is in eval mode."""
+    `(model, summary)`; the model is in eval mode.
+
+    `bf16` trains under bfloat16 autocast (fp32 weights and optimiser): that more than halves a step on a CPU with bf16
+    instructions (0.21 -> 0.09 s at batch 64 on the 2-core machine; benchmarks/miniature_attention.py)."""
     from tqdm.auto import tqdm
     from transformers import SiglipModel
 
@@ -154,8 +158,9 @@ def train_mini_siglip(
     start = time.perf_counter()
     for step in tqdm(range(max_steps), desc="mini-SigLIP", disable=not progress):
         indices, texts = _batch(rng, captions, descriptions, batch_size, twins)
-        output = model(input_ids=encode_texts(tokenizer, texts), pixel_values=to_pixel_values(images[indices]),
-                       return_loss=True)  # fmt: skip
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            output = model(input_ids=encode_texts(tokenizer, texts), pixel_values=to_pixel_values(images[indices]),
+                           return_loss=True)  # fmt: skip
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
