@@ -13,6 +13,7 @@ CPU with bf16 instructions. The miniature (`make demo`) uses eager + bf16 for bo
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -38,7 +39,7 @@ def _text_tokenizer(dataset):
 
 
 def siglip_variants(dataset, tokenizer):
-    """(name, step function) per variant of the mini-SigLIP step; every variant starts from the same weights."""
+    """(name, step function, model) per variant of the mini-SigLIP step; every variant starts from the same weights."""
     from transformers import SiglipModel
 
     from evotok_hf.miniature.siglip import encode_texts, images_to_tensor, mini_siglip_config, to_pixel_values
@@ -53,7 +54,8 @@ def siglip_variants(dataset, tokenizer):
     variants = []
     for attention in ("sdpa", "eager"):
         for bf16 in (False, True):
-            model = SiglipModel(config)
+            # each variant its own config: `set_attn_implementation` writes to the config the modules read
+            model = SiglipModel(copy.deepcopy(config))
             model.load_state_dict(reference.state_dict())
             model.set_attn_implementation(attention)
             model.train()
@@ -67,12 +69,13 @@ def siglip_variants(dataset, tokenizer):
                 optimizer.zero_grad(set_to_none=True)
                 return float(loss)
 
-            variants.append((f"mini-SigLIP {attention} {'bf16' if bf16 else 'fp32'}", step))
+            variants.append((f"mini-SigLIP {attention} {'bf16' if bf16 else 'fp32'}", step, model))
     return variants
 
 
 def vlm_variants(dataset, tokenizer, folder: str):
-    """(name, step function) per variant of the joint VLM step (stage 2: everything but the tokenizer trains)."""
+    """(name, step function, model) per variant of the joint VLM step (stage 2: everything but the tokenizer
+    trains)."""
     from evotok_hf import EvoTokConfig, EvoTokForConditionalGeneration, EvoTokModel
     from evotok_hf.miniature.pipeline import IMAGE_PLACEHOLDER
     from evotok_hf.miniature.text import build_qwen2
@@ -105,7 +108,8 @@ def vlm_variants(dataset, tokenizer, folder: str):
     for attention in ("sdpa", "eager"):
         # cloned: from_pretrained adopts the tensors of a state dict as they are, and the variants must not share them
         state = {name: tensor.clone() for name, tensor in reference.state_dict().items()}
-        model = EvoTokForConditionalGeneration.from_pretrained(None, config=reference.config, state_dict=state)
+        model = EvoTokForConditionalGeneration.from_pretrained(None, config=copy.deepcopy(reference.config),
+                                                               state_dict=state)  # fmt: skip
         model.set_attn_implementation(attention)
         model.train()
         for name, parameter in model.named_parameters():
@@ -120,27 +124,34 @@ def vlm_variants(dataset, tokenizer, folder: str):
             optimizer.zero_grad(set_to_none=True)
             return float(loss)
 
-        variants.append((f"joint VLM {attention} bf16", step))
+        variants.append((f"joint VLM {attention} bf16", step, model))
     return variants
 
 
+def attention_in_use(model) -> list[str]:
+    """The attention implementations the model's attention modules will read (from every config they hold)."""
+    return sorted({module.config._attn_implementation for module in model.modules()
+                   if getattr(module, "config", None) is not None})  # fmt: skip
+
+
 def time_round_robin(variants, rounds: int, steps: int) -> dict:
-    """Best and median seconds per step of each variant, and the loss of its first step (the variants start from the
-    same weights on the same batch, so these agree up to the precision's rounding: a check that they compute the same
-    thing)."""
+    """Best and median seconds per step of each variant, the attention its modules use, and the loss of its first
+    step (the variants start from the same weights on the same batch, so these agree up to the precision's rounding:
+    a check that they compute the same thing)."""
     first_loss = {}
-    for name, step in variants:  # warm-up: first-call overheads, allocator, thread pool
+    for name, step, _ in variants:  # warm-up: first-call overheads, allocator, thread pool
         first_loss[name] = step()
         step()
-    seconds = {name: [] for name, _ in variants}
+    seconds = {name: [] for name, _, _ in variants}
     for _ in range(rounds):
-        for name, step in variants:
+        for name, step, _ in variants:
             start = time.perf_counter()
             for _ in range(steps):
                 step()
             seconds[name].append((time.perf_counter() - start) / steps)
-    return {name: {"best_s": min(v), "median_s": statistics.median(v), "first_loss": first_loss[name]}
-            for name, v in seconds.items()}  # fmt: skip
+    return {name: {"best_s": min(seconds[name]), "median_s": statistics.median(seconds[name]),
+                   "first_loss": first_loss[name], "attention": attention_in_use(model)}
+            for name, _, model in variants}  # fmt: skip
 
 
 def main(argv=None) -> dict:

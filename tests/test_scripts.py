@@ -137,6 +137,9 @@ def test_miniature_attention_benchmark_compares_variants_that_compute_the_same_s
     siglip, vlm = results["siglip"], results["vlm"]
     assert len(siglip) == 4 and len(vlm) == 2
     assert all(r["best_s"] > 0 for group in (siglip, vlm) for r in group.values())
+    # each variant runs the attention its name says, in every module (a config shared between variants would not)
+    for name, result in {**siglip, **vlm}.items():
+        assert result["attention"] == [name.split()[-2]], (name, result["attention"])
     # same weights, same batch: eager and SDPA give the same first loss (fp32 exactly up to rounding, bf16 closely)
     assert siglip["mini-SigLIP eager fp32"]["first_loss"] == pytest.approx(siglip["mini-SigLIP sdpa fp32"]["first_loss"],
                                                                            rel=1e-5)  # fmt: skip

@@ -121,14 +121,15 @@ def train_mini_siglip(
     weight_decay: float = 1e-4,
     hard_negatives: bool = True,
     bf16: bool = True,
+    attn_implementation: str = "eager",
     seed: int = 0,
     progress: bool = True,
 ):
     """Train a mini-SigLIP on the (image, caption) pairs of `dataset` (an EvoTok Shapes split). Returns
     `(model, summary)`; the model is in eval mode.
 
-    `bf16` trains under bfloat16 autocast (fp32 weights and optimiser): that more than halves a step on a CPU with bf16
-    instructions (0.21 -> 0.09 s at batch 64 on the 2-core machine; benchmarks/miniature_attention.py)."""
+    `bf16` trains under bfloat16 autocast (fp32 weights and optimiser) and `attn_implementation` picks the attention:
+    eager + bf16 is the fastest pair on a CPU with bf16 instructions (benchmarks/miniature_attention.py)."""
     from tqdm.auto import tqdm
     from transformers import SiglipModel
 
@@ -136,6 +137,7 @@ def train_mini_siglip(
         raise ValueError(f"need max_steps >= 1 and batch_size >= 2, got {max_steps}, {batch_size}")
     torch.manual_seed(seed)
     model = SiglipModel(mini_siglip_config(tokenizer, encoder_config))
+    model.set_attn_implementation(attn_implementation)
     with torch.no_grad():  # the paper's initialisation of the sigmoid loss's temperature and bias
         model.logit_scale.fill_(math.log(10.0))
         model.logit_bias.fill_(-10.0)
