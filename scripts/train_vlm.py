@@ -129,8 +129,16 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
     return resume_from_checkpoint
 
 
-def load_model_and_processor(args: VLMScriptArguments):
+def load_model_and_processor(args: VLMScriptArguments, seed: int | None = None):
+    """The model (loaded, or assembled from a tokenizer and an LLM) and its processor. `seed` seeds the initialisation
+    of the parts an assembly adds (projectors, depth head): the Trainer seeds only once the model exists, so without it
+    two runs of the same command would start stage 1 from different weights."""
+    from transformers import set_seed
+
     from evotok_hf import EvoTokForConditionalGeneration, EvoTokProcessor
+
+    if seed is not None:
+        set_seed(seed)
 
     dtype = DTYPES[args.dtype]
     understanding, generation = TASK_HEADS[args.task]
@@ -202,7 +210,7 @@ def main(argv=None) -> str:
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
 
-    model, processor = load_model_and_processor(script_args)
+    model, processor = load_model_and_processor(script_args, seed=training_args.seed)
     if script_args.attn_implementation is not None:
         model.set_attn_implementation(script_args.attn_implementation)  # every part: tokenizer, LLM, depth head
     model = prepare_model_for_stage(model, script_args.stage, script_args)

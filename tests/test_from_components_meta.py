@@ -188,6 +188,28 @@ def test_train_vlm_builds_its_processor_with_for_config(parts, tmp_path, monkeyp
     assert processor.tokenizer.pad_token is not None
 
 
+def test_train_vlm_seeds_the_parts_an_assembly_adds(parts, tmp_path):
+    """The same command gives the same starting weights: the new projectors and depth head are drawn from the run's
+    seed, whatever the global random state was before."""
+    train_vlm = runpy.run_path(str(ROOT / "scripts" / "train_vlm.py"), run_name="not_main")
+    script_args, _ = train_vlm["parse_args"]([
+        "--tokenizer_name_or_path", str(parts / "tokenizer"), "--llm_name_or_path", str(parts / "llm"),
+        "--dataset", "unused.json", "--output_dir", str(tmp_path), "--task", "joint", "--use_cpu",
+        "--depth_head_config", '{"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4}',
+    ])  # fmt: skip
+
+    def new_parts(seed):
+        torch.rand(1000)  # move the global random state between the runs
+        model, _ = train_vlm["load_model_and_processor"](script_args, seed=seed)
+        return {name: tensor.clone() for name, tensor in model.state_dict().items()
+                if name.startswith(("model.multi_modal_projector.", "model.generation_projector.", "depth_head."))}  # fmt: skip
+
+    first, again, other = new_parts(3), new_parts(3), new_parts(4)
+    assert first and set(first) == set(again) == set(other)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
 @pytest.mark.slow
 def test_assembly_memory_benchmark_runs_each_variant_in_its_own_process():
     main = runpy.run_path(str(ROOT / "benchmarks" / "assembly_memory.py"), run_name="not_main")["main"]
