@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -36,6 +37,16 @@ def _text_tokenizer(dataset):
     from evotok_hf.miniature.text import shapes_text_corpus, train_bpe_tokenizer
 
     return train_bpe_tokenizer(shapes_text_corpus(dataset), vocab_size=512)
+
+
+def _train_step(model, optimizer, inputs: dict, bf16: bool) -> float:
+    """One optimiser step on `inputs`; returns the loss."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**inputs).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss)
 
 
 def siglip_variants(dataset, tokenizer):
@@ -61,14 +72,8 @@ def siglip_variants(dataset, tokenizer):
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-            def step(model=model, optimizer=optimizer, bf16=bf16):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = model(input_ids=input_ids, pixel_values=pixel_values, return_loss=True).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return float(loss)
-
+            inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "return_loss": True}
+            step = functools.partial(_train_step, model, optimizer, inputs, bf16)
             variants.append((f"mini-SigLIP {attention} {'bf16' if bf16 else 'fp32'}", step, model))
     return variants
 
@@ -116,14 +121,7 @@ def vlm_variants(dataset, tokenizer, folder: str):
             parameter.requires_grad_(not name.startswith("model.vision_tower."))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-        def step(model=model, optimizer=optimizer):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return float(loss)
-
+        step = functools.partial(_train_step, model, optimizer, batch, True)
         variants.append((f"joint VLM {attention} bf16", step, model))
     return variants
 

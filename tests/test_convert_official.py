@@ -619,9 +619,12 @@ def test_generation_checkpoint_converts_to_a_generation_vlm(gen_llava, gen_token
             head_config.intermediate_size) == (HEAD_WIDTH, HEAD_LAYERS, HEAD_HEADS, 4 * HEAD_WIDTH)  # fmt: skip
     assert (head_config.code_dim, head_config.codebook_size, head_config.pixel_depth, head_config.llm_hidden_size) == (
         8, 64, 4, 32)  # fmt: skip
-    generation_config = model.generation_config
-    assert generation_config.image_generation == {"guidance_scale": 7.5, "do_sample": True, "depth_temperature": 1.0,
-                                                  "depth_top_k": 900, "depth_top_p": 0.96}  # fmt: skip
+    # the authors' image-generation settings: the paper's guidance scale, their depth head's sampling (in the depth
+    # head's generation config, as CSM's depth decoder); the text settings stay those of their folder (Qwen's)
+    generation_config, depth_generation_config = model.generation_config, model.depth_head.generation_config
+    assert generation_config.guidance_scale == 7.5 and not hasattr(generation_config, "image_generation")
+    assert (depth_generation_config.do_sample, depth_generation_config.temperature, depth_generation_config.top_k,
+            depth_generation_config.top_p) == (True, 1.0, 900, 0.96)  # fmt: skip
     assert {rows - 2, rows - 1, rows} <= set(generation_config.suppress_tokens) and generation_config.top_k == 20
 
     # every tensor equals its source
@@ -795,17 +798,19 @@ def test_converted_generation_settings_are_read_back_and_editable(gen_llava, gen
     convert_generation_checkpoint(folder, gen_tokenizer[0], output,
                                   depth_head_config={"num_attention_heads": HEAD_HEADS})  # fmt: skip
     saved = json.loads((output / "generation_config.json").read_text())
-    assert saved["image_generation"]["guidance_scale"] == 7.5 and not saved.get("_from_model_config")
+    authors = {"guidance_scale": 7.5, "depth_decoder_do_sample": True, "depth_decoder_temperature": 1.0,
+               "depth_decoder_top_k": 900, "depth_decoder_top_p": 0.96}  # fmt: skip
+    assert {name: saved.get(name) for name in authors} == authors and not saved.get("_from_model_config")
 
     model = AutoModelForImageTextToText.from_pretrained(output).eval()
     processor = AutoProcessor.from_pretrained(output)
-    assert model.generation_config.image_generation == saved["image_generation"]
+    assert model.generation_config.guidance_scale == 7.5 and model.depth_head.generation_config.top_k == 900
     inputs = processor(text=["a cat on a red mat"], generation_mode="image", return_tensors="pt")
-    edited = {"guidance_scale": 2.0, "do_sample": False}
+    edited = {"guidance_scale": 2.0, "depth_decoder_do_sample": False}
     expected = model.generate(**inputs, generation_mode="image", **edited)
     assert not torch.equal(expected, model.generate(**inputs, generation_mode="image", do_sample=False))
 
-    saved["image_generation"].update(edited)  # as a user edits the file
+    saved.update(edited)  # as a user edits the file
     (output / "generation_config.json").write_text(json.dumps(saved, indent=2))
     reloaded = AutoModelForImageTextToText.from_pretrained(output).eval()
     assert torch.equal(reloaded.generate(**inputs, generation_mode="image"), expected)

@@ -1,6 +1,7 @@
 """Image-generation settings (guidance scale, sampling on/off, per-depth temperature / top-k / top-p): every entry
 point (`generate(generation_mode="image")`, `EvoTokPipeline`) accepts and refuses the same values with the same
-message, whether a value is passed or saved in `generation_config.image_generation`."""
+message, whether a value is passed (by today's name or an earlier release's) or saved in the model's generation
+configs (today's form, or the `image_generation` dict of earlier releases)."""
 
 import copy
 import math
@@ -10,6 +11,7 @@ import pytest
 import torch
 from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor
 
+from evotok_hf.modeling.generation import LEGACY_SETTING_NAMES
 from evotok_hf.pipelines import EvoTokPipeline
 
 CORPUS = ["system user assistant You are a helpful assistant.", "a red bicycle on a green hill", "a cat, a dog."]
@@ -74,23 +76,39 @@ def test_invalid_settings_are_refused_alike_by_generate_and_pipeline(model, proc
         pipe(PROMPTS, output_type="pt", **settings)
 
 
-@pytest.mark.parametrize("settings, message", INVALID, ids=[str(s) for s, _ in INVALID])
-def test_invalid_saved_settings_are_refused_and_named_as_saved(model, processor, pipe, settings, message):
-    saved = copy.deepcopy(model.generation_config)
-    try:
+def save_in_memory(model, settings: dict, legacy: bool) -> None:
+    """Today's form: the guidance scale in the model's generation config, the depth head's sampling in its own (as
+    from_pretrained places them); or the dict earlier releases saved."""
+    if legacy:
         model.generation_config.image_generation = dict(settings)
-        expected = re.escape(f"{message} (from generation_config.image_generation)")
+        return
+    for name, value in settings.items():
+        if name == "guidance_scale":
+            model.generation_config.guidance_scale = value
+        else:
+            depth_setting = LEGACY_SETTING_NAMES[name].removeprefix("depth_decoder_")
+            setattr(model.depth_head.generation_config, depth_setting, value)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["saved", "saved-by-an-earlier-release"])
+@pytest.mark.parametrize("settings, message", INVALID, ids=[str(s) for s, _ in INVALID])
+def test_invalid_saved_settings_are_refused_and_named_as_saved(model, processor, pipe, settings, message, legacy):
+    saved = copy.deepcopy(model.generation_config), copy.deepcopy(model.depth_head.generation_config)
+    try:
+        save_in_memory(model, settings, legacy)
+        name = next(iter(settings))
+        new_name = LEGACY_SETTING_NAMES.get(name, name)  # a saved value is named as generation_config.json names it
+        expected = re.escape(f"{new_name}{message[len(name):]} (from the model's generation config)")
         with pytest.raises(ValueError, match=expected):
             generate(model, processor)
         with pytest.raises(ValueError, match=expected):
             pipe(PROMPTS, output_type="pt")
         # a valid argument replaces the saved value
-        name = next(iter(settings))
         valid = {"depth_top_p": 0.9, "depth_temperature": 1.0, "depth_top_k": 5, "guidance_scale": 2.0,
                  "do_sample": False}  # fmt: skip
         assert generate(model, processor, **{"do_sample": False, name: valid[name]}).shape[0] == 2
     finally:
-        model.generation_config = saved
+        model.generation_config, model.depth_head.generation_config = saved
 
 
 def test_unknown_saved_setting_is_refused(model, processor):

@@ -255,7 +255,7 @@ def test_tiny_run_writes_loadable_checkpoints_and_a_complete_report(tiny_run):
     # one folder with both heads, through the public loaders
     vlm = AutoModelForImageTextToText.from_pretrained(tiny_run / "vlm")
     assert vlm.config.has_understanding_head and vlm.config.has_generation_head
-    assert vlm.generation_config.image_generation["guidance_scale"] == 7.5
+    assert vlm.generation_config.guidance_scale == 7.5 and vlm.depth_head.generation_config.top_p == 0.96
     processor = AutoProcessor.from_pretrained(tiny_run / "vlm")
     pipe = EvoTokPipeline.from_pretrained(tiny_run / "vlm")
     image = pipe("a photo of a red circle", generator=torch.Generator().manual_seed(0)).images[0]

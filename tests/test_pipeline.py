@@ -10,7 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import get_device
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config
+from transformers import GenerationConfig, LogitsProcessor, PreTrainedTokenizerFast, Qwen2Config
 
 from evotok_hf import (
     EvoTokConfig,
@@ -128,6 +128,29 @@ def test_defaults_sample_with_guidance_and_seeds_reproduce(pipe):
         run(pipe, seed=1), run(pipe, seed=1, guidance_scale=7.5, do_sample=True, depth_top_k=900, depth_top_p=0.96)
     )
     assert not torch.equal(run(pipe, seed=1), run(pipe, seed=1, guidance_scale=1.0))
+
+
+def test_settings_by_generation_config_and_depth_decoder_arguments(pipe, model):
+    """The checkpoint's settings can be replaced by a GenerationConfig or by `generate`'s own arguments, today's
+    `depth_decoder_*` names and those of earlier releases alike; a logits processor reaches the depth head."""
+    old = dict(guidance_scale=3.0, depth_temperature=[0.7, 1.3], depth_top_k=20, depth_top_p=0.9)
+    new = dict(guidance_scale=3.0, depth_decoder_temperature=[0.7, 1.3], depth_decoder_top_k=20,
+               depth_decoder_top_p=0.9)  # fmt: skip
+    reference = run(pipe, seed=3, **old)
+    torch.testing.assert_close(run(pipe, seed=3, **new), reference, rtol=0, atol=0)
+    torch.testing.assert_close(run(pipe, seed=3, generation_config=GenerationConfig(**new)), reference, rtol=0, atol=0)
+    assert not torch.equal(run(pipe, seed=3, **dict(new, depth_decoder_top_k=1)), reference)
+
+    class ForceCode(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return torch.where(torch.arange(scores.shape[-1]) == 5, 0.0, -float("inf")).expand_as(scores)
+
+    forced = run(pipe, logits_processor=[ForceCode()])
+    vision = model.config.vision_config
+    codes = torch.full((1, vision.grid_size, vision.grid_size, vision.pixel_depth), 5)
+    with torch.no_grad():
+        expected = (model.decode_image_tokens(codes) * 0.5 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(forced, expected.expand_as(forced), rtol=0, atol=1e-5)  # decoded one batch vs two
 
 
 def test_no_cache_gives_the_same_images(pipe):
@@ -268,6 +291,8 @@ def test_input_errors(pipe):
         pipe("a cat", guidance_scale="high")
     with pytest.raises(ValueError, match="depth_top_k"):  # the model's own checks still apply
         pipe("a cat", depth_top_k=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"unknown arguments \['temperature'\]"):  # the depth head's: depth_decoder_
+        pipe("a cat", temperature=0.5)
     if torch.cuda.is_available():  # a generator must live where the model runs (here the CPU)
         with pytest.raises(ValueError, match="generator.*is on cuda"):
             pipe("a cat", generator=torch.Generator("cuda"))

@@ -1,6 +1,9 @@
-"""Image-generation settings saved with a model (`generation_config.image_generation` in generation_config.json) are
-the ones a reloaded folder generates with: set in memory and saved, or edited in the file by hand as a user would,
-through `from_pretrained` + `generate`, the Auto class, and `EvoTokPipeline` (plain VLM folder and pipeline folder)."""
+"""Image-generation settings saved with a model are the ones a reloaded folder generates with. generation_config.json
+holds them as transformers' Janus and CSM do: `guidance_scale` beside the text settings, the depth head's sampling as
+`depth_decoder_*` (loaded into `model.depth_head.generation_config`). Set in memory and saved, or edited in the file by
+hand as a user would, they drive `from_pretrained` + `generate`, the Auto class and `EvoTokPipeline` (plain VLM folder
+and pipeline folder). Folders saved by earlier releases, whose settings sit in an `image_generation` dict, load with
+those settings and are saved back in today's form."""
 
 import json
 
@@ -10,13 +13,20 @@ from transformers import AutoModelForImageTextToText, GenerationConfig
 from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor
 
 from evotok_hf import EvoTokForConditionalGeneration
+from evotok_hf.modeling.generation import IMAGE_GENERATION_DEFAULTS, LEGACY_SETTING_NAMES
 from evotok_hf.pipelines import EvoTokPipeline
 
 CORPUS = ["system user assistant You are a helpful assistant.", "a red bicycle on a green hill", "a cat, a dog."]
 PROMPTS = ["a red bicycle on a green hill", "a cat"]
-# Different from IMAGE_GENERATION_DEFAULTS in every setting (greedy, so runs compare exactly)
-EDITED = {"guidance_scale": 3.0, "do_sample": False, "depth_temperature": 0.5, "depth_top_k": [4, 0],
-          "depth_top_p": 0.8}  # fmt: skip
+# Different from IMAGE_GENERATION_DEFAULTS in every setting (greedy, so runs compare exactly), as generation_config.json
+# names them
+EDITED = {"guidance_scale": 3.0, "depth_decoder_do_sample": False, "depth_decoder_temperature": 0.5,
+          "depth_decoder_top_k": [4, 0], "depth_decoder_top_p": 0.8}  # fmt: skip
+# The same in the `image_generation` dict of earlier releases
+EDITED_LEGACY = {"guidance_scale": 3.0, "do_sample": False, "depth_temperature": 0.5, "depth_top_k": [4, 0],
+                 "depth_top_p": 0.8}  # fmt: skip
+# What a checkpoint saved by the miniature demo (scripts/demo_miniature.py) holds
+MINIATURE_LEGACY = {"guidance_scale": 7.5, "do_sample": True, "depth_temperature": 1.0, "depth_top_p": 0.96}
 
 
 @pytest.fixture(scope="module")
@@ -39,30 +49,53 @@ def generate(model, processor, **settings):
     return model.generate(**inputs, generation_mode="image", **settings)
 
 
-def edit_generation_config(path, **image_generation):
-    """What a user does: open generation_config.json, change (or add) `image_generation`, save it."""
+def set_in_memory(model, settings: dict) -> None:
+    """Today's form in memory: the guidance scale in the model's generation config, the rest in the depth head's."""
+    model.generation_config.guidance_scale = settings["guidance_scale"]
+    for name, value in settings.items():
+        if name.startswith("depth_decoder_"):
+            setattr(model.depth_head.generation_config, name.removeprefix("depth_decoder_"), value)
+
+
+def settings_of(model) -> dict:
+    """A loaded model's image-generation settings, by the names of generation_config.json (None: not set)."""
+    depth = model.depth_head.generation_config
+    names = ("do_sample", "temperature", "top_k", "top_p")
+    return {"guidance_scale": model.generation_config.guidance_scale,
+            **{f"depth_decoder_{name}": getattr(depth, name) for name in names}}
+
+
+def edit_generation_config(path, **settings):
+    """What a user does: open generation_config.json, change (or add) settings, save it."""
     data = json.loads(path.read_text())
-    data["image_generation"] = {**data.get("image_generation", {}), **image_generation}
+    data.update(settings)
     path.write_text(json.dumps(data, indent=2))
 
 
-def test_settings_set_in_memory_survive_save_and_reload(model, processor, tmp_path):
-    model.generation_config.image_generation = dict(EDITED)
+def test_settings_set_in_memory_survive_save_and_reload(model, tmp_path):
+    set_in_memory(model, EDITED)
     model.save_pretrained(tmp_path / "first")
+    saved = json.loads((tmp_path / "first" / "generation_config.json").read_text())
+    assert {name: saved[name] for name in EDITED} == EDITED and "image_generation" not in saved
+    assert not hasattr(model.generation_config, "depth_decoder_top_k")  # saving left the model's config as it was
     loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path / "first")
-    assert loaded.generation_config.image_generation == EDITED
+    assert settings_of(loaded) == EDITED
+    assert not hasattr(loaded.generation_config, "depth_decoder_top_k")  # moved to the depth head's config, as CSM
     loaded.save_pretrained(tmp_path / "second")  # and again, from the reloaded model
     again = EvoTokForConditionalGeneration.from_pretrained(tmp_path / "second")
-    assert again.generation_config.image_generation == EDITED
+    assert settings_of(again) == EDITED
     # the text-generation fields are kept as they were
     assert loaded.generation_config.eos_token_id == model.generation_config.eos_token_id
     assert loaded.generation_config.pad_token_id == model.generation_config.pad_token_id
+    # readers that know nothing of the depth head (transformers' own GenerationConfig) keep the settings too, also
+    # from the file of a new model (whose generation config was built from its model config)
+    assert GenerationConfig.from_pretrained(tmp_path / "first").depth_decoder_top_k == [4, 0]
 
 
 @pytest.mark.parametrize("saved_before", [False, True], ids=["added-by-hand", "edited-by-hand"])
 def test_hand_edited_settings_drive_a_reloaded_folder(model, processor, tmp_path, saved_before):
     if saved_before:  # a folder that already holds settings (as a converted one does), edited afterwards
-        model.generation_config.image_generation = {"guidance_scale": 7.5, "do_sample": True}
+        set_in_memory(model, IMAGE_GENERATION_DEFAULTS)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     edit_generation_config(tmp_path / "generation_config.json", **EDITED)
@@ -93,17 +126,76 @@ def test_hand_edited_settings_drive_a_reloaded_pipeline_folder(model, processor,
                                pipe(PROMPTS, output_type="pt", **EDITED).images, rtol=0, atol=0)  # fmt: skip
 
 
+def save_like_an_earlier_release(model, folder, image_generation: dict) -> None:
+    """A folder as earlier releases left it: the model saved, then (as scripts/demo_miniature.py does) its
+    generation_config.json read with transformers' GenerationConfig, given an `image_generation` dict and saved."""
+    model.save_pretrained(folder)
+    generation_config = GenerationConfig.from_pretrained(folder)
+    generation_config.image_generation = dict(image_generation)
+    generation_config.save_pretrained(folder)
+
+
+def test_a_miniature_checkpoint_of_an_earlier_release_loads_with_its_settings(model, processor, tmp_path):
+    save_like_an_earlier_release(model, tmp_path, MINIATURE_LEGACY)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["image_generation"] == MINIATURE_LEGACY
+    loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path)
+    assert settings_of(loaded) == {"guidance_scale": 7.5, "depth_decoder_do_sample": True,
+                                   "depth_decoder_temperature": 1.0, "depth_decoder_top_k": None,
+                                   "depth_decoder_top_p": 0.96}  # fmt: skip
+    assert not hasattr(loaded.generation_config, "image_generation")
+    # the settings it generates with: the saved ones (top-k not saved: the default), as the old names give them
+    explicit = dict(MINIATURE_LEGACY, depth_top_k=IMAGE_GENERATION_DEFAULTS["depth_decoder_top_k"])
+    expected = generate(model, processor, generator=torch.Generator().manual_seed(4), **explicit)
+    assert torch.equal(generate(loaded, processor, generator=torch.Generator().manual_seed(4)), expected)
+    # saved again, in today's form
+    loaded.save_pretrained(tmp_path / "resaved")
+    saved = json.loads((tmp_path / "resaved" / "generation_config.json").read_text())
+    assert "image_generation" not in saved
+    assert {k: saved.get(k) for k in ("guidance_scale", "depth_decoder_do_sample", "depth_decoder_top_p")} == {
+        "guidance_scale": 7.5, "depth_decoder_do_sample": True, "depth_decoder_top_p": 0.96}  # fmt: skip
+    again = EvoTokForConditionalGeneration.from_pretrained(tmp_path / "resaved")
+    assert torch.equal(generate(again, processor, generator=torch.Generator().manual_seed(4)), expected)
+
+
+def test_every_setting_of_an_earlier_release_is_read(model, processor, tmp_path):
+    save_like_an_earlier_release(model, tmp_path, EDITED_LEGACY)
+    loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path)
+    assert settings_of(loaded) == EDITED
+    assert torch.equal(generate(loaded, processor), generate(model, processor, **EDITED_LEGACY))
+    # a dict set in memory, as code written for earlier releases does, is honoured without saving
+    model.generation_config.image_generation = dict(EDITED_LEGACY)
+    assert torch.equal(generate(model, processor), generate(loaded, processor))
+    # a None in the old dict meant "off": no guidance, no top-k
+    model.generation_config.image_generation = {"guidance_scale": None, "do_sample": True, "depth_top_k": None}
+    unguided = generate(model, processor, generator=torch.Generator().manual_seed(1))
+    del model.generation_config.image_generation
+    assert torch.equal(unguided, generate(model, processor, guidance_scale=1.0, depth_decoder_top_k=0,
+                                          generator=torch.Generator().manual_seed(1)))  # fmt: skip
+    assert set(EDITED_LEGACY) == {"guidance_scale", *LEGACY_SETTING_NAMES}  # every old name is covered here
+
+
+def test_a_malformed_dict_of_an_earlier_release_loads_and_is_named_when_generating(model, processor, tmp_path):
+    save_like_an_earlier_release(model, tmp_path, {"guidance": 3.0})
+    loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path)  # text generation is unaffected
+    with pytest.raises(ValueError, match=r"generation_config.image_generation has unknown settings \['guidance'\]"):
+        generate(loaded, processor)
+
+
 def test_a_folder_without_generation_config_loads_with_the_defaults(model, processor, tmp_path):
     model.save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").unlink()
     loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path)
-    assert getattr(loaded.generation_config, "image_generation", None) is None
+    assert set(settings_of(loaded).values()) == {None}
     assert torch.equal(generate(loaded, processor, do_sample=False), generate(model, processor, do_sample=False))
 
 
-def test_a_generation_config_given_to_from_pretrained_wins(model, tmp_path):
-    model.generation_config.image_generation = dict(EDITED)
+@pytest.mark.parametrize("given", [GenerationConfig(guidance_scale=2.0, depth_decoder_top_k=5),
+                                   GenerationConfig(image_generation={"guidance_scale": 2.0, "depth_top_k": 5})],
+                         ids=["today", "earlier-release"])  # fmt: skip
+def test_a_generation_config_given_to_from_pretrained_wins(model, tmp_path, given):
+    set_in_memory(model, EDITED)
     model.save_pretrained(tmp_path)
-    given = GenerationConfig(image_generation={"guidance_scale": 2.0})
     loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path, generation_config=given)
-    assert loaded.generation_config.image_generation == {"guidance_scale": 2.0}
+    assert settings_of(loaded) == {"guidance_scale": 2.0, "depth_decoder_do_sample": None,
+                                   "depth_decoder_temperature": None, "depth_decoder_top_k": 5,
+                                   "depth_decoder_top_p": None}  # fmt: skip

@@ -368,6 +368,19 @@ def test_tabs_follow_the_vlm_heads(app, tokenizer, generation_models):
     assert guidance["props"]["value"] == 7.5  # the model's default
 
 
+def test_text_to_image_settings_start_at_the_checkpoints(app, tokenizer):
+    """The settings boxes show what `generate` would use: the model's generation configs, defaults elsewhere."""
+    text_tokenizer = bpe_tokenizer(T2I_CORPUS, vocab_size=300)
+    vlm = tiny_generation_vlm(text_tokenizer)
+    vlm.generation_config.guidance_scale = 3.0
+    vlm.depth_head.generation_config.do_sample = False
+    vlm.depth_head.generation_config.top_k = [20, 10]
+    demo = app.build_demo(*tokenizer, vlm, tiny_processor(text_tokenizer, wrap_image_tokens=True))
+    values = {c["props"].get("elem_id"): c["props"].get("value") for c in demo.config["components"]}
+    assert values["t2i-guidance"] == 3.0 and values["t2i-sample"] is False
+    assert (values["t2i-temperature"], values["t2i-top-k"], values["t2i-top-p"]) == ("1.0", "20, 10", "0.96")
+
+
 def direct_text_to_image(folder, prompt, negative_prompt, guidance_scale, do_sample, seed, **settings):
     """What the endpoint must return, computed here with the model and processor loaded from the folder."""
     vlm = EvoTokForConditionalGeneration.from_pretrained(folder).eval()
@@ -415,7 +428,7 @@ def test_text_to_image_progress_and_errors(app, generation_models, generation_cl
     for boxes, message in [
         (("", "ten", ""), "Top-k: expected one int"),
         (("", "1, 2, 3", ""), "give one value or 2"),
-        (("", "", "0"), "depth_top_p must be in"),  # the model's ValueError, as a gr.Error
+        (("", "", "0"), "depth_decoder_top_p must be in"),  # the model's ValueError, as a gr.Error
     ]:
         with pytest.raises(Exception, match=message):
             handlers.text_to_image(T2I_PROMPT, "", 7.5, True, 0, *boxes, progress=lambda *a, **kw: None)
@@ -646,10 +659,10 @@ def test_text_to_image_refuses_what_generate_refuses_with_its_message(app, gener
     handlers = app.EvoTokDemo(*generation_models)
     vlm, processor = generation_models.vlm, generation_models.vlm_processor
     cases = [  # (guidance slider, Sample box, temperature / top-k / top-p boxes) -> the same settings given to generate
-        ((7.5, True, "", "", "1.5"), {"depth_top_p": 1.5}),
-        ((7.5, True, "", "", "nan"), {"depth_top_p": float("nan")}),
-        ((7.5, True, "inf", "", ""), {"depth_temperature": float("inf")}),
-        ((7.5, True, "0", "", ""), {"depth_temperature": 0.0}),
+        ((7.5, True, "", "", "1.5"), {"depth_decoder_top_p": 1.5}),
+        ((7.5, True, "", "", "nan"), {"depth_decoder_top_p": float("nan")}),
+        ((7.5, True, "inf", "", ""), {"depth_decoder_temperature": float("inf")}),
+        ((7.5, True, "0", "", ""), {"depth_decoder_temperature": 0.0}),
         ((float("nan"), True, "", "", ""), {"guidance_scale": float("nan")}),
         ((float("nan"), False, "", "", ""), {"guidance_scale": float("nan"), "do_sample": False}),
         ((float("inf"), True, "", "", ""), {"guidance_scale": float("inf")}),
@@ -661,7 +674,7 @@ def test_text_to_image_refuses_what_generate_refuses_with_its_message(app, gener
             handlers.text_to_image(T2I_PROMPT, "", guidance, do_sample, 0, *boxes, progress=lambda *a, **kw: None)
         assert info.value.message == message, settings
     # served: the message reaches the client
-    with pytest.raises(Exception, match=re.escape("depth_top_p must be in (0, 1], got 1.5 at depth 0")):
+    with pytest.raises(Exception, match=re.escape("depth_decoder_top_p must be in (0, 1], got 1.5 at depth 0")):
         generation_client.predict(T2I_PROMPT, "", 7.5, True, 0, "", "", "1.5", api_name="/text_to_image")
 
 

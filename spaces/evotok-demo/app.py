@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from evotok_hf import EvoTokForConditionalGeneration, EvoTokImageProcessor, EvoTokModel, EvoTokProcessor  # noqa: E402
 from evotok_hf.evaluation.metrics import psnr  # noqa: E402
-from evotok_hf.modeling.generation import IMAGE_GENERATION_DEFAULTS  # noqa: E402
+from evotok_hf.modeling.generation import resolve_image_generation_config  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +108,6 @@ def code_table(codes: np.ndarray) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- text-to-image settings
-def image_generation_defaults(vlm: EvoTokForConditionalGeneration) -> dict:
-    """The sampling settings `generate(..., generation_mode="image")` uses when given none: the checkpoint's
-    `generation_config.image_generation`, else IMAGE_GENERATION_DEFAULTS."""
-    return {**IMAGE_GENERATION_DEFAULTS, **(getattr(vlm.generation_config, "image_generation", None) or {})}
-
-
 def format_depth_setting(value) -> str:
     """A per-depth setting as its settings box shows it: 900 -> "900", [900, 500] -> "900, 500", None -> ""."""
     values = value if isinstance(value, (list, tuple)) else [value]
@@ -311,10 +305,11 @@ class EvoTokDemo:
         if seed is None or not float(seed).is_integer() or not 0 <= seed < 2**63:
             raise gr.Error(f"The seed must be a whole number between 0 and 2**63 - 1, got {seed}.")
         vision = self.vlm.config.vision_config
-        settings = {
-            "depth_temperature": parse_depth_setting(temperature, "Temperature", float, vision.pixel_depth),
-            "depth_top_k": parse_depth_setting(top_k, "Top-k", int, vision.pixel_depth),
-            "depth_top_p": parse_depth_setting(top_p, "Top-p", float, vision.pixel_depth),
+        settings = {  # the depth head's sampling, as `generate` names it
+            "depth_decoder_do_sample": do_sample,
+            "depth_decoder_temperature": parse_depth_setting(temperature, "Temperature", float, vision.pixel_depth),
+            "depth_decoder_top_k": parse_depth_setting(top_k, "Top-k", int, vision.pixel_depth),
+            "depth_decoder_top_p": parse_depth_setting(top_p, "Top-p", float, vision.pixel_depth),
         }
         negative_prompt = negative_prompt if negative_prompt and negative_prompt.strip() else None
         inputs = self.vlm_processor(text=prompt, generation_mode="image", negative_prompt=negative_prompt,
@@ -325,7 +320,6 @@ class EvoTokDemo:
                 **inputs,
                 generation_mode="image",
                 guidance_scale=guidance_scale,  # as given: the model checks every setting (one rule for all callers)
-                do_sample=do_sample,
                 generator=generator,
                 streamer=ProgressStreamer(progress, vision.grid_size**2),
                 **settings,
@@ -428,8 +422,9 @@ def _chat_tab(handlers: EvoTokDemo) -> None:
 
 
 def _text_to_image_tab(handlers: EvoTokDemo) -> None:
-    defaults = image_generation_defaults(handlers.vlm)
-    guidance = float(defaults["guidance_scale"] or 1.0)
+    # the settings `generate(generation_mode="image")` uses when given none: the checkpoint's generation config
+    defaults, depth_defaults, _ = resolve_image_generation_config(handlers.vlm)
+    guidance = defaults.guidance_scale
     pixel_depth = handlers.vlm.config.vision_config.pixel_depth
     per_depth = f"one value, or {pixel_depth} comma-separated (one per pixel depth)"
     with gr.Row():
@@ -441,16 +436,16 @@ def _text_to_image_tab(handlers: EvoTokDemo) -> None:
                                        info="Classifier-free guidance; 1 turns it off",
                                        elem_id="t2i-guidance")  # fmt: skip
             with gr.Row():
-                do_sample = gr.Checkbox(value=bool(defaults["do_sample"]), label="Sample",
+                do_sample = gr.Checkbox(value=depth_defaults.do_sample, label="Sample",
                                         info="Off: the most likely code at every depth",
                                         elem_id="t2i-sample")  # fmt: skip
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="t2i-seed")
             with gr.Accordion("Sampling settings", open=False):
-                temperature = gr.Textbox(label="Temperature", value=format_depth_setting(defaults["depth_temperature"]),
+                temperature = gr.Textbox(label="Temperature", value=format_depth_setting(depth_defaults.temperature),
                                          info=per_depth, elem_id="t2i-temperature")  # fmt: skip
-                top_k = gr.Textbox(label="Top-k", value=format_depth_setting(defaults["depth_top_k"]),
+                top_k = gr.Textbox(label="Top-k", value=format_depth_setting(depth_defaults.top_k),
                                    info=f"{per_depth}; 0 turns it off", elem_id="t2i-top-k")  # fmt: skip
-                top_p = gr.Textbox(label="Top-p", value=format_depth_setting(defaults["depth_top_p"]),
+                top_p = gr.Textbox(label="Top-p", value=format_depth_setting(depth_defaults.top_p),
                                    info=f"{per_depth}; 1.0 turns it off", elem_id="t2i-top-p")  # fmt: skip
             button = gr.Button("Generate", variant="primary", elem_id="t2i-button")
         with gr.Column():

@@ -26,6 +26,7 @@ import torch
 
 from ..modeling.configuration_evotok import EvoTokConfig
 from ..modeling.configuration_evotok_vlm import EvoTokVLMConfig
+from ..modeling.generation import IMAGE_GENERATION_DEFAULTS, split_depth_decoder_config
 from ..modeling.modeling_evotok import EvoTokModel
 from ..modeling.modeling_evotok_vlm import EvoTokForConditionalGeneration
 from ..processing.processing_evotok import DEFAULT_CHAT_TEMPLATE, EvoTokProcessor
@@ -56,7 +57,8 @@ logger = logging.getLogger(__name__)
 class LlavaHead:
     """How one of the authors' MLLM checkpoints converts: key rules tried before the shared LLM rules, our config
     fields, a check of the LLaVA config.json that appends problems, where the depth head's weights sit (None: the
-    checkpoint has none), and the image-generation defaults saved in `generation_config.image_generation`."""
+    checkpoint has none), and the image-generation settings its generation config saves (the names of
+    generation_config.json: `guidance_scale`, `depth_decoder_*`)."""
 
     key_rules: KeyRules
     config_fields: dict
@@ -118,15 +120,9 @@ LLAVA_HEADS: dict[str, LlavaHead] = {
         config_fields={"has_understanding_head": False, "has_generation_head": True, "wrap_image_tokens": True},
         check_config=_check_generation_config,
         depth_head_prefix=OFFICIAL_DEPTH_HEAD_PREFIX,
-        # The authors' sampling (top-k 900, top-p 0.96, temperature 1, hard-coded in their depth head) with the
-        # paper's guidance scale 7.5; their code defaults to 3.0 (`generate_image_content(cfg=3.0)`).
-        image_generation={
-            "guidance_scale": 7.5,
-            "do_sample": True,
-            "depth_temperature": 1.0,
-            "depth_top_k": 900,
-            "depth_top_p": 0.96,
-        },
+        # the authors' sampling with the paper's guidance scale (see IMAGE_GENERATION_DEFAULTS), saved so that the
+        # folder states them
+        image_generation=IMAGE_GENERATION_DEFAULTS,
     ),
 }
 
@@ -230,8 +226,9 @@ def convert_llava_checkpoint(
     A head with a depth head (generation) also maps the authors' `RQTransformer` (its unused classifiers are dropped;
     `depth_head_config` overrides the inferred sizes, see `infer_depth_head_config`) and wraps images in image start /
     end tokens: their trained `<im_start>` / `<im_end>` rows (found by id, see `official_boi_eoi_ids`) become
-    `boi_token` / `eoi_token` of the text tokenizer, both also suppressed in text generation, and
-    `generation_config.image_generation` gets the head's sampling defaults.
+    `boi_token` / `eoi_token` of the text tokenizer, both also suppressed in text generation, and the generation
+    configs get the head's image-generation settings (`guidance_scale`; the depth head's sampling, saved as
+    `depth_decoder_*`).
     `dtype` defaults to the LLM weights' dtype; the tokenizer's codebooks stay fp32."""
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -349,7 +346,11 @@ def convert_llava_checkpoint(
     if text_tokenizer is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = text_tokenizer.pad_token_id
     if spec.image_generation is not None:
-        model.generation_config.image_generation = dict(spec.image_generation)
+        for name, value in spec.image_generation.items():
+            setattr(model.generation_config, name, value)
+        model.generation_config, model.depth_head.generation_config = split_depth_decoder_config(
+            model.generation_config
+        )
         # A config marked as built from the model config (a new model's, or an authors' file saved from one) keeps the
         # mark in the saved file, and readers of a marked file drop every key GenerationConfig does not declare.
         model.generation_config._from_model_config = False

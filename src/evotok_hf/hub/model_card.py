@@ -21,7 +21,12 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..modeling.generation import IMAGE_GENERATION_DEFAULTS
+from ..modeling.generation import (
+    DEPTH_DECODER_PREFIX,
+    DEPTH_DECODER_SETTINGS,
+    IMAGE_GENERATION_DEFAULTS,
+    resolve_image_generation_config,
+)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "model_cards"
 PAPER_URL = "https://arxiv.org/abs/2603.12108"
@@ -208,6 +213,17 @@ def vlm_pipeline_tag(config) -> str:
     return "any-to-any" if getattr(config, "has_generation_head", False) else "image-text-to-text"
 
 
+def image_generation_settings(model_or_config) -> dict:
+    """The text-to-image settings a card states, by the names generation_config.json gives them: a model's own
+    (its generation configs, as `generate` resolves them), or for a bare config the defaults of a checkpoint that
+    saves none (`IMAGE_GENERATION_DEFAULTS`)."""
+    if not hasattr(model_or_config, "generation_config"):
+        return dict(IMAGE_GENERATION_DEFAULTS)
+    generation_config, depth_generation_config, _ = resolve_image_generation_config(model_or_config)
+    return {"guidance_scale": generation_config.guidance_scale,
+            **{DEPTH_DECODER_PREFIX + name: getattr(depth_generation_config, name) for name in DEPTH_DECODER_SETTINGS}}
+
+
 # ----------------------------------------------------------------------------- rendering
 def _render(template: str, template_path, *, pipeline_tag: str, tags: list[str], repo_id: str, license: str,
             base_model, datasets, results, measured, official: bool, remote_code: bool,
@@ -323,7 +339,9 @@ def render_vlm_card(
     `render_tokenizer_card` (`eval_results_path`: a reconstruction report of its image tokenizer; official weights
     default to the paper's Qwen2.5-7B-Instruct as base model). Usage snippets follow the heads: image-text-to-text
     with the understanding head; text-to-image (`generate(..., generation_mode="image")`, and the diffusers
-    `EvoTokPipeline` unless `remote_code`) with the generation head, which also makes the pipeline tag "any-to-any"."""
+    `EvoTokPipeline` unless `remote_code`) with the generation head, which also makes the pipeline tag "any-to-any";
+    the text-to-image settings the card states are a model's own (its generation config), the defaults for a
+    config."""
     config = _config_of(model_or_config, "evotok_vlm", "render_vlm_card")
     repo_id, license, base_model, datasets, results, measured = _common(
         repo_id, license, official, eval_results_path, base_model, datasets, eval_dataset, eval_split,
@@ -342,7 +360,7 @@ def render_vlm_card(
         paper_generation_results=PAPER_GENERATION_RESULTS,
         has_understanding_head=config.has_understanding_head,
         has_generation_head=config.has_generation_head,
-        image_generation=IMAGE_GENERATION_DEFAULTS,
+        image_generation=image_generation_settings(model_or_config) if config.has_generation_head else None,
         wrap_image_tokens=config.wrap_image_tokens,
         num_image_tokens=config.num_image_tokens,
         image_size=vision.image_size,

@@ -90,11 +90,12 @@ class MiniatureConfig:
     vlm_caption_repeats: int = 2
     # how often a caption -> image row trains the unconditional prompt (classifier-free guidance needs that model)
     vlm_unconditional_probability: float = 0.1
-    # the checkpoint's image-generation defaults (generation_config.image_generation): the paper's guidance scale and
-    # the authors' temperature / top-p (their top-k of 900 keeps every code of a 16-entry codebook)
-    image_generation_defaults: dict = field(default_factory=lambda: {"guidance_scale": 7.5, "do_sample": True,
-                                                                     "depth_temperature": 1.0,
-                                                                     "depth_top_p": 0.96})  # fmt: skip
+    # the checkpoint's image-generation defaults, saved as `guidance_scale` / `depth_decoder_*` in
+    # generation_config.json: the paper's guidance scale and the authors' temperature / top-p (their top-k of 900
+    # keeps every code of a 16-entry codebook)
+    image_generation_defaults: dict = field(default_factory=lambda: {
+        "guidance_scale": 7.5, "depth_decoder_do_sample": True, "depth_decoder_temperature": 1.0,
+        "depth_decoder_top_p": 0.96})  # fmt: skip
     # scoring
     geneval_per_category: int = 50
     geneval_images_per_prompt: int = 4
@@ -420,7 +421,9 @@ def build_vlm(cache: StageCache, config: MiniatureConfig, dataset, scripts_dir: 
                          *_vlm_argv(config, folder, config.vlm_stage2_steps, config.vlm_stage2_learning_rate)],
                 config.num_threads)  # fmt: skip
     generation_config = GenerationConfig.from_pretrained(folder)
-    generation_config.image_generation = dict(config.image_generation_defaults)
+    generation_config.update(**config.image_generation_defaults, allow_custom_entries=True)
+    # a file marked as built from the model config keeps only GenerationConfig's own fields when read back
+    generation_config._from_model_config = False
     generation_config.save_pretrained(folder)
     results = {}
     for name, path in (("stage1", stage1), ("stage2", folder)):

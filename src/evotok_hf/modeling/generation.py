@@ -9,63 +9,114 @@ For each of the grid*grid image positions (row-major):
 
 Classifier-free guidance batches the conditional rows first and the unconditional rows (the negative prompt; by
 default a user turn holding a single space, as the authors') after them; at every depth
-`logits = uncond + guidance_scale * (cond - uncond)` and both halves continue with the chosen codes. The LLM keeps its
-key/value cache across positions and the depth head its own across depths (`use_cache=False` recomputes both from
-scratch at every step, as the authors' depth head does). Sampling settings may differ per depth and go through
-transformers' logits warpers.
+`logits = uncond + guidance_scale * (cond - uncond)` and both halves continue with the chosen codes. The guided logits
+then go through the caller's `logits_processor` and the depth's sampling warpers (transformers' temperature, top-k,
+top-p, in that order). The LLM keeps its key/value cache across positions and the depth head its own across depths
+(`use_cache=False` recomputes both from scratch at every step, as the authors' depth head does).
 
-Settings not given come from `generation_config.image_generation` (a dict saved in generation_config.json) when
-present, else from `IMAGE_GENERATION_DEFAULTS`: the paper's guidance scale 7.5 and the authors' top-k 900 / top-p 0.96 /
-temperature 1.0 sampling. `resolve_image_generation_settings` picks and checks them, the one place every entry point
-(generate, the pipeline, the Space) goes through.
+Settings live in `GenerationConfig`s, as in transformers' Janus (image mode) and CSM (a depth decoder):
+
+- the model's `generation_config` holds what concerns the whole image: `guidance_scale`, `num_return_sequences`,
+  `use_cache` and the output flags (`return_dict_in_generate`, `output_scores`, `output_logits`);
+- the depth head's `generation_config` (`model.depth_head.generation_config`) holds how each depth is sampled:
+  `do_sample`, `temperature`, `top_k`, `top_p`, each one value or a list of `pixel_depth` values. `generate` takes
+  them as `depth_decoder_do_sample=`, `depth_decoder_temperature=`, ... and generation_config.json stores them under
+  those names.
+
+Earlier releases named the depth settings `do_sample`, `depth_temperature`, `depth_top_k`, `depth_top_p` and saved
+them, with `guidance_scale`, in a `generation_config.image_generation` dict; both spellings are still read
+(`LEGACY_SETTING_NAMES`). A setting nothing sets takes `IMAGE_GENERATION_DEFAULTS`. `resolve_image_generation_config`
+picks and checks every setting, the one place each entry point (generate, `EvoTokPipeline`, the Space) goes through.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
 import torch
+from transformers import GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+# What a checkpoint that saves no setting generates with, in the form generation_config.json stores it: the paper's
+# guidance scale 7.5 (the authors' code defaults to 3.0, `generate_image_content(cfg=3.0)`) and the authors' sampling,
+# top-k 900 / top-p 0.96 / temperature 1.0, hard-coded in their depth head.
 IMAGE_GENERATION_DEFAULTS = {
     "guidance_scale": 7.5,
-    "do_sample": True,
-    "depth_temperature": 1.0,
-    "depth_top_k": 900,
-    "depth_top_p": 0.96,
+    "depth_decoder_do_sample": True,
+    "depth_decoder_temperature": 1.0,
+    "depth_decoder_top_k": 900,
+    "depth_decoder_top_p": 0.96,
 }
-_PER_DEPTH_SETTINGS = ("depth_temperature", "depth_top_k", "depth_top_p")
-_SAVED_SETTINGS = "generation_config.image_generation"
+# The prefix that routes a setting to the depth head's GenerationConfig (CSM's convention).
+DEPTH_DECODER_PREFIX = "depth_decoder_"
+DEPTH_DECODER_SETTINGS = ("do_sample", "temperature", "top_k", "top_p")
+# The settings of the model's own GenerationConfig that image mode reads, with the value used when none is set.
+IMAGE_SETTINGS = {
+    "guidance_scale": IMAGE_GENERATION_DEFAULTS["guidance_scale"],
+    "num_return_sequences": 1,
+    "use_cache": True,
+    "return_dict_in_generate": False,
+    "output_scores": False,
+    "output_logits": False,
+}
+# Names of earlier releases (keyword arguments, and keys of the saved `image_generation` dict) -> today's.
+LEGACY_SETTING_NAMES = {
+    "do_sample": "depth_decoder_do_sample",
+    "depth_temperature": "depth_decoder_temperature",
+    "depth_top_k": "depth_decoder_top_k",
+    "depth_top_p": "depth_decoder_top_p",
+}
+LEGACY_SAVED_SETTINGS = "image_generation"
+# In the saved `image_generation` dict a None meant "off" (a None guidance scale: no guidance).
+_LEGACY_SAVED_NONE = {"guidance_scale": 1.0, "depth_temperature": 1.0, "depth_top_k": 0, "depth_top_p": 1.0}
+_DEPTH_NAMES = tuple(DEPTH_DECODER_PREFIX + name for name in DEPTH_DECODER_SETTINGS)
+_PER_DEPTH_SETTINGS = ("temperature", "top_k", "top_p")  # each one value, or one per pixel depth
+_DEFAULTS = {**IMAGE_SETTINGS, **IMAGE_GENERATION_DEFAULTS}
+# keyword argument -> the setting it sets
+_ARGUMENT_NAMES = {**{name: name for name in _DEFAULTS}, **LEGACY_SETTING_NAMES}
 
 
+@dataclass
+class EvoTokImageGenerateOutput(GenerateDecoderOnlyOutput):
+    """Output of `EvoTokForConditionalGeneration.generate(..., generation_mode="image", return_dict_in_generate=True)`.
+
+    sequences (`torch.LongTensor` of shape `(batch * num_return_sequences, grid, grid, pixel_depth)`): the codes.
+    scores (`tuple(torch.FloatTensor)`, *optional*, with `output_scores=True`): one entry per image position
+        (row-major), each `(batch * num_return_sequences, pixel_depth, codebook_size)`: the scores each depth's code
+        was sampled from (or the argmax taken of), i.e. the guided logits after `logits_processor` and the warpers.
+    logits (`tuple(torch.FloatTensor)`, *optional*, with `output_logits=True`): the same per position, before
+        `logits_processor` and the warpers (the guided logits, `uncond + guidance_scale * (cond - uncond)`).
+    """
+
+
+# ----------------------------------------------------------------------------- settings
 def _is_number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
 
 
-def _per_depth(name: str, value, depth: int, source: str) -> list:
-    """A scalar or a sequence of `depth` values -> a list of `depth` values."""
+def _per_depth(value, depth: int) -> list:
+    """A scalar or a sequence of `depth` values -> a list of `depth` values (the length is checked before)."""
     if isinstance(value, Sequence) and not isinstance(value, str):
-        if len(value) != depth:
-            raise ValueError(
-                f"{name} must be one value or a list of pixel_depth={depth} values, got {list(value)}{source}."
-            )
         return list(value)
     return [value] * depth
 
 
 # what each per-depth setting must be, as its error message says it
 _DEPTH_RULES = {
-    "depth_temperature": "must be a finite number > 0",
-    "depth_top_k": "must be an int >= 0",
-    "depth_top_p": "must be in (0, 1]",
+    "temperature": "must be a finite number > 0",
+    "top_k": "must be an int >= 0",
+    "top_p": "must be in (0, 1]",
 }
 
 
@@ -73,101 +124,203 @@ def _valid_depth_value(name: str, value, do_sample: bool) -> bool:
     """Whether one depth's temperature / top-k / top-p (None: that warper is off) is valid."""
     if value is None:
         return True
-    if name == "depth_top_k":
+    if name == "top_k":
         return isinstance(value, Integral) and not isinstance(value, (bool, np.bool_)) and value >= 0
     if not _is_number(value):
         return False
-    if name == "depth_temperature":
+    if name == "temperature":
         # without sampling the temperature is unused, so 0 (a common way to ask for greedy decoding) is fine there
         return value > 0 or (value == 0 and not do_sample)
     return 0 < value <= 1
 
 
-def resolve_image_generation_settings(
-    generation_config,
-    pixel_depth: int,
-    guidance_scale=None,
-    do_sample=None,
-    depth_temperature=None,
-    depth_top_k=None,
-    depth_top_p=None,
-) -> dict:
-    """The settings one image generation runs with, checked here and nowhere else for every entry point (`generate`,
-    `EvoTokPipeline`, the Space): a value given (not None), else the one saved in `generation_config.image_generation`,
-    else `IMAGE_GENERATION_DEFAULTS`.
+def _check_depth_setting(name: str, value, pixel_depth: int, do_sample: bool, shown: str, source: str):
+    """One depth setting (a scalar or a list of `pixel_depth` values) checked, its numbers made plain Python ones."""
+    is_list = isinstance(value, Sequence) and not isinstance(value, str)
+    if is_list and len(value) != pixel_depth:
+        raise ValueError(
+            f"{shown} must be one value or a list of pixel_depth={pixel_depth} values, got {list(value)}{source}."
+        )
+    checked = []
+    for depth, item in enumerate(_per_depth(value, pixel_depth)):
+        if not _valid_depth_value(name, item, do_sample):
+            zero_temperature = name == "temperature" and _is_number(item) and item == 0
+            hint = " (0 only with do_sample=False)" if zero_temperature else ""
+            raise ValueError(f"{shown} {_DEPTH_RULES[name]}, got {item!r} at depth {depth}{source}{hint}.")
+        checked.append(None if item is None else int(item) if name == "top_k" else float(item))
+    return checked if is_list else checked[0]
 
-    Returns a dict with `guidance_scale` (a finite float; a saved None means 1.0, no guidance), `do_sample` (bool) and
-    `depth_temperature` / `depth_top_k` / `depth_top_p` as lists of `pixel_depth` values, None where that warper is
-    off. Raises a ValueError naming the setting, the depth and whether the value was saved in the generation config.
-    """
-    saved = getattr(generation_config, "image_generation", None)
-    if saved is None:
-        saved = {}
-    if not isinstance(saved, dict):
-        raise ValueError(f"{_SAVED_SETTINGS} must be a dict of settings, got {saved!r}.")
-    unknown = sorted(set(saved) - set(IMAGE_GENERATION_DEFAULTS))
-    if unknown:
-        raise ValueError(f"{_SAVED_SETTINGS} has unknown settings {unknown}; known: {list(IMAGE_GENERATION_DEFAULTS)}.")
-    given = {"guidance_scale": guidance_scale, "do_sample": do_sample, "depth_temperature": depth_temperature,
-             "depth_top_k": depth_top_k, "depth_top_p": depth_top_p}  # fmt: skip
-    values, sources = {}, {}
-    for name, default in IMAGE_GENERATION_DEFAULTS.items():
-        if given[name] is not None:
-            values[name], sources[name] = given[name], ""
-        elif name in saved:
-            values[name], sources[name] = saved[name], f" (from {_SAVED_SETTINGS})"
-        else:
-            values[name], sources[name] = default, ""
 
+def _settings_of(generation_config: GenerationConfig | None, depth_generation_config=None) -> dict:
+    """What a GenerationConfig (and the depth head's) sets for image generation, by today's names; unset (None)
+    settings left out. Within one config the more specific statement wins: the depth head's own fields, then
+    `depth_decoder_*` attributes of `generation_config` (the saved form), then its `image_generation` dict (what code
+    written for earlier releases sets)."""
     settings = {}
-    scale = 1.0 if values["guidance_scale"] is None else values["guidance_scale"]
-    if not _is_number(scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {scale!r}{sources['guidance_scale']}.")
-    settings["guidance_scale"] = float(scale)
-    if not isinstance(values["do_sample"], (bool, np.bool_)):
-        raise ValueError(f"do_sample must be True or False, got {values['do_sample']!r}{sources['do_sample']}.")
-    settings["do_sample"] = bool(values["do_sample"])
+    if depth_generation_config is not None:
+        for name in DEPTH_DECODER_SETTINGS:
+            settings[DEPTH_DECODER_PREFIX + name] = getattr(depth_generation_config, name, None)
+    if generation_config is not None:
+        for name in (*IMAGE_SETTINGS, *_DEPTH_NAMES):
+            if getattr(generation_config, name, None) is not None:
+                settings[name] = getattr(generation_config, name)
+        legacy = getattr(generation_config, LEGACY_SAVED_SETTINGS, None)
+        if legacy is not None:
+            where = f"generation_config.{LEGACY_SAVED_SETTINGS}"
+            if not isinstance(legacy, dict):
+                raise ValueError(f"{where} must be a dict of settings, got {legacy!r}.")
+            known = ["guidance_scale", *LEGACY_SETTING_NAMES]
+            unknown = sorted(set(legacy) - set(known))
+            if unknown:
+                raise ValueError(f"{where} has unknown settings {unknown}; known: {known}.")
+            for key, value in legacy.items():
+                settings[LEGACY_SETTING_NAMES.get(key, key)] = _LEGACY_SAVED_NONE.get(key) if value is None else value
+    return {name: value for name, value in settings.items() if value is not None}
+
+
+def _keep_modification_state(original: GenerationConfig, derived: GenerationConfig) -> None:
+    """`GenerationConfig.save_pretrained` validates strictly only a config changed since it was loaded (it compares a
+    hash taken then); moving the depth head's settings in or out of a config is no such change."""
+    if getattr(original, "_original_object_hash", None) == hash(original):
+        derived._original_object_hash = hash(derived)
+
+
+def split_depth_decoder_config(generation_config: GenerationConfig) -> tuple[GenerationConfig, GenerationConfig]:
+    """A generation config as generation_config.json stores it (the depth head's settings as `depth_decoder_*`
+    attributes, or in the `image_generation` dict of earlier releases) -> (a copy without them, the depth head's
+    GenerationConfig holding them). What `from_pretrained` does, as CSM's."""
+    settings = _settings_of(generation_config)
+    main = copy.deepcopy(generation_config)
+    for name in (*_DEPTH_NAMES, LEGACY_SAVED_SETTINGS):
+        if name in vars(main):
+            delattr(main, name)
+    main.guidance_scale = settings.get("guidance_scale")
+    _keep_modification_state(generation_config, main)
+    depth = GenerationConfig()
+    for name in DEPTH_DECODER_SETTINGS:
+        setattr(depth, name, settings.get(DEPTH_DECODER_PREFIX + name))
+    return main, depth
+
+
+def merge_depth_decoder_config(
+    generation_config: GenerationConfig, depth_generation_config: GenerationConfig | None
+) -> GenerationConfig:
+    """The inverse of `split_depth_decoder_config`: a copy of `generation_config` with the depth head's settings as
+    `depth_decoder_*` attributes (those `generation_config` states itself win, as in `generate`), the form
+    `save_pretrained` writes."""
+    settings = _settings_of(generation_config, depth_generation_config)
+    main, _ = split_depth_decoder_config(generation_config)
+    for name in _DEPTH_NAMES:
+        if name in settings:
+            setattr(main, name, settings[name])
+            # a file marked as built from a model config is read without the keys GenerationConfig does not declare
+            main._from_model_config = False
+    _keep_modification_state(generation_config, main)
+    return main
+
+
+def resolve_image_generation_config(
+    model, generation_config: GenerationConfig | None = None, **kwargs
+) -> tuple[GenerationConfig, GenerationConfig, dict]:
+    """The settings one image generation of `model` runs with, checked here and nowhere else for every entry point
+    (`generate`, `EvoTokPipeline`, the Space).
+
+    Each setting is the first one set (not None) among: the keyword arguments (today's names, e.g.
+    `depth_decoder_top_k=`, or those of earlier releases, `depth_top_k=` / `do_sample=`); `generation_config`; the
+    model's `generation_config` and its depth head's; `IMAGE_GENERATION_DEFAULTS`. Within a list a None switches that
+    depth's warper off; so do a top-k of 0, a top-p of 1 and a temperature of 1.
+
+    Returns `(generation_config, depth_generation_config, unused_kwargs)`: a GenerationConfig with `guidance_scale` (a
+    finite float; 1.0 runs the conditional rows only), `num_return_sequences`, `use_cache` and the output flags; the
+    depth head's with `do_sample` (bool) and `temperature` / `top_k` / `top_p` (one value, or one per pixel depth, as
+    set); and the keyword arguments that name no setting. Raises a ValueError naming the setting, the depth and where
+    the value came from."""
+    pixel_depth = model.config.vision_config.pixel_depth
+    given, shown, unused = {}, {}, {}
+    for name, value in kwargs.items():
+        setting = _ARGUMENT_NAMES.get(name)
+        if setting is None:
+            unused[name] = value
+        elif value is not None:  # None: not given
+            if setting in given:
+                raise ValueError(f"`{shown[setting]}` and `{name}` set the same setting ({setting}): pass one.")
+            given[setting], shown[setting] = value, name
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise ValueError(f"generation_config must be a transformers GenerationConfig, got {type(generation_config)}.")
+    depth_head = getattr(model, "depth_head", None)
+    layers = [
+        (given, ""),
+        (_settings_of(generation_config), " (from the generation_config argument)"),
+        (_settings_of(model.generation_config, getattr(depth_head, "generation_config", None)),
+         " (from the model's generation config)"),
+        (_DEFAULTS, ""),
+    ]  # fmt: skip
+    values, sources = {}, {}
+    for setting in _DEFAULTS:
+        values[setting], sources[setting] = next((layer[setting], source) for layer, source in layers
+                                                 if setting in layer)  # fmt: skip
+        shown.setdefault(setting, setting)
+
+    def fail(setting: str, rule: str):
+        raise ValueError(f"{shown[setting]} {rule}, got {values[setting]!r}{sources[setting]}.")
+
+    resolved = GenerationConfig()
+    if not _is_number(values["guidance_scale"]):
+        fail("guidance_scale", "must be a finite number")
+    resolved.guidance_scale = float(values["guidance_scale"])
+    count = values["num_return_sequences"]
+    if not isinstance(count, Integral) or isinstance(count, (bool, np.bool_)) or count < 1:
+        fail("num_return_sequences", "must be a positive int")
+    resolved.num_return_sequences = int(count)
+    for name in ("use_cache", "return_dict_in_generate", "output_scores", "output_logits"):
+        if not isinstance(values[name], (bool, np.bool_)):
+            fail(name, "must be True or False")
+        setattr(resolved, name, bool(values[name]))
+
+    depth = GenerationConfig()
+    do_sample = values["depth_decoder_do_sample"]
+    if not isinstance(do_sample, (bool, np.bool_)):
+        fail("depth_decoder_do_sample", "must be True or False")
+    depth.do_sample = bool(do_sample)
     for name in _PER_DEPTH_SETTINGS:
-        checked = []
-        for depth, value in enumerate(_per_depth(name, values[name], pixel_depth, sources[name])):
-            if not _valid_depth_value(name, value, settings["do_sample"]):
-                zero_temperature = name == "depth_temperature" and _is_number(value) and value == 0
-                hint = " (0 only with do_sample=False)" if zero_temperature else ""
-                raise ValueError(f"{name} {_DEPTH_RULES[name]}, got {value!r} at depth {depth}{sources[name]}{hint}.")
-            checked.append(None if value is None else int(value) if name == "depth_top_k" else float(value))
-        settings[name] = checked
-    return settings
+        setting = DEPTH_DECODER_PREFIX + name
+        setattr(depth, name, _check_depth_setting(name, values[setting], pixel_depth, depth.do_sample, shown[setting],
+                                                  sources[setting]))  # fmt: skip
+    return resolved, depth, unused
 
 
-def _depth_warpers(settings: dict, vocab_size: int) -> list[LogitsProcessorList]:
-    """One `LogitsProcessorList` per depth from checked settings (temperature, then top-k, then top-p, as transformers
-    orders them); a temperature of 1, a top-k of 0 and a top-p of 1 add no warper, and greedy decoding uses none."""
-    per_depth = list(zip(settings["depth_temperature"], settings["depth_top_k"], settings["depth_top_p"]))
-    if not settings["do_sample"]:  # the argmax at every depth
-        return [LogitsProcessorList() for _ in per_depth]
-    warpers = []
-    for t, k, p in per_depth:
-        processors = LogitsProcessorList()
-        if t is not None and t != 1.0:
-            processors.append(TemperatureLogitsWarper(t))
-        if k:
-            processors.append(TopKLogitsWarper(min(k, vocab_size)))
-        if p is not None and p < 1.0:
-            processors.append(TopPLogitsWarper(p))
-        warpers.append(processors)
-    return warpers
+def _depth_processors(
+    depth_generation_config: GenerationConfig, pixel_depth: int, vocab_size: int, logits_processor=None
+) -> list[LogitsProcessorList]:
+    """One `LogitsProcessorList` per depth from checked settings: the caller's processors, then (when sampling) the
+    warpers, temperature, top-k and top-p, as transformers orders them. A temperature of 1, a top-k of 0 and a top-p
+    of 1 add no warper."""
+    per_depth = [_per_depth(getattr(depth_generation_config, name), pixel_depth) for name in _PER_DEPTH_SETTINGS]
+    lists = []
+    for temperature, top_k, top_p in zip(*per_depth):
+        processors = LogitsProcessorList(logits_processor or [])
+        if depth_generation_config.do_sample:
+            if temperature is not None and temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                processors.append(TopKLogitsWarper(min(top_k, vocab_size)))
+            if top_p is not None and top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+        lists.append(processors)
+    return lists
 
 
 def build_depth_warpers(temperature, top_k, top_p, depth: int, vocab_size: int) -> list[LogitsProcessorList]:
     """One `LogitsProcessorList` per depth for sampling; each setting is a scalar or a list of `depth` values, checked
-    as `resolve_image_generation_settings` checks them; None, a top-k of 0 and a top-p of 1.0 switch a warper off."""
-    settings = resolve_image_generation_settings(
-        None, depth, do_sample=True, depth_temperature=1.0 if temperature is None else temperature,
-        depth_top_k=0 if top_k is None else top_k, depth_top_p=1.0 if top_p is None else top_p,
-    )  # fmt: skip
-    return _depth_warpers(settings, vocab_size)
+    as `resolve_image_generation_config` checks them; None, a top-k of 0 and a top-p of 1.0 switch a warper off."""
+    settings = GenerationConfig()
+    settings.do_sample = True
+    for name, value, off in (("temperature", temperature, 1.0), ("top_k", top_k, 0), ("top_p", top_p, 1.0)):
+        setattr(settings, name, _check_depth_setting(name, off if value is None else value, depth, True, name, ""))
+    return _depth_processors(settings, depth, vocab_size)
 
 
+# ----------------------------------------------------------------------------- generation
 def _check_left_padded(name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, boi_token_id: int) -> None:
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"{name}: input_ids and attention_mask must both be (batch, length).")
@@ -198,18 +351,12 @@ def generate_image_codes(
     attention_mask: torch.Tensor | None = None,
     negative_input_ids: torch.LongTensor | None = None,
     negative_attention_mask: torch.Tensor | None = None,
-    guidance_scale: float | None = None,
-    do_sample: bool | None = None,
-    depth_temperature=None,
-    depth_top_k=None,
-    depth_top_p=None,
-    num_return_sequences: int = 1,
-    generator: torch.Generator | None = None,
-    use_cache: bool = True,
+    generation_config: GenerationConfig | None = None,
+    logits_processor: LogitsProcessorList | None = None,
     streamer=None,
-    generation_config=None,
-    **unexpected,
-) -> torch.LongTensor:
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> torch.LongTensor | EvoTokImageGenerateOutput:
     """Generate images' pixel codes from text prompts (`EvoTokForConditionalGeneration.generate(...,
     generation_mode="image")` calls this).
 
@@ -218,45 +365,51 @@ def generate_image_codes(
             (`EvoTokProcessor(text=prompts, generation_mode="image")`).
         negative_input_ids / negative_attention_mask (`(batch or 1, length)`, *optional*): the unconditional half of
             classifier-free guidance (the processor returns the default one, a user turn holding " ").
-        guidance_scale (`float`, *optional*): CFG scale, any finite number; 1.0 runs the conditional rows only.
-        do_sample (`bool`, *optional*): sample (with the warpers below) or take the argmax at every depth.
-        depth_temperature / depth_top_k / depth_top_p: a scalar for every depth or a list of `pixel_depth` values;
-            temperature > 0 (0 is accepted, and unused, with do_sample=False), top-k an int >= 0 (0: off), top-p in
-            (0, 1] (1: off); None inside a list switches that depth's warper off.
-            Each setting left None takes the saved default (see `resolve_image_generation_settings`).
-        num_return_sequences (`int`): images per prompt.
-        generator (`torch.Generator`, *optional*): the randomness of sampling, for reproducible images.
-        use_cache (`bool`): key/value caches in the LLM (across positions) and in the depth head (across depths).
+        generation_config (`GenerationConfig`, *optional*): settings that replace the model's where set, including
+            the depth head's as `depth_decoder_*` attributes (see `resolve_image_generation_config`).
+        logits_processor (`LogitsProcessorList`, *optional*): applied at every depth to the guided logits of the
+            conditional rows, before the sampling warpers (and in greedy decoding too). Its `input_ids` are the codes
+            generated so far, `(batch * num_return_sequences, position * pixel_depth + depth)`: those of the earlier
+            positions (row-major, depth by depth), then this position's earlier depths.
         streamer (*optional*): an object with `put(codes)` (called per position with that position's codes,
-            `(batch * num_return_sequences, pixel_depth)`) and `end()`, e.g. a progress bar.
-        generation_config (`GenerationConfig`, *optional*): read for its `image_generation` settings (else the
-            model's).
+            `(batch * num_return_sequences, pixel_depth)`) and `end()`, e.g. transformers' streamers or a progress
+            bar.
+        generator (`torch.Generator`, *optional*): the randomness of sampling, for reproducible images.
+        kwargs: settings, by the names of `GenerationConfig` (`guidance_scale`, `num_return_sequences`, `use_cache`,
+            `return_dict_in_generate`, `output_scores`, `output_logits`) and of the depth head's with the
+            `depth_decoder_` prefix (`depth_decoder_do_sample`, `depth_decoder_temperature`, `depth_decoder_top_k`,
+            `depth_decoder_top_p`: one value, or a list of `pixel_depth` values); `do_sample`, `depth_temperature`,
+            `depth_top_k` and `depth_top_p` as earlier releases named the depth head's.
 
     Returns:
-        `torch.LongTensor` of shape `(batch * num_return_sequences, grid, grid, pixel_depth)`: decode with
-        `model.decode_image_tokens`.
+        `torch.LongTensor` of shape `(batch * num_return_sequences, grid, grid, pixel_depth)` (decode with
+        `model.decode_image_tokens`), or with `return_dict_in_generate=True` an [`EvoTokImageGenerateOutput`]
+        holding them as `sequences`, with the per-position `scores` / `logits` when asked for.
     """
     config = model.config
     if not config.has_generation_head:
         raise ValueError("This checkpoint has no generation head (has_generation_head=False).")
+    generation_config, depth_config, unexpected = resolve_image_generation_config(model, generation_config, **kwargs)
     if unexpected:
-        raise ValueError(f"Unknown arguments for generation_mode='image': {sorted(unexpected)}.")
+        raise ValueError(
+            f"Unknown arguments for generation_mode='image': {sorted(unexpected)}; its settings are "
+            f"{sorted(_ARGUMENT_NAMES)}."
+        )
     if input_ids is None:
-        raise ValueError("generation_mode='image' needs `input_ids` (EvoTokProcessor(text=..., generation_mode='image')).")
+        raise ValueError(
+            "generation_mode='image' needs `input_ids` (EvoTokProcessor(text=..., generation_mode='image'))."
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be a positive int, got {num_return_sequences!r}.")
     vision = config.vision_config
     pixel_depth, grid = vision.pixel_depth, vision.grid_size
-    settings = resolve_image_generation_settings(
-        generation_config if generation_config is not None else model.generation_config, pixel_depth,
-        guidance_scale=guidance_scale, do_sample=do_sample, depth_temperature=depth_temperature,
-        depth_top_k=depth_top_k, depth_top_p=depth_top_p,
-    )  # fmt: skip
-    guidance_scale, do_sample = settings["guidance_scale"], settings["do_sample"]
-    warpers = _depth_warpers(settings, vision.codebook_size)
+    guidance_scale, use_cache = generation_config.guidance_scale, generation_config.use_cache
+    num_return_sequences = generation_config.num_return_sequences
+    processors = _depth_processors(depth_config, pixel_depth, vision.codebook_size, logits_processor)
     guided = guidance_scale != 1.0
+    record = generation_config.return_dict_in_generate
+    scores = [] if record and generation_config.output_scores else None
+    logits = [] if record and generation_config.output_logits else None
 
     _check_left_padded("input_ids", input_ids, attention_mask, config.boi_token_id)
     batch = input_ids.shape[0]
@@ -295,8 +448,16 @@ def generate_image_codes(
     hidden, llm_cache = run_llm(embeddings, mask, positions, None)
     codes = torch.zeros(rows, grid * grid, pixel_depth, dtype=torch.long, device=ids.device)
     for position in range(grid * grid):
-        codes[:, position] = _sample_depths(head, quantizer, hidden, warpers, guided, guidance_scale, do_sample,
-                                            generator, use_cache, rows)  # fmt: skip
+        position_scores = [] if scores is not None else None
+        position_logits = [] if logits is not None else None
+        codes[:, position] = _sample_depths(
+            head, quantizer, hidden, processors, guided, guidance_scale, depth_config.do_sample, generator, use_cache,
+            rows, previous_codes=codes[:, :position].flatten(1), scores=position_scores, logits=position_logits,
+        )  # fmt: skip
+        if scores is not None:
+            scores.append(torch.stack(position_scores, dim=1))
+        if logits is not None:
+            logits.append(torch.stack(position_logits, dim=1))
         if streamer is not None:
             streamer.put(codes[:, position].cpu())
         if position == grid * grid - 1:
@@ -314,28 +475,45 @@ def generate_image_codes(
             hidden, _ = run_llm(embeddings, mask, positions, None)
     if streamer is not None:
         streamer.end()
-    return codes.view(rows, grid, grid, pixel_depth)
+    codes = codes.view(rows, grid, grid, pixel_depth)
+    if not record:
+        return codes
+    return EvoTokImageGenerateOutput(
+        sequences=codes,
+        scores=None if scores is None else tuple(scores),
+        logits=None if logits is None else tuple(logits),
+    )
 
 
-def _sample_depths(head, quantizer, hidden, warpers, guided, guidance_scale, do_sample, generator, use_cache, rows):
-    """The codes of one position, depth by depth: `(rows, pixel_depth)`."""
-    depth = len(warpers)
+def _sample_depths(head, quantizer, hidden, processors, guided, guidance_scale, do_sample, generator, use_cache, rows,
+                   previous_codes=None, scores=None, logits=None):  # fmt: skip
+    """The codes of one position, depth by depth: `(rows, pixel_depth)`. `processors[d]` turns depth d's guided logits
+    into the scores its code is sampled from (or the argmax taken of), seeing `previous_codes` (`(rows, n)`, the codes
+    of earlier positions) followed by this position's earlier depths as `input_ids`. Each depth's scores / guided
+    logits are appended to `scores` / `logits` when those lists are given."""
+    depth = len(processors)
     hidden = hidden.to(head.dtype)
     chosen = torch.zeros(rows, depth, dtype=torch.long, device=hidden.device)
+    if previous_codes is None:
+        previous_codes = chosen[:, :0]
     # return_dict=True: the depth head's config may say return_dict=False (transformers' tuple convention).
     out = head(hidden_states=hidden, use_cache=use_cache, return_dict=True)
     sums = []
     for d in range(depth):
-        logits = out.logits[:, -1].float()
+        guided_logits = out.logits[:, -1].float()
         if guided:
-            cond, uncond = logits[:rows], logits[rows:]
-            logits = uncond + guidance_scale * (cond - uncond)
+            cond, uncond = guided_logits[:rows], guided_logits[rows:]
+            guided_logits = uncond + guidance_scale * (cond - uncond)
+        depth_scores = processors[d](torch.cat([previous_codes, chosen[:, :d]], dim=1), guided_logits)
         if do_sample:
-            scores = warpers[d](chosen[:, :d], logits)
-            probs = torch.softmax(scores, dim=-1)
+            probs = torch.softmax(depth_scores, dim=-1)
             chosen[:, d] = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
         else:
-            chosen[:, d] = logits.argmax(dim=-1)
+            chosen[:, d] = depth_scores.argmax(dim=-1)
+        if scores is not None:
+            scores.append(depth_scores)
+        if logits is not None:
+            logits.append(guided_logits)
         if d == depth - 1:
             break
         running = quantizer.embed_codes(chosen[:, : d + 1]).to(head.dtype)  # e(c_0) + ... + e(c_d)
@@ -351,8 +529,14 @@ def _sample_depths(head, quantizer, hidden, warpers, guided, guidance_scale, do_
 
 
 __all__ = [
+    "DEPTH_DECODER_PREFIX",
+    "DEPTH_DECODER_SETTINGS",
+    "EvoTokImageGenerateOutput",
     "IMAGE_GENERATION_DEFAULTS",
+    "LEGACY_SETTING_NAMES",
     "build_depth_warpers",
     "generate_image_codes",
-    "resolve_image_generation_settings",
+    "merge_depth_decoder_config",
+    "resolve_image_generation_config",
+    "split_depth_decoder_config",
 ]

@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_evotok_vlm import EvoTokVLMConfig
 from .depth_head import EvoTokDepthTransformer
-from .generation import generate_image_codes
+from .generation import generate_image_codes, merge_depth_decoder_config, split_depth_decoder_config
 from .modeling_evotok import EvoTokModel, initialize_native_submodels
 
 
@@ -315,6 +315,8 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         if config.has_generation_head:
             self.depth_head = EvoTokDepthTransformer(config.depth_head_config)
+            # How each depth is sampled (CSM's depth-decoder config): see `generate`.
+            self.depth_head.generation_config = GenerationConfig()
         self.post_init()
         self.freeze_vision_tower()
 
@@ -570,35 +572,60 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
 
     def adjust_generation_fn(self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
                              trust_remote_code=None, **kwargs):  # fmt: skip
-        """transformers' loading of generation_config.json, keeping the image-generation settings saved in it.
+        """transformers' loading of generation_config.json, then, as CSM's `from_pretrained`, the depth head's settings
+        (saved as `depth_decoder_*`, or in the `image_generation` dict of earlier releases) moved to
+        `depth_head.generation_config`.
 
         A new model's generation config is built from its model config and marked `_from_model_config`, and
         save_pretrained writes the mark into generation_config.json. Loading a file with the mark keeps only the
-        fields GenerationConfig declares, so `image_generation` (and any other key added to the file) would be
+        fields GenerationConfig declares, so `depth_decoder_*` (and any other key added to the file) would be
         dropped: such a file is read again without the mark."""
         super().adjust_generation_fn(generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
                                      trust_remote_code=trust_remote_code, **kwargs)  # fmt: skip
-        if generation_config is not None or pretrained_model_name_or_path is None:
-            return
-        if not self.generation_config._from_model_config:
-            return
+        if generation_config is None and pretrained_model_name_or_path is not None:
+            if self.generation_config._from_model_config:
+                try:
+                    self.generation_config = GenerationConfig.from_pretrained(
+                        pretrained_model_name_or_path, _from_auto=from_auto_class, _from_pipeline=from_pipeline,
+                        _from_model_config=False, **kwargs,
+                    )  # fmt: skip
+                except OSError:  # no generation_config.json: the config built from config.json holds no saved settings
+                    pass
         try:
-            self.generation_config = GenerationConfig.from_pretrained(
-                pretrained_model_name_or_path, _from_auto=from_auto_class, _from_pipeline=from_pipeline,
-                _from_model_config=False, **kwargs,
-            )  # fmt: skip
-        except OSError:  # no generation_config.json: the config built from config.json holds no saved settings
-            pass
+            self.generation_config, depth_generation_config = split_depth_decoder_config(self.generation_config)
+        except ValueError:  # a malformed `image_generation` dict stays as saved: image generation names the problem
+            return
+        if self.config.has_generation_head:
+            self.depth_head.generation_config = depth_generation_config
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, with the depth head's generation settings written into
+        generation_config.json as `depth_decoder_*` (CSM's layout), where `from_pretrained` finds them again."""
+        own = self.generation_config
+        depth_generation_config = self.depth_head.generation_config if self.config.has_generation_head else None
+        self.generation_config = merge_depth_decoder_config(own, depth_generation_config)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.generation_config = own
 
     def generate(self, *args, generation_mode: str = "text", **kwargs):
         """`generation_mode="text"` (default): transformers' `generate` (understanding; any GenerationConfig setting).
-        `generation_mode="image"`: text-to-image, returning codes `(batch * num_return_sequences, grid, grid,
-        pixel_depth)`; see [`~evotok_hf.modeling.generation.generate_image_codes`] for its arguments (classifier-free
-        guidance, per-depth sampling, seeds, caches, streamer)."""
+        `generation_mode="image"`: text-to-image, as in transformers' Janus, returning codes `(batch *
+        num_return_sequences, grid, grid, pixel_depth)`. Its settings come from `generation_config` (guidance scale,
+        images per prompt, caches, outputs) and, for how each depth is sampled, from `depth_head.generation_config`,
+        which `depth_decoder_*` arguments override (as CSM's depth decoder); `logits_processor=`, `streamer=`,
+        `generator=` and `return_dict_in_generate=True` work too. See
+        [`~evotok_hf.modeling.generation.generate_image_codes`]."""
         if generation_mode == "image":
             return generate_image_codes(self, *args, **kwargs)
         if generation_mode != "text":
             raise ValueError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}.")
+        # The guidance scale a generation config holds is the image mode's (as in Janus): text decoding runs without
+        # classifier-free guidance unless the call asks for it.
+        configs = (kwargs.get("generation_config"), self.generation_config)
+        if "guidance_scale" not in kwargs and any(getattr(c, "guidance_scale", None) is not None for c in configs):
+            kwargs["guidance_scale"] = None
         return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(

@@ -26,9 +26,11 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
+from transformers import GenerationConfig
+from transformers.utils import ModelOutput
 
 from ..modeling import EvoTokForConditionalGeneration
-from ..modeling.generation import resolve_image_generation_settings
+from ..modeling.generation import resolve_image_generation_config
 from ..processing import EvoTokProcessor
 
 logger = logging.getLogger(__name__)
@@ -161,12 +163,9 @@ class EvoTokPipeline(DiffusionPipeline):
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
-        do_sample: bool | None = None,
-        depth_temperature: float | list[float] | None = None,
-        depth_top_k: int | list[int] | None = None,
-        depth_top_p: float | list[float] | None = None,
-        use_cache: bool = True,
+        generation_config: GenerationConfig | None = None,
         return_dict: bool = True,
+        **generate_kwargs,
     ) -> EvoTokPipelineOutput | tuple:
         """Generate images from text prompts.
 
@@ -175,29 +174,31 @@ class EvoTokPipeline(DiffusionPipeline):
             negative_prompt (`str` or `list[str]`, *optional*): the unconditional prompt of classifier-free guidance,
                 one for all prompts or one per prompt; by default the authors' (a single space).
             guidance_scale (`float`, *optional*): classifier-free guidance scale (1.0 switches guidance off). None:
-                the checkpoint's default (`generation_config.image_generation`, else the paper's 7.5).
+                the checkpoint's (its `generation_config.guidance_scale`, else the paper's 7.5).
             num_images_per_prompt (`int`): images per prompt; the output groups them by prompt.
             generator (`torch.Generator`, *optional*): one generator on the device the model runs on, for
                 reproducible images.
             output_type (`str`): `"pil"`, `"np"` (float32 `(batch, H, W, 3)` in [0, 1]) or `"pt"` (float32
                 `(batch, 3, H, W)` in [0, 1], on the CPU).
-            do_sample (`bool`, *optional*): sample at every depth, or take the argmax. None: the checkpoint's default
-                (sampling).
-            depth_temperature / depth_top_k / depth_top_p (*optional*): sampling settings, a scalar for every depth
-                or a list of `pixel_depth` values. None: the checkpoint's defaults (1.0 / 900 / 0.96). Every setting
-                is checked as `generate(generation_mode="image")` checks it (`resolve_image_generation_settings`).
-            use_cache (`bool`): key/value caches in the LLM and the depth head (False recomputes, same images).
+            generation_config (`GenerationConfig`, *optional*): settings that replace the checkpoint's where set, as
+                in `generate`.
             return_dict (`bool`): return an [`EvoTokPipelineOutput`] rather than a tuple `(images,)`.
+            generate_kwargs: any other setting of `generate(generation_mode="image")`, e.g. the depth head's
+                sampling (`depth_decoder_do_sample`, `depth_decoder_temperature`, `depth_decoder_top_k`,
+                `depth_decoder_top_p`: a scalar or one value per pixel depth), `use_cache` or `logits_processor`.
+                Unset, the checkpoint's generation config decides. Every setting is checked before any work, by the
+                model's own rules (`resolve_image_generation_config`).
         """
         prompts = self._check_inputs(prompt, negative_prompt, num_images_per_prompt, output_type, generator)
         config = self.model.config
         if not config.has_generation_head:
             raise ValueError("EvoTokPipeline needs a checkpoint with an image generation head (has_generation_head).")
+        settings = dict(generate_kwargs, guidance_scale=guidance_scale, num_return_sequences=num_images_per_prompt)
         # checked before any work (and before offloading hooks move the model), by the model's own rules
-        settings = resolve_image_generation_settings(
-            self.model.generation_config, config.vision_config.pixel_depth, guidance_scale=guidance_scale,
-            do_sample=do_sample, depth_temperature=depth_temperature, depth_top_k=depth_top_k, depth_top_p=depth_top_p,
-        )  # fmt: skip
+        _, _, unknown = resolve_image_generation_config(self.model, generation_config, **settings)
+        unknown.pop("logits_processor", None)  # an argument of `generate`, not a setting
+        if unknown:
+            raise ValueError(f"EvoTokPipeline: unknown arguments {sorted(unknown)}.")
         inputs = self.processor(text=prompts, generation_mode="image", negative_prompt=negative_prompt,
                                 return_tensors="pt")  # fmt: skip
 
@@ -210,15 +211,15 @@ class EvoTokPipeline(DiffusionPipeline):
             )
         grid = config.vision_config.grid_size
         with self.progress_bar(total=grid * grid) as bar:
-            codes = self.model.generate(
+            output = self.model.generate(
                 **inputs,
                 generation_mode="image",
-                **settings,
-                num_return_sequences=num_images_per_prompt,
+                generation_config=generation_config,
                 generator=generator,
-                use_cache=use_cache,
                 streamer=_ProgressStreamer(bar),
+                **settings,
             )
+        codes = output.sequences if isinstance(output, ModelOutput) else output  # return_dict_in_generate=True
         pixels = self.model.decode_image_tokens(codes)
         images = self.processor.image_processor.postprocess(pixels, return_tensors=OUTPUT_TYPES[output_type])
         self.maybe_free_model_hooks()
