@@ -9,8 +9,14 @@ and checks that all give identical codes (counting any differences and, for each
 float64). Prints ms, codes/s, the ratio to (b), the largest distance block each holds and (CUDA, or CPU with
 --memory) the measured peak extra memory.
 
+(a) runs once per `--workers` setting: its CPU search hands blocks of rows to a pool of single-threaded workers
+(`search_workers`, by default `torch.get_num_threads()`); `--workers 1` is one multi-threaded GEMM per block, the search
+before the pool. `--background-load N` runs everything beside N busy processes, each a 2-thread torch matmul loop
+(what a training job with data workers looks like), started before the timing and stopped after it.
+
     python benchmarks/quantizer.py [--device cuda] [--vectors 1024] [--repeats 5] [--chunk-sizes auto,256,1024]
-                                   [--autocast bf16] [--memory] [--json out.json]
+                                   [--workers auto,1] [--background-load 2] [--autocast bf16] [--memory]
+                                   [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chunk-sizes", default="auto", help="comma-separated search block sizes for (a); auto = the default")
+    p.add_argument("--workers", default="auto",
+                   help="comma-separated search_workers for (a) on CPU; auto = torch.get_num_threads()")
+    p.add_argument("--background-load", type=int, default=0, metavar="N",
+                   help="time beside N busy processes, each a 2-thread torch matmul loop")
     p.add_argument("--autocast", choices=["none", "bf16"], default="none", help="run (a) under autocast too")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     p.add_argument("--memory", action="store_true",
@@ -80,6 +90,40 @@ def _time_round_robin(candidates, device, repeats):
             _sync(device)
             times[name].append(time.perf_counter() - t0)
     return {name: (outputs[name], min(ts), sorted(ts)[len(ts) // 2]) for name, ts in times.items()}
+
+
+def _busy_matmul_loop(stop):
+    """A background process: 2-thread 512 x 512 matmuls until told to stop."""
+    torch.set_num_threads(2)
+    a = torch.randn(512, 512)
+    while not stop.is_set():
+        a @ a
+
+
+class BackgroundLoad:
+    """`count` busy processes (spawned: a forked child of a process whose OpenMP pool is running can hang), running
+    while the `with` block runs."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __enter__(self):
+        ctx = multiprocessing.get_context("spawn")
+        self.stop = ctx.Event()
+        self.processes = [ctx.Process(target=_busy_matmul_loop, args=(self.stop,), daemon=True) for _ in range(self.count)]
+        for process in self.processes:
+            process.start()
+        if self.processes:
+            time.sleep(2.0)  # let them start their loops before the timing does
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for process in self.processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+        return False
 
 
 def _cuda_peak(fn):
@@ -164,9 +208,9 @@ def main(argv=None):
     results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "vectors": args.vectors, "depth": args.depth, "codebook_size": args.codebook_size, "dim": args.dim}
 
-    def ours(chunk):
+    def ours(chunk, workers):
         def run():
-            quantizer.search_chunk_size = chunk
+            quantizer.search_chunk_size, quantizer.search_workers = chunk, workers
             with torch.no_grad():
                 return quantizer(x).codes
 
@@ -175,13 +219,18 @@ def main(argv=None):
     candidates = {"b": lambda: official_reference(codebooks, x)}
     blocks = {"b": args.vectors * args.codebook_size * 4}
     labels = {"b": "(b) official algorithm, full addmm + argmin + d_norm"}
+    worker_settings = [None if w == "auto" else int(w) for w in args.workers.split(",")]
     for chunk in [None if c == "auto" else int(c) for c in args.chunk_sizes.split(",")]:
-        quantizer.search_chunk_size = chunk
-        rows_per_block = quantizer._search_rows(device)
-        name = f"a_chunk{f'auto({rows_per_block})' if chunk is None else chunk}"
-        candidates[name] = ours(chunk)
-        blocks[name] = min(rows_per_block, args.vectors) * args.codebook_size * 4
-        labels[name] = f"(a) EvoTokResidualQuantizer, search_chunk_size={name[len('a_chunk'):]}"
+        for workers in worker_settings:
+            quantizer.search_chunk_size, quantizer.search_workers = chunk, workers
+            rows_per_block = quantizer._search_rows(device)
+            name = f"a_chunk{f'auto({rows_per_block})' if chunk is None else chunk}"
+            if workers is not None:
+                name += f"_workers{workers}"
+            candidates[name] = ours(chunk, workers)
+            blocks[name] = min(rows_per_block, args.vectors) * args.codebook_size * 4
+            labels[name] = (f"(a) EvoTokResidualQuantizer, search_chunk_size={name[len('a_chunk'):].split('_')[0]}"
+                            f", search_workers={quantizer._search_workers(device)}")  # fmt: skip
     try:
         from vector_quantize_pytorch import ResidualVQ
     except ImportError:
@@ -201,19 +250,22 @@ def main(argv=None):
         blocks["c"] = None
         labels["c"] = "(c) vector_quantize_pytorch.ResidualVQ"
 
-    timed = _time_round_robin(candidates, device, args.repeats)
+    results["background_load_processes"] = args.background_load
+    with BackgroundLoad(args.background_load):
+        timed = _time_round_robin(candidates, device, args.repeats)
     ref_codes, ref_best, _ = timed["b"]
     rows = []
     for name, (codes, best, median) in timed.items():
         rows.append((labels[name], best, median, blocks[name]))
         results[f"{name}_ms"] = best * 1e3
+        results[f"{name}_median_ms"] = median * 1e3
         if name != "b":
             results[f"{name}_vs_b"] = _mismatch_report(codebooks, x, codes, ref_codes)
         if name.startswith("a_") and args.autocast == "bf16":
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
                 results[f"{name}_bf16_autocast_identical"] = bool(torch.equal(candidates[name](), codes))
 
-    quantizer.search_chunk_size = None
+    quantizer.search_chunk_size = quantizer.search_workers = None
     if device.type == "cuda":
         with torch.no_grad():
             results["a_peak_bytes"] = _cuda_peak(lambda: quantizer(x))
@@ -223,12 +275,13 @@ def main(argv=None):
         results["b_peak_rss_increase_bytes"] = _cpu_peak("b", args)
 
     print(f"\nresidual quantization: {args.vectors} vectors x {args.depth} depths x {args.codebook_size} codes x "
-          f"{args.dim} dims on {device} ({torch.get_num_threads()} threads, torch {torch.__version__})")
-    print(f"{'implementation':58s} {'best ms':>9s} {'median ms':>10s} {'kcodes/s':>9s} {'speed-up vs (b)':>15s} "
+          f"{args.dim} dims on {device} ({torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"{args.background_load} busy background processes)")
+    print(f"{'implementation':78s} {'best ms':>9s} {'median ms':>10s} {'kcodes/s':>9s} {'speed-up vs (b)':>15s} "
           f"{'largest distance block':>22s}")
     for label, best, median, block in rows:
         block_s = f"{block / 2**20:.1f} MiB" if block else "-"
-        print(f"{label:58s} {best * 1e3:9.1f} {median * 1e3:10.1f} {total_codes / best / 1e3:9.1f} "
+        print(f"{label:78s} {best * 1e3:9.1f} {median * 1e3:10.1f} {total_codes / best / 1e3:9.1f} "
               f"{ref_best / best:15.2f} {block_s:>22s}")
     for key, value in results.items():
         if key.endswith("_vs_b") or "identical" in key:

@@ -1,5 +1,7 @@
 """The residual quantizer against independent float64 references."""
 
+import threading
+
 import pytest
 import torch
 
@@ -33,6 +35,38 @@ def test_codes_equal_float64_brute_force_at_every_depth(chunk):
     assert out.codes.shape == (300, 6)
     assert out.codes.dtype == torch.int64
     assert torch.equal(out.codes, expected)
+
+
+@pytest.mark.parametrize("workers,chunk", [(2, 7), (3, 1), (4, 64), (2, None)])
+def test_worker_pool_search_equals_brute_force_and_leaves_thread_settings(workers, chunk):
+    """The CPU search with a pool of single-threaded workers gives the float64 codes and the caller's thread count;
+    threads started afterwards get the process's setting again, not the workers' 1."""
+    q = make_quantizer(size=128, dim=8, semantic=6, search_chunk_size=chunk, search_workers=workers).eval()
+    if chunk is None:
+        q._CPU_BLOCK_BYTES = 4 * 128 * workers * 16  # 16 rows a block: 300 rows make 19 blocks
+    x = torch.randn(300, 8)
+    before = torch.get_num_threads()
+    out = q(x)
+    assert torch.equal(out.codes, brute_force_codes(q.codebook, x))
+    assert torch.get_num_threads() == before
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [before]
+
+
+def test_worker_pool_training_step_equals_the_serial_one():
+    """EMA updates, restarts and every output of a training step are the same with one worker or several."""
+    x = torch.randn(200, 8) * 2
+    results = []
+    for workers in (1, 3):
+        q = make_quantizer(size=128, dim=8, semantic=5, search_chunk_size=9, search_workers=workers).train()
+        torch.manual_seed(1)
+        out = q(x)
+        results.append((out.codes, out.semantic_latents, out.commitment_loss, q.codebook.clone(), q.cluster_size_ema.clone()))
+    for serial, pooled in zip(*results):
+        assert torch.equal(serial, pooled)
 
 
 def test_partial_sums_and_commitment_loss_match_independent_computation():

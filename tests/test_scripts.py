@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,8 @@ def test_quantizer_benchmark_small_identical_codes(tmp_path):
     main = load_main("benchmarks/quantizer.py")
     results = main(["--vectors", "64", "--depth", "3", "--codebook-size", "512", "--dim", "8", "--repeats", "1",
                     "--chunk-sizes", "auto,5", "--autocast", "bf16", "--json", str(tmp_path / "b.json")])
-    assert results["a_chunkauto(4096)_vs_b"] == {"vectors_differing": 0}  # 8 MiB / (4 B x 512 codes) rows
+    rows = 8 * 2**20 // (4 * 512 * torch.get_num_threads())  # 8 MiB of 4-byte distances to 512 codes, per worker
+    assert results[f"a_chunkauto({rows})_vs_b"] == {"vectors_differing": 0}
     assert results["a_chunk5_vs_b"] == {"vectors_differing": 0}
     assert results["a_chunk5_bf16_autocast_identical"] is True
     assert json.loads((tmp_path / "b.json").read_text())["b_ms"] > 0

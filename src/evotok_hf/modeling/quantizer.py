@@ -11,6 +11,8 @@ References: EvoTok (arXiv 2603.12108) and the authors' `SharedResidualQuantizer`
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +67,7 @@ class EvoTokResidualQuantizer(nn.Module):
         restart_unused_codes: bool = True,
         ema_warmup_steps: int = 0,
         search_chunk_size: int | None = None,
+        search_workers: int | None = None,
     ):
         super().__init__()
         if not 1 <= pixel_depth <= semantic_depth:
@@ -78,6 +81,7 @@ class EvoTokResidualQuantizer(nn.Module):
         self.restart_unused_codes = restart_unused_codes
         self.ema_warmup_steps = ema_warmup_steps
         self.search_chunk_size = search_chunk_size
+        self.search_workers = search_workers
 
         codebook = torch.randn(semantic_depth, codebook_size, codebook_dim, dtype=torch.float32)
         self.register_buffer("codebook", codebook)
@@ -101,38 +105,76 @@ class EvoTokResidualQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ search
     # Distance block budgets: on CPU a block that stays in cache (the distance writes, not the flops, dominate a GEMM
-    # whose inner dimension is only `codebook_dim`); on accelerators a block large enough to keep the device busy.
+    # whose inner dimension is only `codebook_dim`), shared by the workers; on accelerators a block large enough to
+    # keep the device busy.
     _CPU_BLOCK_BYTES = 8 * 2**20
     _ACCELERATOR_BLOCK_BYTES = 256 * 2**20
+
+    def _search_workers(self, device: torch.device) -> int:
+        if device.type != "cpu":
+            return 1
+        return self.search_workers if self.search_workers is not None else torch.get_num_threads()
 
     def _search_rows(self, device: torch.device) -> int:
         if self.search_chunk_size is not None:
             return self.search_chunk_size
-        budget = self._CPU_BLOCK_BYTES if device.type == "cpu" else self._ACCELERATOR_BLOCK_BYTES
-        return max(1, budget // (4 * self.codebook_size))
+        if device.type != "cpu":
+            return max(1, self._ACCELERATOR_BLOCK_BYTES // (4 * self.codebook_size))
+        return max(1, self._CPU_BLOCK_BYTES // (4 * self.codebook_size * self._search_workers(device)))
 
     @torch.no_grad()
-    def nearest_codes(self, vectors: torch.Tensor, depth: int) -> torch.Tensor:
-        """Exact nearest entry (squared L2, first index on ties) of codebook `depth` for each row of `vectors` (N, dim).
+    def search(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The residual search of `vectors` (N, codebook_dim): codes (N, semantic_depth), at each depth the exact
+        nearest entry (squared L2, first index on ties) of that depth's codebook to the residual left by the depths
+        before. fp32 whatever the autocast state.
 
-        Runs in fp32 whatever the autocast state, over blocks of `search_chunk_size` rows (by default as many as fit
-        8 MiB of distances on CPU, 256 MiB on accelerators) written into one reused buffer, so the extra memory does
-        not grow with N. ||v||^2 is constant per row and left out of the argmin; ||c||^2 enters as addmm's bias, so
-        each block is one GEMM and one argmin.
+        The rows are cut into blocks of `search_chunk_size` (by default as many as keep 8 MiB of distances on CPU,
+        shared by the workers, 256 MiB on accelerators), and each block runs through all depths on its own, in one
+        reused distance buffer, so the extra memory does not grow with N. ||v||^2 is constant per row and left out of
+        the argmin; ||c||^2 enters as addmm's bias, so each block and depth is one GEMM and one argmin.
+
+        On a CPU the blocks go to a pool of `search_workers` single-threaded workers (by default
+        `torch.get_num_threads()`), each taking the next block when it finishes one. A multi-threaded GEMM per block
+        would make every one of the N / rows x depths small GEMMs a parallel region whose threads wait for each
+        other: on a machine shared with other busy processes, a descheduled thread stalls them all (the search ran
+        at 1.1-2.6x the authors' algorithm instead of 7x there; `benchmarks/README.md`). Independent blocks keep
+        the cores that are free busy.
         """
         with torch.autocast(device_type=vectors.device.type, enabled=False):
             vectors = vectors.float()
-            codebook = self.codebook[depth].float()
-            codebook_sq = codebook.pow(2).sum(dim=1)
-            codebook_t = codebook.t()
-            codes = torch.empty(vectors.shape[0], dtype=torch.long, device=vectors.device)
+            codebooks = self.codebook.float()
+            codebooks_t = codebooks.transpose(1, 2)
+            codebooks_sq = codebooks.pow(2).sum(dim=2)
+            codes = torch.empty(vectors.shape[0], self.semantic_depth, dtype=torch.long, device=vectors.device)
             rows = min(self._search_rows(vectors.device), max(vectors.shape[0], 1))
-            distances = vectors.new_empty(rows, self.codebook_size)
-            for start in range(0, vectors.shape[0], rows):
-                block = vectors[start : start + rows]
-                out = distances[: block.shape[0]]
-                torch.addmm(codebook_sq, block, codebook_t, alpha=-2.0, out=out)
-                codes[start : start + rows] = self._first_argmin(out)
+            starts = range(0, vectors.shape[0], rows)
+            workers = min(self._search_workers(vectors.device), len(starts))
+            buffers = threading.local()
+
+            def search_block(start: int) -> None:
+                distances = getattr(buffers, "distances", None)
+                if distances is None:
+                    distances = buffers.distances = vectors.new_empty(rows, self.codebook_size)
+                residual = vectors[start : start + rows].clone()
+                out = distances[: residual.shape[0]]
+                for depth in range(self.semantic_depth):
+                    torch.addmm(codebooks_sq[depth], residual, codebooks_t[depth], alpha=-2.0, out=out)
+                    idx = self._first_argmin(out)
+                    codes[start : start + rows, depth] = idx
+                    residual.sub_(codebooks[depth].index_select(0, idx))
+
+            if workers <= 1:
+                for start in starts:
+                    search_block(start)
+                return codes
+            threads = torch.get_num_threads()
+            try:
+                # torch.set_num_threads in a worker sets that thread's OpenMP team size (the caller keeps its own) and
+                # the default for threads not yet started, restored below
+                with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                    list(pool.map(torch.no_grad()(search_block), starts))
+            finally:
+                torch.set_num_threads(threads)
         return codes
 
     def _first_argmin(self, distances: torch.Tensor) -> torch.Tensor:
@@ -171,18 +213,18 @@ class EvoTokResidualQuantizer(nn.Module):
             x = latents.float().reshape(-1, self.codebook_dim)
             residual = x.detach().clone()
             partial_sum = torch.zeros_like(residual)
-            codes = torch.empty(x.shape[0], self.semantic_depth, dtype=torch.long, device=x.device)
+            # every depth's codebook changes (EMA) only after its own search, so all codes can be searched first
+            codes = self.search(residual)
             usage = x.new_empty(self.semantic_depth)
             perplexity = x.new_empty(self.semantic_depth)
             commitment = x.new_zeros(())
             update = self.training and self._all_finite(x)
             for depth in range(self.semantic_depth):
-                idx = self.nearest_codes(residual, depth)
+                idx = codes[:, depth]
                 chosen = self.codebook[depth].float().index_select(0, idx)
                 counts = self._code_counts(idx, residual, depth, update)
                 residual.sub_(chosen)
                 partial_sum = partial_sum + chosen  # not in place: the commitment term below keeps it for backward
-                codes[:, depth] = idx
                 commitment = commitment + F.mse_loss(x, partial_sum)
                 usage[depth] = (counts > 0).float().mean()
                 probs = counts / counts.sum().clamp(min=1)
