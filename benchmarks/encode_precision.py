@@ -13,12 +13,13 @@ share whose codes at all depths up to that one equal fp32's). Every depth's sear
 so a code flips when bf16 moves the residual by more than the decision's margin; `margins` shows how many fp32
 decisions are that close (the gap between the nearest and second-nearest code, relative to the squared residual).
 
-    python benchmarks/encode_precision.py --tokenizer outputs/demo/tokenizer [--images 200] [--repeats 5]
-        [--paper-size-timing] [--json benchmarks/encode_precision_cpu.json]
+    python benchmarks/encode_precision.py [--tokenizer outputs/demo/tokenizer] [--images 200] [--repeats 5]
+        [--paper-size-timing] [--device cuda] [--json benchmarks/encode_precision_cpu.json]
 
 `--tokenizer` is a trained tokenizer folder (the miniature's: `make demo` writes `outputs/demo/tokenizer`); its
 images are EvoTok Shapes test scenes at the tokenizer's image size. `--paper-size-timing` also times the modes on the
-paper-size preset (random weights, one 256 x 256 image; agreement on random weights says little and is not reported).
+paper-size preset (random weights, one 256 x 256 image; agreement on random weights says little and is not reported),
+and decoding its codes to pixels (the 4 pixel depths) and to semantic features (all 16), in fp32 and from a bf16 load.
 """
 
 from __future__ import annotations
@@ -37,11 +38,15 @@ from evotok_hf import EvoTokConfig, EvoTokImageProcessor, EvoTokModel
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="a trained EvoTok tokenizer folder")
+    p.add_argument("--tokenizer", default=None,
+                   help="a trained EvoTok tokenizer folder (without one, only --paper-size-timing runs)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", type=int, default=200, help="EvoTok Shapes test scenes to encode")
     p.add_argument("--last-layers", default="1,2", help="comma list of K for the bf16-load+fp32-last-K modes")
     p.add_argument("--repeats", type=int, default=5, help="timing rounds (best and median reported)")
     p.add_argument("--paper-size-timing", action="store_true", help="also time the modes at the paper's sizes")
+    p.add_argument("--paper-preset", default="evotok-siglip2-l16-256",
+                   help="the preset --paper-size-timing builds (a small one checks the script quickly)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     return p.parse_args(argv)
 
@@ -72,6 +77,7 @@ def mixed_precision_encode(model: EvoTokModel, pixel_values: torch.Tensor) -> to
 
 
 def build_modes(model: EvoTokModel, bf16_loaded: EvoTokModel, last_layers: list[int]) -> dict:
+    device_type = model.device.type
     modes = {"fp32": lambda x: model.encode(x).codes, "bf16-load": lambda x: bf16_loaded.encode(x).codes}
     task_fp32 = bf16_copy(model, fp32_last_layers=0)
     modes["bf16-load+fp32-task-layer"] = lambda x: mixed_precision_encode(task_fp32, x)
@@ -80,7 +86,7 @@ def build_modes(model: EvoTokModel, bf16_loaded: EvoTokModel, last_layers: list[
         modes[f"bf16-load+fp32-last-{k}"] = lambda x, mixed=mixed: mixed_precision_encode(mixed, x)
 
     def autocast(x):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
             return model.encode(x).codes
 
     modes["bf16-autocast"] = autocast
@@ -113,15 +119,22 @@ def decision_margins(model: EvoTokModel, pixel_values: torch.Tensor, thresholds=
     return shares
 
 
-def time_round_robin(modes: dict, pixel_values: torch.Tensor, repeats: int) -> dict:
+def time_round_robin(modes: dict, inputs: torch.Tensor, repeats: int) -> dict:
     """Best and median seconds per call, one call of each mode per round after a warm-up call each."""
+
+    def sync():
+        if inputs.device.type == "cuda":
+            torch.cuda.synchronize()
+
     with torch.no_grad():
-        outputs = {name: fn(pixel_values) for name, fn in modes.items()}
+        outputs = {name: fn(inputs) for name, fn in modes.items()}
         times = {name: [] for name in modes}
         for _ in range(repeats):
             for name, fn in modes.items():
+                sync()
                 start = time.perf_counter()
-                outputs[name] = fn(pixel_values)
+                outputs[name] = fn(inputs)
+                sync()
                 times[name].append(time.perf_counter() - start)
     return {name: {"best_s": min(t), "median_s": statistics.median(t)} for name, t in times.items()}, outputs
 
@@ -136,26 +149,24 @@ def shapes_pixel_values(tokenizer: str, count: int) -> torch.Tensor:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.tokenizer is None and not args.paper_size_timing:
+        raise SystemExit("pass --tokenizer (a trained tokenizer folder), --paper-size-timing, or both")
     last_layers = [int(k) for k in args.last_layers.split(",") if k]
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    model = EvoTokModel.from_pretrained(args.tokenizer, dtype=torch.float32).eval()
-    bf16_loaded = EvoTokModel.from_pretrained(args.tokenizer, dtype=torch.bfloat16).eval()
-    pixel_values = shapes_pixel_values(args.tokenizer, args.images)
-    timings, outputs = time_round_robin(build_modes(model, bf16_loaded, last_layers), pixel_values, args.repeats)
-    reference = outputs["fp32"]
-    result = {"tokenizer": args.tokenizer, "images": args.images, "threads": torch.get_num_threads(),
-              "pixel_depth": model.config.pixel_depth, "modes": {}}  # fmt: skip
-    for name, timing in timings.items():
-        result["modes"][name] = {**timing, "speedup_vs_fp32": timings["fp32"]["best_s"] / timing["best_s"],
-                                 "agreement": agreement(outputs[name], reference)}  # fmt: skip
-    result["fp32_decision_margins"] = decision_margins(model, pixel_values)
+    result = {"device": str(device), "threads": torch.get_num_threads(), "modes": {}}
+    if args.tokenizer is not None:
+        model = EvoTokModel.from_pretrained(args.tokenizer, dtype=torch.float32).to(device).eval()
+        bf16_loaded = EvoTokModel.from_pretrained(args.tokenizer, dtype=torch.bfloat16).to(device).eval()
+        pixel_values = shapes_pixel_values(args.tokenizer, args.images).to(device)
+        timings, outputs = time_round_robin(build_modes(model, bf16_loaded, last_layers), pixel_values, args.repeats)
+        result.update(tokenizer=args.tokenizer, images=args.images, pixel_depth=model.config.pixel_depth)
+        for name, timing in timings.items():
+            result["modes"][name] = {**timing, "speedup_vs_fp32": timings["fp32"]["best_s"] / timing["best_s"],
+                                     "agreement": agreement(outputs[name], outputs["fp32"])}  # fmt: skip
+        result["fp32_decision_margins"] = decision_margins(model, pixel_values)
     if args.paper_size_timing:
-        paper = EvoTokModel(EvoTokConfig.from_preset("evotok-siglip2-l16-256")).eval()
-        image = torch.rand(1, 3, paper.config.image_size, paper.config.image_size) * 2 - 1
-        paper_timings, _ = time_round_robin(build_modes(paper, bf16_copy(paper), last_layers), image, args.repeats)
-        result["paper_size_timing"] = {
-            name: {**t, "speedup_vs_fp32": paper_timings["fp32"]["best_s"] / t["best_s"]} for name, t in paper_timings.items()
-        }
+        result["paper_size_timing"] = paper_size_timing(args, device, last_layers)
     print_table(result)
     if args.json:
         with open(args.json, "w") as f:
@@ -163,7 +174,33 @@ def main(argv=None) -> dict:
     return result
 
 
+def paper_size_timing(args, device: torch.device, last_layers: list[int]) -> dict:
+    """Encode modes, and decoding the pixel codes to an image and all codes to semantic features in fp32 and bf16, at
+    the paper's sizes (random weights, one image)."""
+    paper = EvoTokModel(EvoTokConfig.from_preset(args.paper_preset)).to(device).eval()
+    low = bf16_copy(paper)
+    image = torch.rand(1, 3, paper.config.image_size, paper.config.image_size, device=device) * 2 - 1
+    timings, outputs = time_round_robin(build_modes(paper, low, last_layers), image, args.repeats)
+    codes = outputs["fp32"]
+    decoders = {
+        "decode fp32": lambda c: paper.decode(c[..., : paper.config.pixel_depth]),
+        "decode bf16-load": lambda c: low.decode(c[..., : paper.config.pixel_depth]),
+        "semantic features fp32": paper.get_semantic_features,
+        "semantic features bf16-load": low.get_semantic_features,
+    }
+    decode_timings, _ = time_round_robin(decoders, codes, args.repeats)
+    timings.update(decode_timings)
+    for name, t in timings.items():
+        reference = "decode fp32" if name.startswith("decode") else "semantic features fp32" if name.startswith("semantic") else "fp32"
+        t["speedup_vs_fp32"] = timings[reference]["best_s"] / t["best_s"]
+    return timings
+
+
 def print_table(result: dict) -> None:
+    for name, t in result.get("paper_size_timing", {}).items():
+        print(f"paper size, 1 image, {result['device']}: {name:32s} best {t['best_s']:.3f} s  x fp32 {t['speedup_vs_fp32']:.2f}")
+    if not result["modes"]:
+        return
     pixel_depth = result["pixel_depth"]
     some = sorted({pixel_depth, *(d for d in (8, 16) if d <= len(result["modes"]["fp32"]["agreement"]["per_depth"]))})
     print(f"{result['images']} EvoTok Shapes scenes, {result['threads']} threads; agreement with fp32 codes")
@@ -176,8 +213,6 @@ def print_table(result: dict) -> None:
         print(f"{name:32s} {mode['best_s']:8.4f} {mode['speedup_vs_fp32']:7.2f}  {pixel} | {prefixes}")
     for threshold, shares in result["fp32_decision_margins"].items():
         print(f"fp32 decisions with relative margin < {threshold}: " + " ".join(f"{s:.3f}" for s in shares))
-    for name, t in result.get("paper_size_timing", {}).items():
-        print(f"paper size, 1 image: {name:32s} best {t['best_s']:.3f} s  x fp32 {t['speedup_vs_fp32']:.2f}")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=0.96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the models' dtype (the codebooks stay fp32, as a bf16 load keeps them)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     return p.parse_args(argv)
 
@@ -312,7 +314,8 @@ def _summary(runs: list[dict]) -> dict:
 
 def benchmark_size(size: str, args, device: torch.device) -> dict:
     tokenizer = build_tokenizer()
-    model = build_model(size, tokenizer, args.seed, args.grid).to(device)
+    model = build_model(size, tokenizer, args.seed, args.grid).to(device=device, dtype=getattr(torch, args.dtype))
+    model.vision_tower.quantizer.float()  # as `_keep_in_fp32_modules_strict` keeps them in a bf16 load
     vision = model.config.vision_config
     processor = build_processor(tokenizer, vision)
     inputs = processor(text=[PROMPT] * args.batch, generation_mode="image", return_tensors="pt")
@@ -460,7 +463,7 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown sizes {unknown}; choose from {sorted(SIZES)}")
     paper = multiply_adds_per_position(PAPER_LLM, PAPER_HEAD, PAPER_CODEBOOK_SIZE, PAPER_PIXEL_DEPTH, 2)  # fmt: skip
-    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    results = {"device": str(device), "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg()), "repeats": args.repeats,
                "guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
                "paper_size_multiply_adds_per_position": paper, "sizes": {}}  # fmt: skip

@@ -1,9 +1,14 @@
 """benchmarks/encode_precision.py: its mixed-precision encode is the model's encode, and the agreement it reports is
-the share of equal codes counted independently."""
+the share of equal codes counted independently; benchmarks/run_gpu.sh runs every benchmark it names."""
 
+import json
+import os
 import pathlib
 import runpy
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from evotok_hf import EvoTokConfig, EvoTokModel
@@ -62,3 +67,19 @@ def test_bf16_copy_keeps_codebooks_fp32_and_the_chosen_layers():
     assert low.encode_task_layer[0].weight.dtype == torch.float32
     assert low.encoder.embeddings.patch_embedding.weight.dtype == torch.bfloat16
     assert model.encoder.embeddings.patch_embedding.weight.dtype == torch.float32  # the original is untouched
+
+
+@pytest.mark.integration
+def test_gpu_script_runs_every_benchmark_in_smoke_mode(tmp_path):
+    """benchmarks/run_gpu.sh on a CPU at tiny sizes: it runs the three benchmarks and writes their JSON (the real run
+    needs a GPU, which no test machine has)."""
+    env = {**os.environ, "DEVICE": "cpu", "SMOKE": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), str(tmp_path)], check=True, env=env)
+    quantizer = json.loads((tmp_path / "quantizer.json").read_text())
+    search = next(k for k in quantizer if k.startswith("a_chunkauto") and k.endswith("_vs_b"))
+    assert quantizer[search] == {"vectors_differing": 0}
+    encode = json.loads((tmp_path / "encode_decode.json").read_text())
+    timed = {"fp32", "bf16-load", "decode fp32", "decode bf16-load", "semantic features bf16-load"}
+    assert timed <= set(encode["paper_size_timing"])
+    generation = json.loads((tmp_path / "generation.json").read_text())
+    assert generation["dtype"] == "bfloat16" and "tiny" in generation["sizes"]
