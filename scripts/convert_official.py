@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-from pathlib import Path
 
 import torch
 
+from evotok_hf.command_line import run_from_shell
 from evotok_hf.hub.convert_official import (
     convert_generation_checkpoint,
     convert_tokenizer_checkpoint,
@@ -103,7 +102,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:  # bad input: the message says what to change, a traceback would only bury it
-        sys.exit(f"{Path(__file__).name}: error: {err}")
+    run_from_shell(main, __file__)

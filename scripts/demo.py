@@ -31,10 +31,11 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 import evotok_hf  # noqa: F401  (registers the Auto classes)
+from evotok_hf.bundled_photos import bundled_photo_dataset
 from evotok_hf.evaluation import evaluate_reconstruction, mean_colour_baseline, psnr
 from evotok_hf.frozen_networks import build_teacher
 from evotok_hf.hub.staging import staged_output_dir
-from evotok_hf.image_datasets import bundled_photo_dataset, eval_transform
+from evotok_hf.image_datasets import eval_transform
 from evotok_hf.training.trainer import TRAINING_PRESETS, TokenizerTrainer, training_arguments_from_preset
 
 

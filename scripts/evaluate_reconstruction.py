@@ -6,11 +6,14 @@ Writes to --output-dir: report.json (which also records --dataset and --split, f
 scripts/push_to_hub.py --eval-json), report.md (tables), per_depth.png (metric vs depth), kmeans_depths.png,
 probe.json; prints the tables.
 
-ImageNet-1K validation at 256 (the paper's rFID protocol: resize shortest side + centre crop, Inception features;
-needs the online extra and Hub access to the gated dataset):
+ImageNet-1K validation at 256, the paper's rFID protocol: ADM centre crop, reconstructions and originals saved as
+PNG, FID of the 2048-d pool3 Inception fed as torch-fidelity and pytorch-fid feed it, clean-fid's beside them (each
+needs the online extra, and the dataset Hub access to the gated repository):
 
     python scripts/evaluate_reconstruction.py --model <evotok folder or Hub id> \\
-        --dataset ILSVRC/imagenet-1k --split validation --streaming --feature-network inception \\
+        --dataset ILSVRC/imagenet-1k --split validation --streaming --center-crop adm \\
+        --feature-network inception --fid-implementation torch-fidelity,pytorch-fid,clean-fid \\
+        --save-images outputs/eval-imagenet/images \\
         --teacher google/siglip2-large-patch16-256 --output-dir outputs/eval-imagenet
 
 Offline, on the embedded photos (what the tests run):
@@ -29,14 +32,24 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 import evotok_hf  # noqa: F401  (registers the Auto classes)
-from evotok_hf.evaluation.reconstruction import ALL_METRICS, evaluate_reconstruction
+from evotok_hf.bundled_photos import bundled_photo_dataset
+from evotok_hf.evaluation.reconstruction import ALL_METRICS, CENTER_CROPS, evaluate_reconstruction
 from evotok_hf.evaluation.representation import kmeans_by_depth, lfw_probe_dataset, probe_by_depth, save_cluster_grid
-from evotok_hf.frozen_networks import DEFAULT_SIGLIP_TEACHER, build_teacher
-from evotok_hf.image_datasets import bundled_photo_dataset, eval_transform, load_image_dataset
+from evotok_hf.frozen_networks import DEFAULT_SIGLIP_TEACHER, FID_IMPLEMENTATIONS, build_teacher
+from evotok_hf.image_datasets import eval_transform, load_image_dataset
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _fid_implementations(text: str) -> list[str]:
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FID_IMPLEMENTATIONS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected a comma list of distinct names from {list(FID_IMPLEMENTATIONS)}, "
+                                         f"got {text!r}")
+    return names
 
 
 def parse_args(argv=None):
@@ -51,6 +64,16 @@ def parse_args(argv=None):
     p.add_argument("--metrics", default="psnr,ssim,rfid,semantic,usage", help=f"comma list of {ALL_METRICS}")
     p.add_argument("--feature-network", default="inception",
                    help="rFID features: inception (online, the standard), efficientnet-lite0 (offline stand-in)")
+    p.add_argument("--fid-implementation", type=_fid_implementations, default=None,
+                   help="with --feature-network inception: whose feeding of the FID Inception to follow, a comma list "
+                        f"of {', '.join(FID_IMPLEMENTATIONS)}; the first gives the report's rFID, the others stand "
+                        "beside it (default: torch-fidelity)")
+    p.add_argument("--center-crop", choices=CENTER_CROPS, default="processor",
+                   help="processor: the image processor's shortest side + centre crop; adm: the ADM / guided-diffusion "
+                        "centre crop (the paper's rFID protocol)")
+    p.add_argument("--save-images", default=None, metavar="DIR",
+                   help="write the originals and each pixel depth's reconstructions as PNG under DIR (originals/, "
+                        "reconstructions/depth_K/), to score with pytorch-fid, torch-fidelity or clean-fid")
     p.add_argument("--teacher", default="auto",
                    help="semantic teacher: efficientnet-lite0, a SigLIP path / Hub id, or auto (by teacher_dim)")
     p.add_argument("--teacher-image-size", type=int, default=None,
@@ -83,20 +106,28 @@ def main(argv=None) -> dict:
     if teacher == "auto":
         teacher = "efficientnet-lite0" if config.teacher_dim == 1280 else DEFAULT_SIGLIP_TEACHER
     metrics = [m for m in args.metrics.split(",") if m]
+    if args.feature_network == "inception":
+        feature_network = args.fid_implementation or ["torch-fidelity"]
+    elif args.fid_implementation:
+        raise SystemExit("--fid-implementation applies to --feature-network inception only")
+    else:
+        feature_network = args.feature_network
     if "semantic" in metrics and teacher == "efficientnet-lite0":
         teacher = build_teacher(teacher, grid_size=config.grid_size, image_size=args.teacher_image_size)
         teacher.name = f"efficientnet-lite0 @ {teacher.image_size} px (offline stand-in for SigLIP2)"
 
     report = evaluate_reconstruction(
         model, dataset, processor, depths=args.pixel_depths, semantic_depths=args.semantic_depths, metrics=metrics,
-        batch_size=args.batch_size, feature_network=args.feature_network, teacher=teacher,
+        batch_size=args.batch_size, feature_network=feature_network, teacher=teacher,
         lpips=args.lpips if "lpips" in metrics else None, max_images=args.max_images, progress=not args.no_progress,
-        dataset_name=args.dataset, split=args.split,
+        dataset_name=args.dataset, split=args.split, center_crop=args.center_crop, save_images=args.save_images,
     )
     outputs = {
         "report": report.save_json(os.path.join(args.output_dir, "report.json")),
         "plot": report.plot(os.path.join(args.output_dir, "per_depth.png")),
     }
+    if args.save_images:
+        outputs["images"] = args.save_images
     table = report.to_markdown()
     outputs["table"] = os.path.join(args.output_dir, "report.md")
     with open(outputs["table"], "w") as f:

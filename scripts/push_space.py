@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-from huggingface_hub import HfApi, SpaceCard
+from huggingface_hub import SpaceCard
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from evotok_hf.command_line import run_from_shell
+from evotok_hf.hub.publish import add_publish_arguments, publish_folder
 from evotok_hf.hub.staging import check_output_dir, staged_output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,11 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--repo-id", required=True, help="the Space, 'org/name'")
     p.add_argument("--tokenizer", required=True, help="Hub id of the EvoTok tokenizer the Space serves")
     p.add_argument("--vlm", default=None, help="Hub id of the EvoTok VLM the Space serves (enables the Chat tab)")
-    p.add_argument("--private", action="store_true", help="create the Space as private")
-    p.add_argument("--dry-run", action="store_true", help="write the folder, print its path, upload nothing")
-    p.add_argument("--output-dir", default=None,
-                   help="where the folder is written (must not exist or be empty; default: a new temporary folder)")
-    p.add_argument("--commit-message", default=None)
+    add_publish_arguments(p, "Space")
     return p.parse_args(argv)
 
 
@@ -103,28 +100,16 @@ def main(argv=None) -> dict:
     tokenizer = _hub_id(args.tokenizer, "--tokenizer")
     vlm = _hub_id(args.vlm, "--vlm") if args.vlm else None
     folder = build_space_folder(repo_id, tokenizer, vlm, _output_dir(args.output_dir))
-    result = {"folder": str(folder), "repo_id": repo_id, "uploaded": False}
-    if args.dry_run:
-        print(folder)
-        return result
-
-    api = HfApi()
-    repo_url = api.create_repo(repo_id, repo_type="space", space_sdk="gradio",
-                               private=True if args.private else None, exist_ok=True)  # fmt: skip
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        repo_type="space",
-        folder_path=str(folder),
+    result = publish_folder(
+        folder, repo_id, repo_type="space", private=args.private, dry_run=args.dry_run,
         commit_message=args.commit_message or "Upload the EvoTok demo (scripts/push_space.py of evotok_hf)",
-        delete_patterns=["evotok_hf/**"],  # the package copy is replaced whole: no stale module survives
-    )
-    result.update(uploaded=True, repo_url=str(repo_url), commit_url=str(getattr(commit, "commit_url", commit)))
-    print(f"uploaded {folder} to {result['repo_url']}")
+        create_options={"space_sdk": "gradio"},
+        # the package copy is replaced whole: no stale module survives
+        upload_options={"delete_patterns": ["evotok_hf/**"]},
+    )  # fmt: skip
+    print(f"uploaded {folder} to {result['repo_url']}" if result["uploaded"] else folder)
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:  # bad input: the message says what to change, a traceback would only bury it
-        sys.exit(f"{Path(__file__).name}: error: {err}")
+    run_from_shell(main, __file__)

@@ -21,10 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
-
-from huggingface_hub import HfApi
 
 from evotok_hf import (  # importing evotok_hf registers the Auto classes
     EvoTokForConditionalGeneration,
@@ -32,7 +29,9 @@ from evotok_hf import (  # importing evotok_hf registers the Auto classes
     EvoTokModel,
     EvoTokProcessor,
 )
+from evotok_hf.command_line import run_from_shell
 from evotok_hf.hub.model_card import render_tokenizer_card, render_vlm_card
+from evotok_hf.hub.publish import add_publish_arguments, publish_folder
 from evotok_hf.hub.remote_code import export_remote_code
 from evotok_hf.hub.staging import check_output_dir, staged_output_dir
 
@@ -61,11 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", action="append", default=None, help="Hub id of a training dataset (repeatable)")
     p.add_argument("--remote-code", action="store_true",
                    help="ship the flat modeling/processing code + auto_map (loads with trust_remote_code=True)")
-    p.add_argument("--private", action="store_true", help="create the repository as private")
-    p.add_argument("--dry-run", action="store_true", help="write the folder, print its path, upload nothing")
-    p.add_argument("--output-dir", default=None,
-                   help="where the folder is written (must not exist or be empty; default: a new temporary folder)")
-    p.add_argument("--commit-message", default=None)
+    add_publish_arguments(p)
     return p.parse_args(argv)
 
 
@@ -128,26 +123,13 @@ def main(argv=None) -> dict:
         raise ValueError(f"--model-dir {args.model_dir!r} is not a folder.")
     output = _output_dir(args.output_dir, model_dir)
     folder = build_folder(args, model_dir, output)
-    result = {"folder": str(folder), "repo_id": args.repo_id, "uploaded": False}
-    if args.dry_run:
-        print(folder)
-        return result
-
-    api = HfApi()
-    repo_url = api.create_repo(args.repo_id, repo_type="model", private=True if args.private else None, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=args.repo_id,
-        repo_type="model",
-        folder_path=str(folder),
+    result = publish_folder(
+        folder, args.repo_id, repo_type="model", private=args.private, dry_run=args.dry_run,
         commit_message=args.commit_message or "Upload EvoTok model (scripts/push_to_hub.py of evotok_hf)",
     )
-    result.update(uploaded=True, repo_url=str(repo_url), commit_url=str(getattr(commit, "commit_url", commit)))
-    print(f"uploaded {folder} to {result['repo_url']}")
+    print(f"uploaded {folder} to {result['repo_url']}" if result["uploaded"] else folder)
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:  # bad input: the message says what to change, a traceback would only bury it
-        sys.exit(f"{Path(__file__).name}: error: {err}")
+    run_from_shell(main, __file__)

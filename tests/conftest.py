@@ -9,6 +9,7 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from evotok_hf import EvoTokConfig, EvoTokModel  # noqa: E402
+from vlm_helpers import T2I_CORPUS, bpe_tokenizer, tiny_generation_vlm, tiny_processor  # noqa: E402
 
 # ----------------------------------------------------------------------------- the `integration` mark
 # The tests that run the package end to end: through another process (a subprocess, torchrun, spawned ranks), a live
@@ -70,6 +71,34 @@ def tiny_images(tiny_config):
     g = torch.Generator().manual_seed(1)
     size = tiny_config.image_size
     return torch.rand(3, 3, size, size, generator=g) * 2 - 1
+
+
+# ----------------------------------------------------------------------------- a tiny text-to-image VLM
+# The image-generation test modules share these. Each module gets its own model, so settings one module changes (and
+# restores) never reach another.
+@pytest.fixture(scope="module")
+def t2i_tokenizer():
+    return bpe_tokenizer(T2I_CORPUS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def t2i_vlm(t2i_tokenizer):
+    return tiny_generation_vlm(t2i_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def t2i_processor(t2i_tokenizer):
+    return tiny_processor(t2i_tokenizer, wrap_image_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def t2i_pipe(t2i_vlm, t2i_processor):
+    """`EvoTokPipeline` over `t2i_vlm`, without a progress bar."""
+    from evotok_hf.pipelines import EvoTokPipeline
+
+    pipe = EvoTokPipeline(model=t2i_vlm, processor=t2i_processor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @pytest.fixture(autouse=True)

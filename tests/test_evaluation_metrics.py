@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 from skimage.metrics import structural_similarity  # noqa: E402
 from torch import nn  # noqa: E402
 
-from evotok_hf.data import load_bundled_photos  # noqa: E402
+from evotok_hf.bundled_photos import load_bundled_photos  # noqa: E402
 from evotok_hf.evaluation import metrics  # noqa: E402
 from evotok_hf.evaluation.metrics import (  # noqa: E402
     FeatureStatistics,

@@ -114,7 +114,7 @@ def test_ssim_matches_skimage_through_the_report(setup):
 
 
 def test_streams_a_datasets_dataset_with_max_images(setup):
-    from evotok_hf.image_datasets import bundled_photo_dataset
+    from evotok_hf.bundled_photos import bundled_photo_dataset
 
     model, processor, _ = setup
     dataset = bundled_photo_dataset("validation")

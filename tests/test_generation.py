@@ -5,16 +5,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor, tiny_vlm_config
+from vlm_helpers import T2I_PROMPTS, generate_codes, tiny_generation_vlm, tiny_processor, tiny_vlm_config
 
 from evotok_hf import EvoTokForConditionalGeneration
-
-CORPUS = ["system user assistant You are a helpful assistant.", "a red bicycle on a green hill", "a cat, a dog."]
-
-
-@pytest.fixture(scope="module")
-def text_tokenizer():
-    return bpe_tokenizer(CORPUS, vocab_size=300)
 
 
 def make_config(tokenizer, **overrides):
@@ -22,54 +15,37 @@ def make_config(tokenizer, **overrides):
                                          "wrap_image_tokens": True, **overrides})  # fmt: skip
 
 
-def build_model(tokenizer, seed=0, **overrides):
-    return tiny_generation_vlm(tokenizer, seed=seed, **overrides)
-
-
 @pytest.fixture(scope="module")
-def model(text_tokenizer):
-    return build_model(text_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def processor(text_tokenizer):
-    return tiny_processor(text_tokenizer, wrap_image_tokens=True, resize_mode="center_crop")
-
-
-PROMPTS = ["a red bicycle on a green hill", "a cat"]
-
-
-def generate(model, processor, prompts=PROMPTS, negative_prompt=None, **kwargs):
-    inputs = processor(text=prompts, generation_mode="image", negative_prompt=negative_prompt, return_tensors="pt")
-    return model.generate(**inputs, generation_mode="image", **kwargs)
+def processor(t2i_tokenizer):
+    return tiny_processor(t2i_tokenizer, wrap_image_tokens=True, resize_mode="center_crop")
 
 
 # ----------------------------------------------------------------------------- structure and config
-def test_generation_head_structure(model, text_tokenizer):
-    config = model.config
+def test_generation_head_structure(t2i_vlm, t2i_tokenizer):
+    config = t2i_vlm.config
     head = config.depth_head_config
     vision = config.vision_config
     assert (head.code_dim, head.codebook_size, head.pixel_depth, head.llm_hidden_size) == (
         vision.codebook_dim, vision.codebook_size, vision.pixel_depth, config.text_config.hidden_size
     )  # fmt: skip
-    assert len(model.depth_head.classifiers) == vision.pixel_depth  # no dead classifier heads
-    assert model.generation_projector.linear_1.in_features == vision.codebook_dim
-    assert not hasattr(model.model, "multi_modal_projector")  # generation-only checkpoint
+    assert len(t2i_vlm.depth_head.classifiers) == vision.pixel_depth  # no dead classifier heads
+    assert t2i_vlm.generation_projector.linear_1.in_features == vision.codebook_dim
+    assert not hasattr(t2i_vlm.model, "multi_modal_projector")  # generation-only checkpoint
     with pytest.raises(ValueError, match="boi_token_id"):
-        make_config(text_tokenizer, boi_token_id=None, wrap_image_tokens=False)
+        make_config(t2i_tokenizer, boi_token_id=None, wrap_image_tokens=False)
     with pytest.raises(ValueError, match="no understanding head"):
-        model.get_image_features(pixel_values=torch.zeros(1, 3, vision.image_size, vision.image_size))
+        t2i_vlm.get_image_features(pixel_values=torch.zeros(1, 3, vision.image_size, vision.image_size))
 
 
-def test_processor_image_mode(processor, text_tokenizer):
-    inputs = processor(text=PROMPTS, generation_mode="image", return_tensors="pt")
-    boi = text_tokenizer.convert_tokens_to_ids("<boi>")
+def test_processor_image_mode(processor, t2i_tokenizer):
+    inputs = processor(text=T2I_PROMPTS, generation_mode="image", return_tensors="pt")
+    boi = t2i_tokenizer.convert_tokens_to_ids("<boi>")
     assert (inputs["input_ids"][:, -1] == boi).all() and (inputs["negative_input_ids"][:, -1] == boi).all()
     assert inputs["attention_mask"][0].all() and not inputs["attention_mask"][1].all()  # left padding
-    text = text_tokenizer.decode(inputs["input_ids"][0][inputs["attention_mask"][0].bool()])
+    text = t2i_tokenizer.decode(inputs["input_ids"][0][inputs["attention_mask"][0].bool()])
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                    f"{PROMPTS[0]}<|im_end|>\n<|im_start|>assistant\n<boi>")  # fmt: skip
-    negative = text_tokenizer.decode(inputs["negative_input_ids"][0][inputs["negative_attention_mask"][0].bool()])
+                    f"{T2I_PROMPTS[0]}<|im_end|>\n<|im_start|>assistant\n<boi>")  # fmt: skip
+    negative = t2i_tokenizer.decode(inputs["negative_input_ids"][0][inputs["negative_attention_mask"][0].bool()])
     assert "<|im_start|>user\n <|im_end|>" in negative  # the authors' unconditional prompt: a single space
     with pytest.raises(ValueError, match="generation_mode"):
         processor(text="x", generation_mode="video")
@@ -87,28 +63,28 @@ def image_batch(processor, prompts):
     return dict(processor.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False))
 
 
-def test_loss_is_text_plus_depth_head_cross_entropy(model, processor, text_tokenizer):
-    vision = model.config.vision_config
-    batch = image_batch(processor, PROMPTS)
+def test_loss_is_text_plus_depth_head_cross_entropy(t2i_vlm, processor, t2i_tokenizer):
+    vision = t2i_vlm.config.vision_config
+    batch = image_batch(processor, T2I_PROMPTS)
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, vision.codebook_size, (2, vision.grid_size, vision.grid_size, vision.pixel_depth), generator=g)
-    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == t2i_vlm.config.image_token_id, -100)
     labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
     with torch.no_grad():
-        out = model(**batch, generation_codes=codes, labels=labels)
+        out = t2i_vlm(**batch, generation_codes=codes, labels=labels)
         torch.testing.assert_close(out.loss, out.text_loss + out.image_loss)
         # manual image loss: for every image position p, the hidden state at p - 1 starts a fresh, uncached depth
         # sequence over the true codes, one position at a time
-        hidden = model.model(**batch, generation_codes=codes).last_hidden_state
+        hidden = t2i_vlm.model(**batch, generation_codes=codes).last_hidden_state
         terms = []
         for row in range(2):
-            positions = (batch["input_ids"][row] == model.config.image_token_id).nonzero().flatten().tolist()
-            assert batch["input_ids"][row, positions[0] - 1] == model.config.boi_token_id
+            positions = (batch["input_ids"][row] == t2i_vlm.config.image_token_id).nonzero().flatten().tolist()
+            assert batch["input_ids"][row, positions[0] - 1] == t2i_vlm.config.boi_token_id
             for index, p in enumerate(positions):
                 target = codes[row].reshape(-1, vision.pixel_depth)[index]
-                embeddings = model.vision_tower.quantizer.codebook[torch.arange(vision.pixel_depth), target]
+                embeddings = t2i_vlm.vision_tower.quantizer.codebook[torch.arange(vision.pixel_depth), target]
                 sums = embeddings.cumsum(0)[None, :-1]
-                logits = model.depth_head(hidden_states=hidden[row, p - 1][None], code_embedding_sums=sums).logits[0]
+                logits = t2i_vlm.depth_head(hidden_states=hidden[row, p - 1][None], code_embedding_sums=sums).logits[0]
                 terms.append(F.cross_entropy(logits.double(), target, reduction="none"))
         torch.testing.assert_close(out.image_loss.double(), torch.cat(terms).mean(), rtol=1e-5, atol=1e-6)
         # manual text loss: shifted cross-entropy where labels are set
@@ -117,79 +93,79 @@ def test_loss_is_text_plus_depth_head_cross_entropy(model, processor, text_token
         text = F.cross_entropy(out.logits[:, :-1][keep].double(), shifted[keep])
         torch.testing.assert_close(out.text_loss.double(), text, rtol=1e-5, atol=1e-6)
         # the image positions take the generation projector's embeddings of the code sums
-        summed = model.vision_tower.quantizer.embed_codes(codes.flatten(1, 2))
-        expected = model.generation_projector(summed)
-        embeds = model.get_input_embeddings()(batch["input_ids"])
-        merged = model.model._merge(embeds, batch["input_ids"] == model.config.image_token_id, expected, "x")
-        reference = model.model.language_model(inputs_embeds=merged, attention_mask=batch["attention_mask"])
+        summed = t2i_vlm.vision_tower.quantizer.embed_codes(codes.flatten(1, 2))
+        expected = t2i_vlm.generation_projector(summed)
+        embeds = t2i_vlm.get_input_embeddings()(batch["input_ids"])
+        merged = t2i_vlm.model._merge(embeds, batch["input_ids"] == t2i_vlm.config.image_token_id, expected, "x")
+        reference = t2i_vlm.model.language_model(inputs_embeds=merged, attention_mask=batch["attention_mask"])
         torch.testing.assert_close(hidden, reference.last_hidden_state)
 
 
 # ----------------------------------------------------------------------------- generate(generation_mode="image")
-def test_greedy_with_and_without_caches_is_identical(model, processor):
-    cached = generate(model, processor, do_sample=False, guidance_scale=3.0)
-    uncached = generate(model, processor, do_sample=False, guidance_scale=3.0, use_cache=False)
-    vision = model.config.vision_config
+def test_greedy_with_and_without_caches_is_identical(t2i_vlm, processor):
+    cached = generate_codes(t2i_vlm, processor, do_sample=False, guidance_scale=3.0)
+    uncached = generate_codes(t2i_vlm, processor, do_sample=False, guidance_scale=3.0, use_cache=False)
+    vision = t2i_vlm.config.vision_config
     assert cached.shape == (2, vision.grid_size, vision.grid_size, vision.pixel_depth)
     assert cached.dtype == torch.long and torch.equal(cached, uncached)
     assert cached.unique().numel() > 4  # not a degenerate constant output
 
 
-def test_guidance_scale_one_equals_unguided(model, processor):
-    one = generate(model, processor, do_sample=False, guidance_scale=1.0)
-    inputs = processor(text=PROMPTS, generation_mode="image", return_tensors="pt")
+def test_guidance_scale_one_equals_unguided(t2i_vlm, processor):
+    one = generate_codes(t2i_vlm, processor, do_sample=False, guidance_scale=1.0)
+    inputs = processor(text=T2I_PROMPTS, generation_mode="image", return_tensors="pt")
     inputs.pop("negative_input_ids"), inputs.pop("negative_attention_mask")
-    unguided = model.generate(**inputs, generation_mode="image", do_sample=False, guidance_scale=1.0)
+    unguided = t2i_vlm.generate(**inputs, generation_mode="image", do_sample=False, guidance_scale=1.0)
     assert torch.equal(one, unguided)
-    guided = generate(model, processor, do_sample=False, guidance_scale=5.0)
+    guided = generate_codes(t2i_vlm, processor, do_sample=False, guidance_scale=5.0)
     assert not torch.equal(one, guided)  # guidance changes the picture
 
 
-def test_cfg_logits_combine_conditional_and_unconditional(model, processor):
+def test_cfg_logits_combine_conditional_and_unconditional(t2i_vlm, processor):
     """The first code equals the argmax of uncond + s * (cond - uncond), each half computed on its own prompt."""
     scale = 4.0
-    codes = generate(model, processor, prompts=PROMPTS[:1], do_sample=False, guidance_scale=scale)
-    inputs = processor(text=PROMPTS[:1], generation_mode="image", return_tensors="pt")
+    codes = generate_codes(t2i_vlm, processor, prompts=T2I_PROMPTS[:1], do_sample=False, guidance_scale=scale)
+    inputs = processor(text=T2I_PROMPTS[:1], generation_mode="image", return_tensors="pt")
     with torch.no_grad():
-        lm = model.model.language_model
+        lm = t2i_vlm.model.language_model
         cond = lm(input_ids=inputs["input_ids"]).last_hidden_state[:, -1]
         uncond = lm(input_ids=inputs["negative_input_ids"]).last_hidden_state[:, -1]
-        cond_logits = model.depth_head(hidden_states=cond).logits[:, 0]
-        uncond_logits = model.depth_head(hidden_states=uncond).logits[:, 0]
+        cond_logits = t2i_vlm.depth_head(hidden_states=cond).logits[:, 0]
+        uncond_logits = t2i_vlm.depth_head(hidden_states=uncond).logits[:, 0]
     expected = (uncond_logits + scale * (cond_logits - uncond_logits)).argmax(-1)
     assert codes[0, 0, 0, 0] == expected[0]
     # a different negative prompt changes the result
-    other = generate(model, processor, prompts=PROMPTS[:1], negative_prompt="a dog", do_sample=False,
-                     guidance_scale=scale)  # fmt: skip
+    other = generate_codes(t2i_vlm, processor, prompts=T2I_PROMPTS[:1], negative_prompt="a dog", do_sample=False,
+                           guidance_scale=scale)  # fmt: skip
     assert not torch.equal(codes, other)
 
 
-def test_top_k_one_per_depth_equals_greedy(model, processor):
-    greedy = generate(model, processor, do_sample=False, guidance_scale=2.0)
-    topk1 = generate(model, processor, do_sample=True, depth_top_k=[1, 1], depth_top_p=None, guidance_scale=2.0,
-                     generator=torch.Generator().manual_seed(5))  # fmt: skip
+def test_top_k_one_per_depth_equals_greedy(t2i_vlm, processor):
+    greedy = generate_codes(t2i_vlm, processor, do_sample=False, guidance_scale=2.0)
+    topk1 = generate_codes(t2i_vlm, processor, do_sample=True, depth_top_k=[1, 1], depth_top_p=None,
+                           guidance_scale=2.0, generator=torch.Generator().manual_seed(5))  # fmt: skip
     assert torch.equal(greedy, topk1)
     with pytest.raises(ValueError, match="pixel_depth=2"):
-        generate(model, processor, do_sample=True, depth_top_k=[1, 1, 1])
+        generate_codes(t2i_vlm, processor, do_sample=True, depth_top_k=[1, 1, 1])
 
 
-def test_seeds_reproduce_and_differ(model, processor):
+def test_seeds_reproduce_and_differ(t2i_vlm, processor):
     def sample(seed):
-        return generate(model, processor, do_sample=True, guidance_scale=2.0, depth_top_k=0, depth_top_p=1.0,
-                        depth_temperature=[1.5, 1.0], generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        return generate_codes(t2i_vlm, processor, do_sample=True, guidance_scale=2.0, depth_top_k=0, depth_top_p=1.0,
+                              depth_temperature=[1.5, 1.0], generator=torch.Generator().manual_seed(seed))  # fmt: skip
 
     first, again, other = sample(0), sample(0), sample(1)
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
-def test_batched_prompts_equal_one_by_one(model, processor):
-    batched = generate(model, processor, do_sample=False, guidance_scale=3.0)
-    for row, prompt in enumerate(PROMPTS):
-        single = generate(model, processor, prompts=[prompt], do_sample=False, guidance_scale=3.0)
+def test_batched_prompts_equal_one_by_one(t2i_vlm, processor):
+    batched = generate_codes(t2i_vlm, processor, do_sample=False, guidance_scale=3.0)
+    for row, prompt in enumerate(T2I_PROMPTS):
+        single = generate_codes(t2i_vlm, processor, prompts=[prompt], do_sample=False, guidance_scale=3.0)
         assert torch.equal(batched[row], single[0])
 
 
-def test_num_return_sequences_and_streamer(model, processor):
+def test_num_return_sequences_and_streamer(t2i_vlm, processor):
     class Recorder:
         def __init__(self):
             self.puts, self.ended = [], False
@@ -201,71 +177,72 @@ def test_num_return_sequences_and_streamer(model, processor):
             self.ended = True
 
     recorder = Recorder()
-    codes = generate(model, processor, do_sample=True, num_return_sequences=3, streamer=recorder,
-                     generator=torch.Generator().manual_seed(0))  # fmt: skip
-    vision = model.config.vision_config
+    codes = generate_codes(t2i_vlm, processor, do_sample=True, num_return_sequences=3, streamer=recorder,
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    vision = t2i_vlm.config.vision_config
     assert codes.shape == (6, vision.grid_size, vision.grid_size, vision.pixel_depth)
     assert len(recorder.puts) == vision.grid_size**2 and recorder.ended
     assert torch.equal(torch.stack(recorder.puts, 1).view_as(codes), codes)
-    greedy = generate(model, processor, do_sample=False, num_return_sequences=2)
+    greedy = generate_codes(t2i_vlm, processor, do_sample=False, num_return_sequences=2)
     assert torch.equal(greedy[0], greedy[1]) and torch.equal(greedy[2], greedy[3])
 
 
-def test_decode_image_tokens_and_postprocess(model, processor):
-    codes = generate(model, processor, do_sample=False)
-    pixels = model.decode_image_tokens(codes)
-    size = model.config.vision_config.image_size
+def test_decode_image_tokens_and_postprocess(t2i_vlm, processor):
+    codes = generate_codes(t2i_vlm, processor, do_sample=False)
+    pixels = t2i_vlm.decode_image_tokens(codes)
+    size = t2i_vlm.config.vision_config.image_size
     assert pixels.shape == (2, 3, size, size)
-    latents = model.vision_tower.quantizer.embed_codes(codes).permute(0, 3, 1, 2)  # the sum of the pixel depths
-    torch.testing.assert_close(pixels, model.vision_tower.decode_latents(latents))
+    latents = t2i_vlm.vision_tower.quantizer.embed_codes(codes).permute(0, 3, 1, 2)  # the sum of the pixel depths
+    torch.testing.assert_close(pixels, t2i_vlm.vision_tower.decode_latents(latents))
     images = processor.image_processor.postprocess(pixels, return_tensors="PIL.Image.Image")
     assert len(images) == 2 and images[0].size == (size, size)
 
 
-def test_image_mode_errors(model, processor, text_tokenizer):
-    inputs = processor(text=PROMPTS, generation_mode="image", return_tensors="pt")
+def test_image_mode_errors(t2i_vlm, processor, t2i_tokenizer):
+    inputs = processor(text=T2I_PROMPTS, generation_mode="image", return_tensors="pt")
     with pytest.raises(ValueError, match="left-padded"):
-        model.generate(input_ids=inputs["input_ids"].flip(1), attention_mask=inputs["attention_mask"].flip(1),
-                       generation_mode="image", guidance_scale=1.0)  # fmt: skip
+        t2i_vlm.generate(input_ids=inputs["input_ids"].flip(1), attention_mask=inputs["attention_mask"].flip(1),
+                         generation_mode="image", guidance_scale=1.0)  # fmt: skip
     with pytest.raises(ValueError, match="negative_input_ids"):
-        model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       generation_mode="image", guidance_scale=2.0)  # fmt: skip
+        t2i_vlm.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         generation_mode="image", guidance_scale=2.0)  # fmt: skip
     with pytest.raises(ValueError, match="Unknown arguments"):
-        model.generate(**inputs, generation_mode="image", top_q=3)
+        t2i_vlm.generate(**inputs, generation_mode="image", top_q=3)
     with pytest.raises(ValueError, match="image start token"):
-        ids = text_tokenizer(["a cat"], return_tensors="pt")["input_ids"]
-        model.generate(input_ids=ids, generation_mode="image", guidance_scale=1.0)
+        ids = t2i_tokenizer(["a cat"], return_tensors="pt")["input_ids"]
+        t2i_vlm.generate(input_ids=ids, generation_mode="image", guidance_scale=1.0)
 
 
-def test_save_load_round_trip_keeps_generation(model, processor, tmp_path):
-    model.save_pretrained(tmp_path)
+def test_save_load_round_trip_keeps_generation(t2i_vlm, processor, tmp_path):
+    t2i_vlm.save_pretrained(tmp_path)
     loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert loaded.config.has_generation_head and loaded.config.depth_head_config.hidden_size == 32
-    assert torch.equal(generate(loaded, processor, do_sample=False), generate(model, processor, do_sample=False))
+    expected = generate_codes(t2i_vlm, processor, do_sample=False)
+    assert torch.equal(generate_codes(loaded, processor, do_sample=False), expected)
 
 
-def test_generation_pixel_values_are_tokenised_on_the_fly(model, processor):
-    vision = model.config.vision_config
-    batch = image_batch(processor, PROMPTS)
+def test_generation_pixel_values_are_tokenised_on_the_fly(t2i_vlm, processor):
+    vision = t2i_vlm.config.vision_config
+    batch = image_batch(processor, T2I_PROMPTS)
     pixels = torch.rand(2, 3, vision.image_size, vision.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == t2i_vlm.config.image_token_id, -100)
     with torch.no_grad():
-        codes = model.vision_tower.encode(pixels).codes[..., : vision.pixel_depth]
-        from_pixels = model(**batch, generation_pixel_values=pixels, labels=labels)
-        from_codes = model(**batch, generation_codes=codes, labels=labels)
+        codes = t2i_vlm.vision_tower.encode(pixels).codes[..., : vision.pixel_depth]
+        from_pixels = t2i_vlm(**batch, generation_pixel_values=pixels, labels=labels)
+        from_codes = t2i_vlm(**batch, generation_codes=codes, labels=labels)
     torch.testing.assert_close(from_pixels.loss, from_codes.loss)
     torch.testing.assert_close(from_pixels.image_loss, from_codes.image_loss)
 
 
-def test_joint_model_reads_and_writes_images_in_one_sequence(text_tokenizer):
+def test_joint_model_reads_and_writes_images_in_one_sequence(t2i_tokenizer):
     """A model with both heads: an unwrapped image to read in the user turn, a wrapped image to write in the
     assistant turn; each set of positions gets its own embeddings."""
-    model = build_model(text_tokenizer, has_understanding_head=True, wrap_image_tokens=False)
+    model = tiny_generation_vlm(t2i_tokenizer, has_understanding_head=True, wrap_image_tokens=False)
     vision = model.config.vision_config
     read_tokens = "<image>" * vision.grid_size**2
     write_tokens = "<boi>" + "<image>" * vision.grid_size**2 + "<eoi>"
     text = f"<|im_start|>user\n{read_tokens}\na cat<|im_end|>\n<|im_start|>assistant\n{write_tokens}<|im_end|>\n"
-    input_ids = text_tokenizer([text], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    input_ids = t2i_tokenizer([text], return_tensors="pt", add_special_tokens=False)["input_ids"]
     reading, writing = model.model.split_image_positions(input_ids)
     boi = (input_ids[0] == model.config.boi_token_id).nonzero().item()
     eoi = (input_ids[0] == model.config.eoi_token_id).nonzero().item()
@@ -289,34 +266,34 @@ def test_joint_model_reads_and_writes_images_in_one_sequence(text_tokenizer):
     assert torch.isfinite(out.image_loss) and torch.isfinite(out.text_loss)
 
 
-def test_bf16_device_map_load_generates_with_fp32_codebooks(model, processor, tmp_path):
+def test_bf16_device_map_load_generates_with_fp32_codebooks(t2i_vlm, processor, tmp_path):
     """A bf16 load (device_map="auto") keeps the codebooks fp32, casts the code sums to the head's dtype, and generates
     valid codes; its depth-0 logits match the fp32 model's to bf16 precision (the codes themselves may differ: bf16
     rounding flips near-ties of this random model, and a flip changes every later position)."""
     from transformers import AutoModelForImageTextToText
 
-    model.save_pretrained(tmp_path)
+    t2i_vlm.save_pretrained(tmp_path)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="auto").eval()
     assert loaded.vision_tower.quantizer.codebook.dtype == torch.float32
     assert loaded.depth_head.dtype == torch.bfloat16 and loaded.generation_projector.linear_1.weight.dtype == torch.bfloat16
-    codes = generate(loaded, processor, do_sample=False, guidance_scale=3.0)
-    reference = generate(model, processor, do_sample=False, guidance_scale=3.0)
-    vision = model.config.vision_config
+    codes = generate_codes(loaded, processor, do_sample=False, guidance_scale=3.0)
+    reference = generate_codes(t2i_vlm, processor, do_sample=False, guidance_scale=3.0)
+    vision = t2i_vlm.config.vision_config
     assert codes.shape == reference.shape and 0 <= int(codes.min()) and int(codes.max()) < vision.codebook_size
-    inputs = processor(text=PROMPTS, generation_mode="image", return_tensors="pt")
+    inputs = processor(text=T2I_PROMPTS, generation_mode="image", return_tensors="pt")
     with torch.no_grad():
         logits = [m.depth_head(hidden_states=m.language_model(input_ids=inputs["input_ids"],
                                                               attention_mask=inputs["attention_mask"]
                                                               ).last_hidden_state[:, -1].to(m.dtype)).logits.float()
-                  for m in (loaded, model)]  # fmt: skip
+                  for m in (loaded, t2i_vlm)]  # fmt: skip
     error = (logits[0] - logits[1]).abs().max() / logits[1].std()
     assert error < 0.1, f"bf16 logits differ from fp32 by {error:.3f} standard deviations"
 
 
-def test_image_generation_ignores_sub_configs_return_dict_false(model, processor, tmp_path):
+def test_image_generation_ignores_sub_configs_return_dict_false(t2i_vlm, processor, tmp_path):
     """A checkpoint whose text_config and depth_head_config say return_dict=False (transformers' tuple convention)
     generates the same codes: generation asks its sub-models for output objects."""
-    model.save_pretrained(tmp_path)
+    t2i_vlm.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["text_config"]["return_dict"] = False
     config["depth_head_config"]["return_dict"] = False
@@ -324,7 +301,8 @@ def test_image_generation_ignores_sub_configs_return_dict_false(model, processor
     loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert loaded.model.language_model.config.return_dict is False and loaded.depth_head.config.return_dict is False
     for kwargs in ({"do_sample": False, "guidance_scale": 3.0}, {"do_sample": False, "use_cache": False}):
-        assert torch.equal(generate(loaded, processor, **kwargs), generate(model, processor, **kwargs)), kwargs
-    sampled = [generate(m, processor, do_sample=True, generator=torch.Generator().manual_seed(3))
-               for m in (loaded, model)]  # fmt: skip
+        expected = generate_codes(t2i_vlm, processor, **kwargs)
+        assert torch.equal(generate_codes(loaded, processor, **kwargs), expected), kwargs
+    sampled = [generate_codes(m, processor, do_sample=True, generator=torch.Generator().manual_seed(3))
+               for m in (loaded, t2i_vlm)]  # fmt: skip
     assert torch.equal(*sampled)

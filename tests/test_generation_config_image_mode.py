@@ -10,91 +10,71 @@ import pytest
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
-from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor
+from vlm_helpers import T2I_PROMPTS, generate_codes
 
 from evotok_hf.modeling.generation import LEGACY_SETTING_NAMES, EvoTokImageGenerateOutput
 
-CORPUS = ["system user assistant You are a helpful assistant.", "a red bicycle on a green hill", "a cat, a dog."]
-PROMPTS = ["a red bicycle on a green hill", "a cat"]
 # the depth head's sampling under the names of earlier releases (pixel_depth is 2 here)
 OLD_NAMES = {"do_sample": True, "depth_temperature": [1.3, 0.8], "depth_top_k": [6, 0], "depth_top_p": 0.9}
 NEW_NAMES = {LEGACY_SETTING_NAMES[name]: value for name, value in OLD_NAMES.items()}
-
-
-@pytest.fixture(scope="module")
-def text_tokenizer():
-    return bpe_tokenizer(CORPUS, vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def model(text_tokenizer):
-    return tiny_generation_vlm(text_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def processor(text_tokenizer):
-    return tiny_processor(text_tokenizer, wrap_image_tokens=True)
 
 
 def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def generate(model, processor, prompts=PROMPTS, **kwargs):
-    inputs = processor(text=prompts, generation_mode="image", return_tensors="pt")
-    return model.generate(**inputs, generation_mode="image", **kwargs)
-
-
 # ----------------------------------------------------------------------------- where settings come from
-def test_old_names_new_names_and_configs_give_identical_codes(model, processor):
-    reference = generate(model, processor, guidance_scale=2.0, generator=seeded(3), **OLD_NAMES)
-    assert torch.equal(reference, generate(model, processor, guidance_scale=2.0, generator=seeded(3), **NEW_NAMES))
+def test_old_names_new_names_and_configs_give_identical_codes(t2i_vlm, t2i_processor):
+    reference = generate_codes(t2i_vlm, t2i_processor, guidance_scale=2.0, generator=seeded(3), **OLD_NAMES)
+    renamed = generate_codes(t2i_vlm, t2i_processor, guidance_scale=2.0, generator=seeded(3), **NEW_NAMES)
+    assert torch.equal(reference, renamed)
     given = GenerationConfig(guidance_scale=2.0, **NEW_NAMES)
-    assert torch.equal(reference, generate(model, processor, generation_config=given, generator=seeded(3)))
-    configured = copy.deepcopy(model)
+    assert torch.equal(reference, generate_codes(t2i_vlm, t2i_processor, generation_config=given, generator=seeded(3)))
+    configured = copy.deepcopy(t2i_vlm)
     configured.generation_config.guidance_scale = 2.0
     configured.depth_head.generation_config = GenerationConfig(do_sample=True, temperature=[1.3, 0.8], top_k=[6, 0],
                                                                top_p=0.9)  # fmt: skip
-    assert torch.equal(reference, generate(configured, processor, generator=seeded(3)))
+    assert torch.equal(reference, generate_codes(configured, t2i_processor, generator=seeded(3)))
     # the settings matter: another top-k or guidance scale changes the codes
     other_top_k = dict(NEW_NAMES, depth_decoder_top_k=[1, 1])
-    other = generate(model, processor, guidance_scale=2.0, generator=seeded(3), **other_top_k)
+    other = generate_codes(t2i_vlm, t2i_processor, guidance_scale=2.0, generator=seeded(3), **other_top_k)
     assert not torch.equal(reference, other)
-    assert not torch.equal(reference, generate(model, processor, guidance_scale=4.0, generator=seeded(3), **NEW_NAMES))
+    other_scale = generate_codes(t2i_vlm, t2i_processor, guidance_scale=4.0, generator=seeded(3), **NEW_NAMES)
+    assert not torch.equal(reference, other_scale)
 
 
-def test_arguments_then_generation_config_then_the_models_then_defaults(model, processor):
+def test_arguments_then_generation_config_then_the_models_then_defaults(t2i_vlm, t2i_processor):
     """A top-k of 1 at every depth samples what greedy decoding picks, so each layer's top-k shows in the codes."""
-    greedy = generate(model, processor, guidance_scale=2.0, depth_decoder_do_sample=False)
-    sampled = generate(model, processor, guidance_scale=2.0, generator=seeded(1))  # defaults: top-k 900
+    greedy = generate_codes(t2i_vlm, t2i_processor, guidance_scale=2.0, depth_decoder_do_sample=False)
+    sampled = generate_codes(t2i_vlm, t2i_processor, guidance_scale=2.0, generator=seeded(1))  # defaults: top-k 900
     assert not torch.equal(greedy, sampled)
-    configured = copy.deepcopy(model)
+    configured = copy.deepcopy(t2i_vlm)
     configured.depth_head.generation_config.top_k = 1
-    assert torch.equal(greedy, generate(configured, processor, guidance_scale=2.0, generator=seeded(1)))
+    assert torch.equal(greedy, generate_codes(configured, t2i_processor, guidance_scale=2.0, generator=seeded(1)))
     wider = GenerationConfig(depth_decoder_top_k=0)  # the argument's config replaces the model's
-    assert torch.equal(sampled, generate(configured, processor, guidance_scale=2.0, generation_config=wider,
-                                         generator=seeded(1)))  # fmt: skip
-    assert torch.equal(greedy, generate(configured, processor, guidance_scale=2.0, generation_config=wider,
-                                        depth_decoder_top_k=1, generator=seeded(1)))  # fmt: skip
+    assert torch.equal(sampled, generate_codes(configured, t2i_processor, guidance_scale=2.0, generation_config=wider,
+                                               generator=seeded(1)))  # fmt: skip
+    assert torch.equal(greedy, generate_codes(configured, t2i_processor, guidance_scale=2.0, generation_config=wider,
+                                              depth_decoder_top_k=1, generator=seeded(1)))  # fmt: skip
     # the image-level settings too: images per prompt from the model's generation config
     configured.generation_config.num_return_sequences = 2
-    assert generate(configured, processor, depth_decoder_do_sample=False).shape[0] == 4
+    assert generate_codes(configured, t2i_processor, depth_decoder_do_sample=False).shape[0] == 4
 
 
-def test_same_setting_twice_and_unknown_settings_are_refused(model, processor):
+def test_same_setting_twice_and_unknown_settings_are_refused(t2i_vlm, t2i_processor):
     with pytest.raises(ValueError, match=r"`do_sample` and `depth_decoder_do_sample` set the same setting"):
-        generate(model, processor, do_sample=True, depth_decoder_do_sample=False)
+        generate_codes(t2i_vlm, t2i_processor, do_sample=True, depth_decoder_do_sample=False)
     with pytest.raises(ValueError, match=r"`depth_top_k` and `depth_decoder_top_k` set the same setting"):
-        generate(model, processor, depth_top_k=3, depth_decoder_top_k=4)
+        generate_codes(t2i_vlm, t2i_processor, depth_top_k=3, depth_decoder_top_k=4)
     # plain sampling names would be ambiguous (every code is the depth head's): the depth_decoder_ ones are asked for
     for name in ("temperature", "depth_decoder_min_p", "output_attentions"):
         with pytest.raises(ValueError, match=rf"Unknown arguments for generation_mode='image': \['{name}'\]"):
-            generate(model, processor, **{name: 0.5})
+            generate_codes(t2i_vlm, t2i_processor, **{name: 0.5})
     with pytest.raises(ValueError, match="depth_decoder_top_p must be in \\(0, 1\\], got 2.0 at depth 1 \\(from the "
                                          "generation_config argument\\)"):  # fmt: skip
-        generate(model, processor, generation_config=GenerationConfig(depth_decoder_top_p=[0.5, 2.0]))
+        generate_codes(t2i_vlm, t2i_processor, generation_config=GenerationConfig(depth_decoder_top_p=[0.5, 2.0]))
     with pytest.raises(ValueError, match="num_return_sequences must be a positive int, got 0"):
-        generate(model, processor, num_return_sequences=0)
+        generate_codes(t2i_vlm, t2i_processor, num_return_sequences=0)
 
 
 # ----------------------------------------------------------------------------- logits processors
@@ -119,36 +99,37 @@ class Record(LogitsProcessor):
         return scores + self.bias
 
 
-def test_logits_processor_decides_the_codes(model, processor):
+def test_logits_processor_decides_the_codes(t2i_vlm, t2i_processor):
     for do_sample in (False, True):
-        plain = generate(model, processor, depth_decoder_do_sample=do_sample, generator=seeded(0))
-        forced = generate(model, processor, depth_decoder_do_sample=do_sample, generator=seeded(0),
-                          logits_processor=LogitsProcessorList([ForceCode(5)]))  # fmt: skip
+        plain = generate_codes(t2i_vlm, t2i_processor, depth_decoder_do_sample=do_sample, generator=seeded(0))
+        forced = generate_codes(t2i_vlm, t2i_processor, depth_decoder_do_sample=do_sample, generator=seeded(0),
+                                logits_processor=LogitsProcessorList([ForceCode(5)]))  # fmt: skip
         assert (forced == 5).all() and not (plain == 5).all()
 
 
-def test_logits_processor_sees_the_codes_so_far_and_the_guided_logits(model, processor):
+def test_logits_processor_sees_the_codes_so_far_and_the_guided_logits(t2i_vlm, t2i_processor):
     """Its `input_ids` are the codes generated so far (position-major, depth by depth); its scores are the guided
     logits, uncond + s * (cond - uncond), recomputed here from each half's own prompt for the first code; the codes
     are the argmax of what it returns."""
-    vision = model.config.vision_config
+    vision = t2i_vlm.config.vision_config
     bias = torch.randn(vision.codebook_size, generator=seeded(7)) * 5
     recorder = Record(bias)
     scale = 3.0
-    codes = generate(model, processor, guidance_scale=scale, depth_decoder_do_sample=False,
-                     logits_processor=[recorder])  # fmt: skip
+    codes = generate_codes(t2i_vlm, t2i_processor, guidance_scale=scale, depth_decoder_do_sample=False,
+                           logits_processor=[recorder])  # fmt: skip
     flat = codes.flatten(1)  # (rows, positions * pixel_depth), position-major
     assert len(recorder.calls) == flat.shape[1]
     for step, (input_ids, scores) in enumerate(recorder.calls):
         assert torch.equal(input_ids, flat[:, :step])
         assert torch.equal((scores + bias).argmax(-1), flat[:, step])
-    inputs = processor(text=PROMPTS[:1], generation_mode="image", return_tensors="pt")
+    inputs = t2i_processor(text=T2I_PROMPTS[:1], generation_mode="image", return_tensors="pt")
     with torch.no_grad():
-        halves = [model.depth_head(hidden_states=model.language_model(input_ids=inputs[key]).last_hidden_state[:, -1]
-                                   ).logits[0, 0] for key in ("input_ids", "negative_input_ids")]  # fmt: skip
+        last_hidden = [t2i_vlm.language_model(input_ids=inputs[key]).last_hidden_state[:, -1]
+                       for key in ("input_ids", "negative_input_ids")]  # fmt: skip
+        halves = [t2i_vlm.depth_head(hidden_states=hidden).logits[0, 0] for hidden in last_hidden]
     torch.testing.assert_close(recorder.calls[0][1][0], halves[1] + scale * (halves[0] - halves[1]), rtol=1e-4,
                                atol=1e-4)  # fmt: skip
-    unbiased = generate(model, processor, guidance_scale=scale, depth_decoder_do_sample=False)
+    unbiased = generate_codes(t2i_vlm, t2i_processor, guidance_scale=scale, depth_decoder_do_sample=False)
     assert not torch.equal(unbiased, codes)  # the bias changed the codes
 
 
@@ -175,19 +156,19 @@ def teacher_forced_guided_logits(model, processor, prompt, codes, scale):
 
 
 @pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
-def test_return_dict_scores_match_a_teacher_forced_recomputation(model, processor, do_sample):
+def test_return_dict_scores_match_a_teacher_forced_recomputation(t2i_vlm, t2i_processor, do_sample):
     scale, temperature, top_k = 3.0, 0.5, 4
     settings = dict(guidance_scale=scale, depth_decoder_do_sample=do_sample, depth_decoder_temperature=temperature,
                     depth_decoder_top_k=top_k, depth_decoder_top_p=1.0)  # fmt: skip
-    out = generate(model, processor, prompts=PROMPTS[:1], return_dict_in_generate=True, output_scores=True,
-                   output_logits=True, generator=seeded(2), **settings)  # fmt: skip
-    vision = model.config.vision_config
+    out = generate_codes(t2i_vlm, t2i_processor, prompts=T2I_PROMPTS[:1], return_dict_in_generate=True,
+                         output_scores=True, output_logits=True, generator=seeded(2), **settings)  # fmt: skip
+    vision = t2i_vlm.config.vision_config
     assert isinstance(out, EvoTokImageGenerateOutput)
     assert out.sequences.shape == (1, vision.grid_size, vision.grid_size, vision.pixel_depth)
     assert len(out.scores) == len(out.logits) == vision.grid_size**2
     assert out.scores[0].shape == (1, vision.pixel_depth, vision.codebook_size)
     logits = torch.cat(out.logits)  # (positions, pixel_depth, codebook_size)
-    expected = teacher_forced_guided_logits(model, processor, PROMPTS[0], out.sequences, scale)
+    expected = teacher_forced_guided_logits(t2i_vlm, t2i_processor, T2I_PROMPTS[0], out.sequences, scale)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     scores = torch.cat(out.scores)
     if do_sample:  # the warpers, as transformers orders them: temperature, then top-k
@@ -199,27 +180,28 @@ def test_return_dict_scores_match_a_teacher_forced_recomputation(model, processo
     else:  # greedy decoding applies no warper: the scores are the guided logits and the codes their argmax
         assert torch.equal(scores, logits)
         assert torch.equal(scores.argmax(-1), out.sequences.flatten(1, 2)[0])
-    assert torch.equal(generate(model, processor, prompts=PROMPTS[:1], generator=seeded(2), **settings), out.sequences)
+    codes = generate_codes(t2i_vlm, t2i_processor, prompts=T2I_PROMPTS[:1], generator=seeded(2), **settings)
+    assert torch.equal(codes, out.sequences)
 
 
-def test_output_flags(model, processor):
-    codes = generate(model, processor, depth_decoder_do_sample=False, output_scores=True)
+def test_output_flags(t2i_vlm, t2i_processor):
+    codes = generate_codes(t2i_vlm, t2i_processor, depth_decoder_do_sample=False, output_scores=True)
     assert isinstance(codes, torch.Tensor)  # scores only with return_dict_in_generate, as in transformers
-    out = generate(model, processor, depth_decoder_do_sample=False, return_dict_in_generate=True)
+    out = generate_codes(t2i_vlm, t2i_processor, depth_decoder_do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, codes) and out.scores is None and out.logits is None
-    configured = copy.deepcopy(model)
+    configured = copy.deepcopy(t2i_vlm)
     configured.generation_config.return_dict_in_generate = True
     configured.generation_config.output_scores = True
-    out = generate(configured, processor, depth_decoder_do_sample=False)
-    assert torch.equal(out.sequences, codes) and len(out.scores) == model.config.vision_config.grid_size**2
+    out = generate_codes(configured, t2i_processor, depth_decoder_do_sample=False)
+    assert torch.equal(out.sequences, codes) and len(out.scores) == t2i_vlm.config.vision_config.grid_size**2
 
 
 # ----------------------------------------------------------------------------- text mode
-def test_text_generation_ignores_the_image_guidance_scale(model, text_tokenizer):
+def test_text_generation_ignores_the_image_guidance_scale(t2i_vlm, t2i_tokenizer):
     """The guidance scale a generation config holds is the image mode's: text decoding stays unguided."""
-    ids = text_tokenizer(["a red bicycle"], return_tensors="pt").input_ids
-    plain = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
-    configured = copy.deepcopy(model)
+    ids = t2i_tokenizer(["a red bicycle"], return_tensors="pt").input_ids
+    plain = t2i_vlm.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    configured = copy.deepcopy(t2i_vlm)
     configured.generation_config.guidance_scale = 7.5
     assert torch.equal(configured.generate(input_ids=ids, max_new_tokens=6, do_sample=False), plain)
     assert torch.equal(configured.generate(input_ids=ids, max_new_tokens=6, do_sample=False,

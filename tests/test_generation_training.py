@@ -13,7 +13,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor
 
 from evotok_hf import EvoTokConfig, EvoTokForConditionalGeneration, EvoTokModel, EvoTokProcessor
-from evotok_hf.data import load_bundled_photos
+from evotok_hf.bundled_photos import load_bundled_photos
 from evotok_hf.training.vlm import IGNORE_INDEX, EvoTokVLMDataCollator, pretokenize_images
 
 ROOT = Path(__file__).resolve().parents[1]

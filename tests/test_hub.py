@@ -4,7 +4,6 @@ and the flat remote-code export, loaded in a clean process where evotok_hf canno
 
 import hashlib
 import json
-import os
 import pathlib
 import runpy
 import socket
@@ -19,7 +18,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModel, PreTrainedTokenizerFast, Qwen2Config
-from vlm_helpers import BLOCK_EVOTOK_HF, bpe_tokenizer, tiny_generation_vlm, tiny_processor
+from vlm_helpers import BLOCK_EVOTOK_HF, bpe_tokenizer, fresh_user_env, tiny_generation_vlm, tiny_processor
 
 from evotok_hf import (
     EvoTokConfig,
@@ -472,20 +471,11 @@ def test_remote_code_loads_without_evotok_hf_and_matches_the_package(published, 
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_evotok_vlm.EvoTokForConditionalGeneration"
 
     out_path = tmp_path / "remote_outputs.pt"
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "OMP_NUM_THREADS": "1",
-    }
     proc = subprocess.run(
         [sys.executable, "-I", "-c", CLEAN_PROCESS, str(published["tok-remote"]), str(published["vlm-remote"]),
          str(image_cwd), str(out_path), PROMPT, REPO_TOK, REPO_VLM, str(published["gen-remote"]), T2I_PROMPT,
          REPO_GEN],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=fresh_user_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     remote = torch.load(out_path, weights_only=False)

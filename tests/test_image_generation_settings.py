@@ -9,41 +9,9 @@ import re
 
 import pytest
 import torch
-from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor
+from vlm_helpers import T2I_PROMPTS, generate_codes
 
 from evotok_hf.modeling.generation import LEGACY_SETTING_NAMES
-from evotok_hf.pipelines import EvoTokPipeline
-
-CORPUS = ["system user assistant You are a helpful assistant.", "a red bicycle on a green hill", "a cat, a dog."]
-PROMPTS = ["a red bicycle on a green hill", "a cat"]
-
-
-@pytest.fixture(scope="module")
-def text_tokenizer():
-    return bpe_tokenizer(CORPUS, vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def model(text_tokenizer):
-    return tiny_generation_vlm(text_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def processor(text_tokenizer):
-    return tiny_processor(text_tokenizer, wrap_image_tokens=True)
-
-
-@pytest.fixture(scope="module")
-def pipe(model, processor):
-    pipe = EvoTokPipeline(model=model, processor=processor)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generate(model, processor, prompts=PROMPTS, **settings):
-    inputs = processor(text=prompts, generation_mode="image", return_tensors="pt")
-    return model.generate(**inputs, generation_mode="image", **settings)
-
 
 # (settings, what the message must say): each value is outside what the setting means (pixel_depth is 2 here)
 INVALID = [
@@ -69,11 +37,12 @@ INVALID = [
 
 
 @pytest.mark.parametrize("settings, message", INVALID, ids=[str(s) for s, _ in INVALID])
-def test_invalid_settings_are_refused_alike_by_generate_and_pipeline(model, processor, pipe, settings, message):
+def test_invalid_settings_are_refused_alike_by_generate_and_pipeline(t2i_vlm, t2i_processor, t2i_pipe, settings,
+                                                                     message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        generate(model, processor, **settings)
+        generate_codes(t2i_vlm, t2i_processor, **settings)
     with pytest.raises(ValueError, match=re.escape(message)):
-        pipe(PROMPTS, output_type="pt", **settings)
+        t2i_pipe(T2I_PROMPTS, output_type="pt", **settings)
 
 
 def save_in_memory(model, settings: dict, legacy: bool) -> None:
@@ -92,59 +61,62 @@ def save_in_memory(model, settings: dict, legacy: bool) -> None:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["saved", "saved-by-an-earlier-release"])
 @pytest.mark.parametrize("settings, message", INVALID, ids=[str(s) for s, _ in INVALID])
-def test_invalid_saved_settings_are_refused_and_named_as_saved(model, processor, pipe, settings, message, legacy):
-    saved = copy.deepcopy(model.generation_config), copy.deepcopy(model.depth_head.generation_config)
+def test_invalid_saved_settings_are_refused_and_named_as_saved(t2i_vlm, t2i_processor, t2i_pipe, settings, message,
+                                                               legacy):
+    saved = copy.deepcopy(t2i_vlm.generation_config), copy.deepcopy(t2i_vlm.depth_head.generation_config)
     try:
-        save_in_memory(model, settings, legacy)
+        save_in_memory(t2i_vlm, settings, legacy)
         name = next(iter(settings))
         new_name = LEGACY_SETTING_NAMES.get(name, name)  # a saved value is named as generation_config.json names it
         expected = re.escape(f"{new_name}{message[len(name):]} (from the model's generation config)")
         with pytest.raises(ValueError, match=expected):
-            generate(model, processor)
+            generate_codes(t2i_vlm, t2i_processor)
         with pytest.raises(ValueError, match=expected):
-            pipe(PROMPTS, output_type="pt")
+            t2i_pipe(T2I_PROMPTS, output_type="pt")
         # a valid argument replaces the saved value
         valid = {"depth_top_p": 0.9, "depth_temperature": 1.0, "depth_top_k": 5, "guidance_scale": 2.0,
                  "do_sample": False}  # fmt: skip
-        assert generate(model, processor, **{"do_sample": False, name: valid[name]}).shape[0] == 2
+        assert generate_codes(t2i_vlm, t2i_processor, **{"do_sample": False, name: valid[name]}).shape[0] == 2
     finally:
-        model.generation_config, model.depth_head.generation_config = saved
+        t2i_vlm.generation_config, t2i_vlm.depth_head.generation_config = saved
 
 
-def test_unknown_saved_setting_is_refused(model, processor):
-    saved = copy.deepcopy(model.generation_config)
+def test_unknown_saved_setting_is_refused(t2i_vlm, t2i_processor):
+    saved = copy.deepcopy(t2i_vlm.generation_config)
     try:
-        model.generation_config.image_generation = {"guidance": 3.0}
+        t2i_vlm.generation_config.image_generation = {"guidance": 3.0}
         with pytest.raises(ValueError, match=r"generation_config.image_generation has unknown settings \['guidance'\]"):
-            generate(model, processor)
-        model.generation_config.image_generation = 3.0
+            generate_codes(t2i_vlm, t2i_processor)
+        t2i_vlm.generation_config.image_generation = 3.0
         with pytest.raises(ValueError, match="generation_config.image_generation must be a dict"):
-            generate(model, processor)
+            generate_codes(t2i_vlm, t2i_processor)
     finally:
-        model.generation_config = saved
+        t2i_vlm.generation_config = saved
 
 
-def test_greedy_ignores_a_zero_temperature(model, processor, pipe):
+def test_greedy_ignores_a_zero_temperature(t2i_vlm, t2i_processor, t2i_pipe):
     """Without sampling the temperature does not matter, so 0 (the common way to say "greedy") is accepted."""
-    greedy = generate(model, processor, do_sample=False, guidance_scale=3.0)
-    assert torch.equal(generate(model, processor, do_sample=False, guidance_scale=3.0, depth_temperature=0), greedy)
-    assert torch.equal(generate(model, processor, do_sample=False, guidance_scale=3.0, depth_temperature=[0.0, 0.5]),
-                       greedy)  # fmt: skip
-    images = pipe(PROMPTS, output_type="pt", do_sample=False, guidance_scale=3.0, depth_temperature=0).images
-    torch.testing.assert_close(images, pipe(PROMPTS, output_type="pt", do_sample=False, guidance_scale=3.0).images,
-                               rtol=0, atol=0)  # fmt: skip
+    greedy = generate_codes(t2i_vlm, t2i_processor, do_sample=False, guidance_scale=3.0)
+    for temperature in (0, [0.0, 0.5]):
+        codes = generate_codes(t2i_vlm, t2i_processor, do_sample=False, guidance_scale=3.0,
+                               depth_temperature=temperature)  # fmt: skip
+        assert torch.equal(codes, greedy)
+    images = t2i_pipe(T2I_PROMPTS, output_type="pt", do_sample=False, guidance_scale=3.0, depth_temperature=0).images
+    greedy_images = t2i_pipe(T2I_PROMPTS, output_type="pt", do_sample=False, guidance_scale=3.0).images
+    torch.testing.assert_close(images, greedy_images, rtol=0, atol=0)
     with pytest.raises(ValueError, match=re.escape("depth_temperature must be a finite number > 0, got 0 at depth 0")):
-        generate(model, processor, do_sample=True, depth_temperature=0)
+        generate_codes(t2i_vlm, t2i_processor, do_sample=True, depth_temperature=0)
 
 
-def test_valid_edge_values_are_accepted(model, processor):
+def test_valid_edge_values_are_accepted(t2i_vlm, t2i_processor):
     """The boundaries of each range: top-p 1 and None (off), top-k 0 and None (off), numpy scalars, guidance <= 1."""
     import numpy as np
 
-    reference = generate(model, processor, do_sample=True, guidance_scale=2.0, depth_top_k=0, depth_top_p=1.0,
-                         generator=torch.Generator().manual_seed(3))  # fmt: skip
-    same = generate(model, processor, do_sample=np.bool_(True), guidance_scale=np.float32(2.0),
-                    depth_top_k=[None, np.int64(0)], depth_top_p=(None, 1), generator=torch.Generator().manual_seed(3))
+    reference = generate_codes(t2i_vlm, t2i_processor, do_sample=True, guidance_scale=2.0, depth_top_k=0,
+                               depth_top_p=1.0, generator=torch.Generator().manual_seed(3))  # fmt: skip
+    same = generate_codes(t2i_vlm, t2i_processor, do_sample=np.bool_(True), guidance_scale=np.float32(2.0),
+                          depth_top_k=[None, np.int64(0)], depth_top_p=(None, 1),
+                          generator=torch.Generator().manual_seed(3))  # fmt: skip
     assert torch.equal(reference, same)
     for scale in (0.0, 0.5, 1):
-        assert generate(model, processor, do_sample=False, guidance_scale=scale).shape[0] == 2
+        assert generate_codes(t2i_vlm, t2i_processor, do_sample=False, guidance_scale=scale).shape[0] == 2

@@ -70,3 +70,8 @@ def test_wheel_installed_in_a_fresh_venv_renders_both_model_cards(tmp_path):
     assert pathlib.Path(rendered["templates"]).is_relative_to(installed)
     assert "pipeline_tag: image-to-image" in rendered["tokenizer"] and "org/evotok" in rendered["tokenizer"]
     assert "pipeline_tag: image-text-to-text" in rendered["vlm"] and "org/evotok-vlm" in rendered["vlm"]
+    # the lmms-eval task the README points to ships in the wheel, beside the entry point lmms-eval reads
+    tasks = installed / "integrations" / "lmms_eval" / "tasks"
+    assert sorted(p.name for p in tasks.iterdir() if p.is_file()) == ["evotok_shapes_vqa.yaml", "utils.py"]
+    entry_points = next(installed.parent.glob("evotok_hf-*.dist-info")) / "entry_points.txt"
+    assert "evotok = evotok_hf.integrations.lmms_eval.manifest:model_manifest" in entry_points.read_text()

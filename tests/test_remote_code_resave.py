@@ -3,7 +3,6 @@ the code its auto_map names is copied again and the processor keeps its auto_map
 `trust_remote_code=True` in a process where evotok_hf cannot be imported, and computes what the package computes."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import PIL.Image
 import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
-from vlm_helpers import BLOCK_EVOTOK_HF, bpe_tokenizer, tiny_generation_vlm, tiny_processor
+from vlm_helpers import BLOCK_EVOTOK_HF, bpe_tokenizer, fresh_user_env, tiny_generation_vlm, tiny_processor
 
 from evotok_hf import EvoTokConfig, EvoTokImageProcessor, EvoTokModel
 from evotok_hf.hub.remote_code import export_remote_code
@@ -92,19 +91,10 @@ def test_resaved_remote_code_folder_keeps_code_and_auto_map(resaved):
 
 def test_resaved_remote_code_folder_loads_without_evotok_hf(resaved, tmp_path):
     out_path = tmp_path / "out.pt"
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "OMP_NUM_THREADS": "1",
-    }
     proc = subprocess.run(
         [sys.executable, "-I", "-c", BLOCKED_PROCESS, str(resaved / "tok-resaved"), str(resaved / "vlm-resaved"),
          PROMPT, str(out_path)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=fresh_user_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     remote = torch.load(out_path, weights_only=False)

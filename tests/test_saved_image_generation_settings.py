@@ -10,14 +10,12 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, GenerationConfig
-from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor
+from vlm_helpers import T2I_PROMPTS, generate_codes, tiny_generation_vlm
 
 from evotok_hf import EvoTokForConditionalGeneration
 from evotok_hf.modeling.generation import IMAGE_GENERATION_DEFAULTS, LEGACY_SETTING_NAMES
 from evotok_hf.pipelines import EvoTokPipeline
 
-CORPUS = ["system user assistant You are a helpful assistant.", "a red bicycle on a green hill", "a cat, a dog."]
-PROMPTS = ["a red bicycle on a green hill", "a cat"]
 # Different from IMAGE_GENERATION_DEFAULTS in every setting (greedy, so runs compare exactly), as generation_config.json
 # names them
 EDITED = {"guidance_scale": 3.0, "depth_decoder_do_sample": False, "depth_decoder_temperature": 0.5,
@@ -29,24 +27,10 @@ EDITED_LEGACY = {"guidance_scale": 3.0, "do_sample": False, "depth_temperature":
 MINIATURE_LEGACY = {"guidance_scale": 7.5, "do_sample": True, "depth_temperature": 1.0, "depth_top_p": 0.96}
 
 
-@pytest.fixture(scope="module")
-def text_tokenizer():
-    return bpe_tokenizer(CORPUS, vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def processor(text_tokenizer):
-    return tiny_processor(text_tokenizer, wrap_image_tokens=True)
-
-
 @pytest.fixture()
-def model(text_tokenizer):
-    return tiny_generation_vlm(text_tokenizer)
-
-
-def generate(model, processor, **settings):
-    inputs = processor(text=PROMPTS, generation_mode="image", return_tensors="pt")
-    return model.generate(**inputs, generation_mode="image", **settings)
+def model(t2i_tokenizer):
+    """A model of its own for each test (conftest's `t2i_vlm` is shared by a module): the tests change its settings."""
+    return tiny_generation_vlm(t2i_tokenizer)
 
 
 def set_in_memory(model, settings: dict) -> None:
@@ -93,37 +77,37 @@ def test_settings_set_in_memory_survive_save_and_reload(model, tmp_path):
 
 
 @pytest.mark.parametrize("saved_before", [False, True], ids=["added-by-hand", "edited-by-hand"])
-def test_hand_edited_settings_drive_a_reloaded_folder(model, processor, tmp_path, saved_before):
+def test_hand_edited_settings_drive_a_reloaded_folder(model, t2i_processor, tmp_path, saved_before):
     if saved_before:  # a folder that already holds settings (as a converted one does), edited afterwards
         set_in_memory(model, IMAGE_GENERATION_DEFAULTS)
     model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    t2i_processor.save_pretrained(tmp_path)
     edit_generation_config(tmp_path / "generation_config.json", **EDITED)
 
-    expected = generate(model, processor, **EDITED)
-    assert not torch.equal(expected, generate(model, processor, do_sample=False))  # the edit matters
+    expected = generate_codes(model, t2i_processor, **EDITED)
+    assert not torch.equal(expected, generate_codes(model, t2i_processor, do_sample=False))  # the edit matters
     loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path)
-    assert torch.equal(generate(loaded, processor), expected)
+    assert torch.equal(generate_codes(loaded, t2i_processor), expected)
     auto = AutoModelForImageTextToText.from_pretrained(tmp_path)
-    assert torch.equal(generate(auto, processor), expected)
+    assert torch.equal(generate_codes(auto, t2i_processor), expected)
 
     pipe = EvoTokPipeline.from_pretrained(tmp_path)
     pipe.set_progress_bar_config(disable=True)
-    reference = EvoTokPipeline(model=model, processor=processor)
+    reference = EvoTokPipeline(model=model, processor=t2i_processor)
     reference.set_progress_bar_config(disable=True)
-    torch.testing.assert_close(pipe(PROMPTS, output_type="pt").images,
-                               reference(PROMPTS, output_type="pt", **EDITED).images, rtol=0, atol=0)  # fmt: skip
+    torch.testing.assert_close(pipe(T2I_PROMPTS, output_type="pt").images,
+                               reference(T2I_PROMPTS, output_type="pt", **EDITED).images, rtol=0, atol=0)  # fmt: skip
 
 
-def test_hand_edited_settings_drive_a_reloaded_pipeline_folder(model, processor, tmp_path):
-    pipe = EvoTokPipeline(model=model, processor=processor)
+def test_hand_edited_settings_drive_a_reloaded_pipeline_folder(model, t2i_processor, tmp_path):
+    pipe = EvoTokPipeline(model=model, processor=t2i_processor)
     pipe.save_pretrained(tmp_path)
     edit_generation_config(tmp_path / "model" / "generation_config.json", **EDITED)
     loaded = EvoTokPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     pipe.set_progress_bar_config(disable=True)
-    torch.testing.assert_close(loaded(PROMPTS, output_type="pt").images,
-                               pipe(PROMPTS, output_type="pt", **EDITED).images, rtol=0, atol=0)  # fmt: skip
+    torch.testing.assert_close(loaded(T2I_PROMPTS, output_type="pt").images,
+                               pipe(T2I_PROMPTS, output_type="pt", **EDITED).images, rtol=0, atol=0)  # fmt: skip
 
 
 def save_like_an_earlier_release(model, folder, image_generation: dict) -> None:
@@ -135,7 +119,7 @@ def save_like_an_earlier_release(model, folder, image_generation: dict) -> None:
     generation_config.save_pretrained(folder)
 
 
-def test_a_miniature_checkpoint_of_an_earlier_release_loads_with_its_settings(model, processor, tmp_path):
+def test_a_miniature_checkpoint_of_an_earlier_release_loads_with_its_settings(model, t2i_processor, tmp_path):
     save_like_an_earlier_release(model, tmp_path, MINIATURE_LEGACY)
     assert json.loads((tmp_path / "generation_config.json").read_text())["image_generation"] == MINIATURE_LEGACY
     loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path)
@@ -145,8 +129,8 @@ def test_a_miniature_checkpoint_of_an_earlier_release_loads_with_its_settings(mo
     assert not hasattr(loaded.generation_config, "image_generation")
     # the settings it generates with: the saved ones (top-k not saved: the default), as the old names give them
     explicit = dict(MINIATURE_LEGACY, depth_top_k=IMAGE_GENERATION_DEFAULTS["depth_decoder_top_k"])
-    expected = generate(model, processor, generator=torch.Generator().manual_seed(4), **explicit)
-    assert torch.equal(generate(loaded, processor, generator=torch.Generator().manual_seed(4)), expected)
+    expected = generate_codes(model, t2i_processor, generator=torch.Generator().manual_seed(4), **explicit)
+    assert torch.equal(generate_codes(loaded, t2i_processor, generator=torch.Generator().manual_seed(4)), expected)
     # saved again, in today's form
     loaded.save_pretrained(tmp_path / "resaved")
     saved = json.loads((tmp_path / "resaved" / "generation_config.json").read_text())
@@ -154,39 +138,40 @@ def test_a_miniature_checkpoint_of_an_earlier_release_loads_with_its_settings(mo
     assert {k: saved.get(k) for k in ("guidance_scale", "depth_decoder_do_sample", "depth_decoder_top_p")} == {
         "guidance_scale": 7.5, "depth_decoder_do_sample": True, "depth_decoder_top_p": 0.96}  # fmt: skip
     again = EvoTokForConditionalGeneration.from_pretrained(tmp_path / "resaved")
-    assert torch.equal(generate(again, processor, generator=torch.Generator().manual_seed(4)), expected)
+    assert torch.equal(generate_codes(again, t2i_processor, generator=torch.Generator().manual_seed(4)), expected)
 
 
-def test_every_setting_of_an_earlier_release_is_read(model, processor, tmp_path):
+def test_every_setting_of_an_earlier_release_is_read(model, t2i_processor, tmp_path):
     save_like_an_earlier_release(model, tmp_path, EDITED_LEGACY)
     loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path)
     assert settings_of(loaded) == EDITED
-    assert torch.equal(generate(loaded, processor), generate(model, processor, **EDITED_LEGACY))
+    assert torch.equal(generate_codes(loaded, t2i_processor), generate_codes(model, t2i_processor, **EDITED_LEGACY))
     # a dict set in memory, as code written for earlier releases does, is honoured without saving
     model.generation_config.image_generation = dict(EDITED_LEGACY)
-    assert torch.equal(generate(model, processor), generate(loaded, processor))
+    assert torch.equal(generate_codes(model, t2i_processor), generate_codes(loaded, t2i_processor))
     # a None in the old dict meant "off": no guidance, no top-k
     model.generation_config.image_generation = {"guidance_scale": None, "do_sample": True, "depth_top_k": None}
-    unguided = generate(model, processor, generator=torch.Generator().manual_seed(1))
+    unguided = generate_codes(model, t2i_processor, generator=torch.Generator().manual_seed(1))
     del model.generation_config.image_generation
-    assert torch.equal(unguided, generate(model, processor, guidance_scale=1.0, depth_decoder_top_k=0,
-                                          generator=torch.Generator().manual_seed(1)))  # fmt: skip
+    assert torch.equal(unguided, generate_codes(model, t2i_processor, guidance_scale=1.0, depth_decoder_top_k=0,
+                                                generator=torch.Generator().manual_seed(1)))  # fmt: skip
     assert set(EDITED_LEGACY) == {"guidance_scale", *LEGACY_SETTING_NAMES}  # every old name is covered here
 
 
-def test_a_malformed_dict_of_an_earlier_release_loads_and_is_named_when_generating(model, processor, tmp_path):
+def test_a_malformed_dict_of_an_earlier_release_loads_and_is_named_when_generating(model, t2i_processor, tmp_path):
     save_like_an_earlier_release(model, tmp_path, {"guidance": 3.0})
     loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path)  # text generation is unaffected
     with pytest.raises(ValueError, match=r"generation_config.image_generation has unknown settings \['guidance'\]"):
-        generate(loaded, processor)
+        generate_codes(loaded, t2i_processor)
 
 
-def test_a_folder_without_generation_config_loads_with_the_defaults(model, processor, tmp_path):
+def test_a_folder_without_generation_config_loads_with_the_defaults(model, t2i_processor, tmp_path):
     model.save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").unlink()
     loaded = EvoTokForConditionalGeneration.from_pretrained(tmp_path)
     assert set(settings_of(loaded).values()) == {None}
-    assert torch.equal(generate(loaded, processor, do_sample=False), generate(model, processor, do_sample=False))
+    expected = generate_codes(model, t2i_processor, do_sample=False)
+    assert torch.equal(generate_codes(loaded, t2i_processor, do_sample=False), expected)
 
 
 @pytest.mark.parametrize("given", [GenerationConfig(guidance_scale=2.0, depth_decoder_top_k=5),

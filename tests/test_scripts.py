@@ -117,7 +117,7 @@ def test_readme_python_example_runs():
 
 
 def test_bundled_photos_are_real_and_named():
-    from evotok_hf.data import load_bundled_photos
+    from evotok_hf.bundled_photos import load_bundled_photos
 
     photos = load_bundled_photos(["chelsea", "china.jpg", "logo"])
     assert photos["chelsea"].size == (451, 300) and photos["china.jpg"].size == (640, 427)

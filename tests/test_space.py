@@ -4,6 +4,7 @@ generation-only VLM serves the Text-to-image tab); and scripts/push_space.py, wh
 offline, upload arguments, the package copy the folder's app imports)."""
 
 import ast
+import contextlib
 import importlib.util
 import json
 import os
@@ -23,19 +24,17 @@ import PIL.Image
 import PIL.ImageFile
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config
-from vlm_helpers import bpe_tokenizer, tiny_generation_vlm, tiny_processor, tiny_vlm_config
-
-from evotok_hf import (
-    EvoTokConfig,
-    EvoTokForConditionalGeneration,
-    EvoTokImageProcessor,
-    EvoTokModel,
-    EvoTokProcessor,
-    EvoTokVLMConfig,
+from vlm_helpers import (
+    bpe_tokenizer,
+    tiny_generation_vlm,
+    tiny_processor,
+    tiny_vlm_config,
+    understanding_vlm_config,
+    word_level_tokenizer,
 )
-from evotok_hf.data import load_bundled_photos
+
+from evotok_hf import EvoTokConfig, EvoTokForConditionalGeneration, EvoTokImageProcessor, EvoTokModel, EvoTokProcessor
+from evotok_hf.bundled_photos import load_bundled_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_PATH = ROOT / "spaces" / "evotok-demo" / "app.py"
@@ -60,29 +59,10 @@ def load_app():
 
 def save_tiny_vlm(folder: Path, vision_config: EvoTokConfig) -> None:
     """A random tiny Qwen2 VLM over the tiny tokenizer, with a word-level text tokenizer, as in test_vlm.py."""
-    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
     corpus = ["user describe the image please", "assistant a cat on a red mat", "what colour is the sky", "blue"]
-    specials = ["<pad>", "<unk>", "<image>", "<boi>", "<eoi>", "<eos>"]
-    backend.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
-    text_tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
-        additional_special_tokens=["<image>", "<boi>", "<eoi>"],
-    )  # fmt: skip
-    text_config = Qwen2Config(
-        vocab_size=len(text_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.5,
-        pad_token_id=text_tokenizer.pad_token_id, eos_token_id=text_tokenizer.eos_token_id,
-    )  # fmt: skip
-    config = EvoTokVLMConfig(
-        vision_config=vision_config.to_dict(),
-        text_config=text_config.to_dict(),
-        image_token_id=text_tokenizer.convert_tokens_to_ids("<image>"),
-        boi_token_id=text_tokenizer.convert_tokens_to_ids("<boi>"),
-        eoi_token_id=text_tokenizer.convert_tokens_to_ids("<eoi>"),
-    )
+    text_tokenizer = word_level_tokenizer(corpus)
     torch.manual_seed(0)
-    EvoTokForConditionalGeneration(config).save_pretrained(folder)
+    EvoTokForConditionalGeneration(understanding_vlm_config(text_tokenizer, vision_config)).save_pretrained(folder)
     size = vision_config.image_size
     EvoTokProcessor(
         image_processor=EvoTokImageProcessor(size={"height": size, "width": size}, resize_mode="squash"),
@@ -436,64 +416,66 @@ def test_text_to_image_progress_and_errors(app, generation_models, generation_cl
         generation_client.predict(" ", "", 7.5, True, 0, "", "", "", api_name="/text_to_image")
 
 
-@pytest.mark.browser
-def test_browser_text_to_image(generation_server, tmp_path):
+@contextlib.contextmanager
+def chromium_page(url: str):
+    """A 1280 px wide page of the system's headless Chromium, opened at `url` and closed after the block."""
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
     from playwright.sync_api import sync_playwright
 
-    screenshot = tmp_path / "text_to_image.png"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1200})
-            page.goto(generation_server, wait_until="domcontentloaded")
-            page.get_by_role("tab", name="Text to image").click()
-            page.wait_for_selector("#t2i-prompt textarea")
-            page.fill("#t2i-prompt textarea", T2I_PROMPT)
-            page.click("#t2i-button")
-            page.wait_for_selector("#t2i-output img", timeout=30_000)
-            page.wait_for_selector("#t2i-codes img")
-            page.screenshot(path=str(screenshot), full_page=True)
-            natural_size = page.eval_on_selector("#t2i-output img", "img => [img.naturalWidth, img.naturalHeight]")
+            page.goto(url, wait_until="domcontentloaded")
+            yield page
         finally:
             browser.close()
-    assert natural_size == [32, 32]  # the generated image itself, shown enlarged
+
+
+def assert_screenshot_shows_a_page(screenshot: Path) -> None:
+    """The full-page screenshot of a `chromium_page` holds more than a blank page."""
     assert screenshot.stat().st_size > 10_000
     shot = np.asarray(PIL.Image.open(screenshot).convert("RGB"))
     assert shot.shape[1] == 1280 and shot.std() > 5
+
+
+@pytest.mark.browser
+def test_browser_text_to_image(generation_server, tmp_path):
+    screenshot = tmp_path / "text_to_image.png"
+    with chromium_page(generation_server) as page:
+        page.get_by_role("tab", name="Text to image").click()
+        page.wait_for_selector("#t2i-prompt textarea")
+        page.fill("#t2i-prompt textarea", T2I_PROMPT)
+        page.click("#t2i-button")
+        page.wait_for_selector("#t2i-output img", timeout=30_000)
+        page.wait_for_selector("#t2i-codes img")
+        page.screenshot(path=str(screenshot), full_page=True)
+        natural_size = page.eval_on_selector("#t2i-output img", "img => [img.naturalWidth, img.naturalHeight]")
+    assert natural_size == [32, 32]  # the generated image itself, shown enlarged
+    assert_screenshot_shows_a_page(screenshot)
 
 
 @pytest.mark.browser
 @pytest.mark.parametrize("name", ["astronaut.png", "grey16.png"])  # a 16-bit grey reaches the model as uploaded
 def test_browser_reconstruct(server, files, tokenizer, tmp_path, name):
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    from playwright.sync_api import expect, sync_playwright
-
     photo = files / name
     screenshot = tmp_path / "reconstruct.png"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1200})
-            page.goto(server, wait_until="domcontentloaded")
-            page.wait_for_selector("#recon-input")
-            page.set_input_files("#recon-input input[type=file]", str(photo))
-            page.wait_for_selector("#recon-input img")  # the upload finished and is previewed
-            page.click("#recon-button")
-            psnr_box = page.locator("#recon-psnr textarea")
-            expect(psnr_box).to_have_value(re.compile("dB"), timeout=30_000)
-            page.wait_for_selector("#recon-output img")
-            page.screenshot(path=str(screenshot), full_page=True)
-            psnr_text = psnr_box.input_value()
-        finally:
-            browser.close()
+    with chromium_page(server) as page:
+        from playwright.sync_api import expect
+
+        page.wait_for_selector("#recon-input")
+        page.set_input_files("#recon-input input[type=file]", str(photo))
+        page.wait_for_selector("#recon-input img")  # the upload finished and is previewed
+        page.click("#recon-button")
+        psnr_box = page.locator("#recon-psnr textarea")
+        expect(psnr_box).to_have_value(re.compile("dB"), timeout=30_000)
+        page.wait_for_selector("#recon-output img")
+        page.screenshot(path=str(screenshot), full_page=True)
+        psnr_text = psnr_box.input_value()
     depth = tokenizer[0].config.pixel_depth  # the slider's default
     assert psnr_text.startswith(expected_psnr_text(tokenizer, photo, depth)[0] + " ")
-    assert screenshot.stat().st_size > 10_000
-    shot = np.asarray(PIL.Image.open(screenshot).convert("RGB"))
-    assert shot.shape[1] == 1280 and shot.std() > 5
+    assert_screenshot_shows_a_page(screenshot)
 
 
 # ----------------------------------------------------------------------------- the published models

@@ -15,14 +15,11 @@ import PIL.Image
 import pytest
 import torch
 
-from evotok_hf.data import load_bundled_photos
+from evotok_hf.bundled_photos import BUNDLED_PHOTOS, DEFAULT_HELD_OUT, bundled_photo_dataset, load_bundled_photos
 from evotok_hf.processing import EvoTokImageProcessor
 from evotok_hf.image_datasets import (
-    BUNDLED_PHOTOS,
-    DEFAULT_HELD_OUT,
     DataPosition,
     ImageBatchCollator,
-    bundled_photo_dataset,
     eval_transform,
     example_generator,
     infinite_batches,

@@ -113,7 +113,7 @@ def test_streaming_resume_equals_the_uninterrupted_run(tmp_path):
     """A streaming dataset has no length: the resume position is the recorded (epoch, batches into it), not one
     derived from the step count. Five photos in batches of 2 make 2-batch epochs; the run checkpoints every step
     (saving changes nothing), so its final weights are the uninterrupted run's."""
-    from evotok_hf.data import load_bundled_photos
+    from evotok_hf.bundled_photos import load_bundled_photos
 
     folder = tmp_path / "photos"
     folder.mkdir()

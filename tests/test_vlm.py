@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config
+from vlm_helpers import understanding_vlm_config, word_level_tokenizer
 
 from evotok_hf.modeling.configuration_evotok import EvoTokConfig
 from evotok_hf.modeling.configuration_evotok_vlm import EvoTokVLMConfig
@@ -14,19 +15,12 @@ from evotok_hf.modeling.modeling_evotok_vlm import EvoTokForConditionalGeneratio
 from evotok_hf.processing.image_processing_evotok import EvoTokImageProcessor
 from evotok_hf.processing.processing_evotok import EvoTokProcessor
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<image>", "<boi>", "<eoi>", "<eos>"]
 CORPUS = ["user describe the image please", "assistant a cat on a red mat", "what colour is the sky", "blue green"]
 
 
 @pytest.fixture(scope="module")
 def text_tokenizer():
-    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
-        additional_special_tokens=["<image>", "<boi>", "<eoi>"],
-    )  # fmt: skip
+    return word_level_tokenizer(CORPUS)
 
 
 @pytest.fixture(scope="module")
@@ -34,28 +28,10 @@ def vision_config():
     return EvoTokConfig.from_preset("evotok-tiny")
 
 
-def make_config(tokenizer, vision_config, **overrides):
-    # A wide initialisation makes the random LM's greedy continuations varied, so generation tests compare something.
-    text_config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.5,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    kwargs = dict(
-        vision_config=vision_config.to_dict(),
-        text_config=text_config.to_dict(),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        boi_token_id=tokenizer.convert_tokens_to_ids("<boi>"),
-        eoi_token_id=tokenizer.convert_tokens_to_ids("<eoi>"),
-    )
-    kwargs.update(overrides)
-    return EvoTokVLMConfig(**kwargs)
-
-
 @pytest.fixture(scope="module")
 def vlm(text_tokenizer, vision_config):
     torch.manual_seed(0)
-    return EvoTokForConditionalGeneration(make_config(text_tokenizer, vision_config)).eval()
+    return EvoTokForConditionalGeneration(understanding_vlm_config(text_tokenizer, vision_config)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +67,7 @@ def test_config_defaults_and_round_trip(text_tokenizer, vision_config, tmp_path)
     assert (config.has_understanding_head, config.has_generation_head) == (True, False)
     assert config.num_image_tokens == 256
 
-    config = make_config(text_tokenizer, vision_config)
+    config = understanding_vlm_config(text_tokenizer, vision_config)
     assert config.tie_word_embeddings is True  # follows the text config
     assert config.num_image_tokens == vision_config.grid_size**2
     config.save_pretrained(tmp_path)
@@ -112,7 +88,7 @@ def test_config_defaults_and_round_trip(text_tokenizer, vision_config, tmp_path)
 )
 def test_config_validation(text_tokenizer, vision_config, overrides, field):
     with pytest.raises(ValueError, match=field):
-        make_config(text_tokenizer, vision_config, **overrides)
+        understanding_vlm_config(text_tokenizer, vision_config, **overrides)
 
 
 # ----------------------------------------------------------------------------- model
@@ -242,7 +218,8 @@ def test_forward_follows_return_dict(vlm, processor, text_tokenizer, vision_conf
                  model(**inputs, **kwargs, output_hidden_states=True))  # fmt: skip
 
     torch.manual_seed(0)
-    model = EvoTokForConditionalGeneration(make_config(text_tokenizer, vision_config, return_dict=False)).eval()
+    config = understanding_vlm_config(text_tokenizer, vision_config, return_dict=False)
+    model = EvoTokForConditionalGeneration(config).eval()
     with torch.no_grad():
         same(model(**inputs, labels=labels), model(**inputs, labels=labels, return_dict=True))
         same(model.model(**inputs), model.model(**inputs, return_dict=True))
@@ -363,7 +340,7 @@ def test_auto_classes_round_trip(vlm, processor, tmp_path):
 
 
 def test_eager_equals_sdpa(text_tokenizer, vision_config, processor, vlm):
-    eager_config = make_config(text_tokenizer, vision_config)
+    eager_config = understanding_vlm_config(text_tokenizer, vision_config)
     eager_config._attn_implementation = "eager"
     eager = EvoTokForConditionalGeneration(eager_config).eval()
     eager.load_state_dict(vlm.state_dict())
@@ -376,7 +353,7 @@ def test_eager_equals_sdpa(text_tokenizer, vision_config, processor, vlm):
 
 def test_gradient_checkpointing_gives_same_gradients(text_tokenizer, vision_config, processor):
     torch.manual_seed(0)
-    model = EvoTokForConditionalGeneration(make_config(text_tokenizer, vision_config)).train()
+    model = EvoTokForConditionalGeneration(understanding_vlm_config(text_tokenizer, vision_config)).train()
     inputs = processor(images=pil_images(1), text="user <image> describe the image please", return_tensors="pt")
     labels = inputs.input_ids.masked_fill(inputs.input_ids == model.config.image_token_id, -100)
 

@@ -83,7 +83,7 @@ def assembled_folder(assembled, tmp_path_factory) -> str:
 
 def image_chats():
     """Two image prompts of different lengths, so a batch of them needs padding."""
-    from evotok_hf.data import load_bundled_photos
+    from evotok_hf.bundled_photos import load_bundled_photos
 
     photos = load_bundled_photos(["chelsea", "coffee"])
     questions = {"chelsea": "What animal is this?", "coffee": "Describe this picture in one long sentence, please."}
@@ -123,7 +123,7 @@ def test_text_only_chat_answer_is_the_bare_llms(assembled):
 
 
 def test_image_prompt_runs_end_to_end(assembled):
-    from evotok_hf.data import load_bundled_photos
+    from evotok_hf.bundled_photos import load_bundled_photos
 
     _, _, vlm, text_tokenizer = assembled
     size = vlm.config.vision_config.image_size
@@ -259,7 +259,7 @@ def readme_vlm_recipe() -> str:
 def test_readme_vlm_recipe_runs_with_a_text_only_template(smollm2, evotok_tiny_dir, tmp_path, monkeypatch):
     """The README's assembly recipe, as written, with local folders for the two model ids: the SmolLM2 tokenizer brings
     its own text-only template, and the recipe's image prompts answer through `generate` and the batched pipeline."""
-    from evotok_hf.data import load_bundled_photos
+    from evotok_hf.bundled_photos import load_bundled_photos
 
     block = readme_vlm_recipe()
     for model_id in ("outputs/demo-photos/model", "Qwen/Qwen2.5-7B-Instruct"):

@@ -58,7 +58,7 @@ def build_vlm(text_tokenizer, vision_config, seed=0):
 def data_dir(tmp_path_factory, text_tokenizer, vision_config, processor):
     """A saved tiny VLM + processor, 4 real photo crops, the same conversations as LLaVA JSON and as a messages
     dataset on disk."""
-    from evotok_hf.data import load_bundled_photos
+    from evotok_hf.bundled_photos import load_bundled_photos
 
     root = tmp_path_factory.mktemp("vlm_data")
     model = build_vlm(text_tokenizer, vision_config)

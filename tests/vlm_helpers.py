@@ -1,5 +1,7 @@
 """Tiny text tokenizers and VLMs shared by the VLM test modules (imported by name: pytest puts tests/ on sys.path)."""
 
+import os
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config
@@ -8,6 +10,10 @@ from evotok_hf import EvoTokConfig, EvoTokForConditionalGeneration, EvoTokImageP
 from evotok_hf.processing.processing_evotok import DEFAULT_CHAT_TEMPLATE
 
 CHATML_SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>", "<boi>", "<eoi>"]
+# The text of the text-to-image tests (the `t2i_*` fixtures of conftest.py): a tokenizer trained on T2I_CORPUS knows
+# every word of T2I_PROMPTS.
+T2I_CORPUS = ["system user assistant You are a helpful assistant.", "a red bicycle on a green hill", "a cat, a dog."]
+T2I_PROMPTS = ["a red bicycle on a green hill", "a cat"]
 
 
 def bpe_tokenizer(corpus: list[str], vocab_size: int = 320) -> PreTrainedTokenizerFast:
@@ -62,6 +68,45 @@ def tiny_processor(tokenizer, wrap_image_tokens: bool = False, resize_mode: str 
     )  # fmt: skip
 
 
+def word_level_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over the words of `corpus` (others become <unk>), with the image special
+    tokens and no chat tokens."""
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    special_tokens = ["<pad>", "<unk>", "<image>", "<boi>", "<eoi>", "<eos>"]
+    backend.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=special_tokens))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+        additional_special_tokens=["<image>", "<boi>", "<eoi>"],
+    )  # fmt: skip
+
+
+def understanding_vlm_config(tokenizer, vision_config: EvoTokConfig, **overrides) -> EvoTokVLMConfig:
+    """An understanding-only VLM: `vision_config` + a 2-layer, 32-wide Qwen2. A wide initialisation makes the random
+    LM's greedy continuations varied, so generation tests compare something."""
+    text_config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.5,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    kwargs = dict(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        boi_token_id=tokenizer.convert_tokens_to_ids("<boi>"),
+        eoi_token_id=tokenizer.convert_tokens_to_ids("<eoi>"),
+    )
+    kwargs.update(overrides)
+    return EvoTokVLMConfig(**kwargs)
+
+
+def generate_codes(model, processor, prompts=T2I_PROMPTS, negative_prompt=None, **settings):
+    """`generate(generation_mode="image")` on text prompts, as a user calls it; returns what `generate` returns (the
+    codes, or an output holding them when `return_dict_in_generate=True`)."""
+    inputs = processor(text=prompts, generation_mode="image", negative_prompt=negative_prompt, return_tensors="pt")
+    return model.generate(**inputs, generation_mode="image", **settings)
+
+
 # The start of a subprocess script that runs as a user without evotok_hf would: the package cannot be imported.
 BLOCK_EVOTOK_HF = r"""
 import importlib.abc, importlib.util, os, sys
@@ -77,3 +122,17 @@ class BlockEvoTok(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, BlockEvoTok())
 """
+
+
+def fresh_user_env(home) -> dict[str, str]:
+    """The environment of such a subprocess: nothing of this one's but PATH; its home, Hugging Face cache and
+    remote-code modules under `home`, offline, one thread."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(home),
+        "HF_HOME": str(home / "hf_home"),
+        "HF_MODULES_CACHE": str(home / "hf_modules"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "OMP_NUM_THREADS": "1",
+    }

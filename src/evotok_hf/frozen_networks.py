@@ -8,9 +8,12 @@ They live here, outside `training` and `evaluation`, so that both packages can u
   paper's teacher is SigLIP2-L/16-256 (its `hidden_states[-2]`, not the pooled output); `EfficientNetLite0Teacher` is
   an offline stand-in with real ImageNet weights from a registry package, for small demos and tests where no Hub
   download is possible.
-- rFID feature networks: (B, 3, H, W) pixel values in [-1, 1] -> (B, num_features). Only `InceptionV3Features` gives
-  numbers comparable with published rFID; `EfficientNetLite0Features` is the offline stand-in, useful to compare
-  checkpoints with each other, never with papers.
+- rFID feature networks: (B, 3, H, W) pixel values in [-1, 1] -> (B, num_features). Only the FID Inception (2048-d
+  pool3) gives numbers comparable with published rFID, and each FID implementation feeds it differently (how it
+  resizes to 299 x 299, how it scales pixels): `InceptionV3Features` is torch-fidelity's, `PytorchFIDInceptionFeatures`
+  pytorch-fid's and `CleanFIDInceptionFeatures` clean-fid's ("clean" mode); `FID_IMPLEMENTATIONS` names them. All
+  three first round the images to 0..255, as the PNG files those tools read hold them. `EfficientNetLite0Features` is
+  the offline stand-in, useful to compare checkpoints with each other, never with papers.
 - The perceptual distance (LPIPS-VGG in the paper).
 
 Every network is frozen (`freeze`): no gradients, always in eval mode, run under `torch.no_grad`. A teacher is never
@@ -24,6 +27,8 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,7 +38,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIGLIP_TEACHER = "google/siglip2-large-patch16-256"
 EFFICIENTNET_LITE0 = "efficientnet-lite0"
 INSTALL_ONLINE = 'pip install "evotok_hf[online]"'
-ONLINE_EXTRA_HINT = f"install the online extra: {INSTALL_ONLINE} (lpips, torchvision, torch-fidelity)"
+ONLINE_EXTRA_HINT = (f"install the online extra: {INSTALL_ONLINE} (lpips, torchvision, torch-fidelity, pytorch-fid, "
+                     "clean-fid)")
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -288,49 +294,171 @@ class EfficientNetLite0Features(FeatureNetwork):
         return network.extract_features(inputs).mean(dim=(2, 3))
 
 
-class InceptionV3Features(FeatureNetwork):
-    """The standard FID feature network: torchmetrics' `NoTrainInceptionV3` (torch-fidelity's port of the TF FID
-    Inception-v3), 2048-d pool3 features. Load it with `InceptionV3Features.from_pretrained()`; the constructor wraps a
-    network already built.
+FID_IMAGE_SIZE = 299  # the FID Inception's input size: every implementation resizes to it
 
-    That network takes uint8 images in 0..255 of any size (it resizes to 299x299 itself), so [-1, 1] images are
-    clipped and rounded to 0..255, like images saved to PNG before a standard FID evaluation."""
+
+def quantize_to_uint8(pixel_values: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> uint8 0..255, clipped and rounded: the pixels a PNG of them holds. The FID networks start
+    here, so features computed during an evaluation equal those of the saved PNG files."""
+    return ((pixel_values.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _import_fid_library(what: str, install: str, load):
+    """`load()` (a lazy import of an FID library), with an ImportError that says what to install. A torchvision built
+    for another torch fails at import with a RuntimeError (unknown operator), not an ImportError."""
+    try:
+        return load()
+    except (ImportError, RuntimeError) as error:
+        raise ImportError(f"{what} needs {install} and a torchvision matching your torch ({INSTALL_ONLINE}), or use "
+                          f"the offline 'efficientnet-lite0' feature network ({type(error).__name__}: {error})"
+                          ) from error
+
+
+class _FIDInception(FeatureNetwork):
+    """Base class of the FID Inception feature networks: wraps a built network (the constructor loads nothing; the
+    standard weights come with `from_pretrained`), and names its FID implementation and resize in reports.
+
+    `num_features` is 2048 (pool3), or the wrapped module's own `num_features` (a small local network in tests)."""
 
     num_features = 2048
-    name = "inception-v3-fid (pool3, 2048)"
+    implementation: str
+    resize: str
 
     def __init__(self, network: nn.Module):
         super().__init__()
         if not isinstance(network, nn.Module):
             raise ValueError(
-                "InceptionV3Features wraps a built FID Inception network (uint8 images -> (B, 2048)); load the "
-                f"standard one with InceptionV3Features.from_pretrained(), got {type(network).__name__}"
+                f"{type(self).__name__} wraps a built FID Inception network; load the standard one with "
+                f"{type(self).__name__}.from_pretrained(), got {type(network).__name__}"
             )
         self.network = network
+        if isinstance(getattr(network, "num_features", None), int):
+            self.num_features = network.num_features
         freeze(self)
+
+
+class InceptionV3Features(_FIDInception):
+    """FID features as torch-fidelity computes them: torchmetrics' `NoTrainInceptionV3` (torch-fidelity's port of the
+    TF FID Inception-v3), 2048-d pool3 features. Load it with `InceptionV3Features.from_pretrained()`; the
+    constructor wraps a network already built.
+
+    That network takes uint8 images of any size and resizes them to 299x299 itself, bilinearly as TensorFlow 1.x does
+    (torch-fidelity's `interpolate_bilinear_2d_like_tensorflow1x`; torchmetrics' default, antialias=True, would use
+    torch's antialiased resize instead, which is not torch-fidelity's)."""
+
+    name = "inception-v3-fid (pool3, 2048)"
+    implementation = "torch-fidelity"
+    resize = ("rounded to uint8, then bilinear to 299x299 as TensorFlow 1.x resizes (torch-fidelity's "
+              "interpolate_bilinear_2d_like_tensorflow1x), (x - 128) / 128")
 
     @classmethod
     def from_pretrained(cls, weights_path: str | os.PathLike | None = None) -> InceptionV3Features:
         """The FID Inception with its weights: read from `weights_path`, else downloaded by torch-fidelity on first
         use (and cached). Needs torchmetrics, torch-fidelity and a torchvision matching torch (the online extra)."""
-        missing = (f"InceptionV3Features needs torchmetrics, torch-fidelity and a torchvision matching your torch: "
-                   f"{INSTALL_ONLINE}, or use the offline 'efficientnet-lite0' feature network")
-        try:
+
+        def load():
             from torchmetrics.image.fid import NoTrainInceptionV3
-        # A torchvision built for another torch fails at import with a RuntimeError (unknown operator), not an
-        # ImportError.
-        except (ImportError, RuntimeError) as error:
-            raise ImportError(f"{missing} ({error})") from error
-        try:
-            network = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(cls.num_features)],
-                                         feature_extractor_weights_path=weights_path)
-        except ImportError as error:  # torchmetrics imports without torch-fidelity and raises here instead
-            raise ImportError(f"{missing} ({error})") from error
-        return cls(network)
+
+            # torchmetrics imports without torch-fidelity and raises an ImportError here instead
+            return NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(cls.num_features)],
+                                      feature_extractor_weights_path=weights_path, antialias=False)
+
+        return cls(_import_fid_library("InceptionV3Features", "torchmetrics and torch-fidelity", load))
 
     def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        pixels_uint8 = ((pixel_values.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return self.network(pixels_uint8)
+        return self.network(quantize_to_uint8(pixel_values))
+
+
+class _FirstOutputFlattened(nn.Module):
+    """pytorch-fid's `InceptionV3` returns a list of (B, C, 1, 1) maps, one per requested block: the first as (B, C)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images)[0].flatten(1)
+
+
+class PytorchFIDInceptionFeatures(_FIDInception):
+    """FID features as pytorch-fid computes them: its `InceptionV3` (the TF FID Inception-v3 ported to PyTorch),
+    2048-d pool3 features, fed as pytorch-fid feeds it: pixels / 255 (what `ToTensor` makes of a PNG), resized to
+    299x299 by torch's bilinear interpolation (align_corners=False, no antialiasing), then scaled to [-1, 1].
+
+    The resize is done here (pytorch-fid's `resize_input=True` step, the same call), so the wrapped network takes
+    (B, 3, 299, 299) values in [0, 1] and returns (B, 2048). Load the standard one with `from_pretrained()`."""
+
+    name = "inception-v3-fid (pool3, 2048; pytorch-fid)"
+    implementation = "pytorch-fid"
+    resize = ("rounded to uint8, / 255, torch bilinear (align_corners=False, no antialias) to 299x299, then 2x - 1")
+
+    @classmethod
+    def from_pretrained(cls) -> PytorchFIDInceptionFeatures:
+        """pytorch-fid's FID Inception; pytorch-fid downloads its weights on first use (and caches them)."""
+
+        def load():
+            from pytorch_fid.inception import InceptionV3
+
+            block = InceptionV3.BLOCK_INDEX_BY_DIM[cls.num_features]
+            return InceptionV3([block], resize_input=False, normalize_input=True)
+
+        return cls(_FirstOutputFlattened(_import_fid_library("PytorchFIDInceptionFeatures", "pytorch-fid", load)))
+
+    def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pixels = quantize_to_uint8(pixel_values).float() / 255
+        size = (FID_IMAGE_SIZE, FID_IMAGE_SIZE)
+        return self.network(F.interpolate(pixels, size=size, mode="bilinear", align_corners=False))
+
+
+def clean_fid_resize(pixels_uint8: torch.Tensor) -> torch.Tensor:
+    """clean-fid's "clean" resize: (B, 3, H, W) uint8 -> (B, 3, 299, 299) float32 in 0..255, each channel resized
+    on its own as a float32 PIL image with bicubic filtering (antialiased when downsizing), then clipped."""
+    if pixels_uint8.dtype != torch.uint8 or pixels_uint8.ndim != 4:
+        raise ValueError(f"expected (B, C, H, W) uint8 pixels, got {pixels_uint8.dtype} {tuple(pixels_uint8.shape)}")
+    size = (FID_IMAGE_SIZE, FID_IMAGE_SIZE)
+    channels = [
+        np.asarray(PIL.Image.fromarray(channel.astype(np.float32)).resize(size, resample=PIL.Image.BICUBIC))
+        for channel in pixels_uint8.cpu().numpy().reshape(-1, *pixels_uint8.shape[-2:])
+    ]
+    resized = np.stack(channels).reshape(*pixels_uint8.shape[:2], *size).clip(0, 255)
+    return torch.from_numpy(resized).to(pixels_uint8.device)
+
+
+class CleanFIDInceptionFeatures(_FIDInception):
+    """FID features as clean-fid computes them in its default "clean" mode: the TF FID Inception-v3 as a TorchScript
+    file (StyleGAN2-ADA's export), 2048-d pool3 features, fed with uint8 pixels resized by `clean_fid_resize`
+    (PIL bicubic in float32, per channel); the network scales 0..255 to [-1, 1] itself, (x - 128) / 128.
+
+    The wrapped network takes (B, 3, 299, 299) float values in 0..255 and returns (B, 2048). Load the standard one
+    with `from_pretrained()`."""
+
+    name = "inception-v3-fid (pool3, 2048; clean-fid)"
+    implementation = "clean-fid"
+    resize = ("rounded to uint8, PIL bicubic per channel in float32 to 299x299 (clean-fid 'clean' mode), clipped to "
+              "0..255, (x - 128) / 128")
+
+    @classmethod
+    def from_pretrained(cls, weights_dir: str | os.PathLike | None = None) -> CleanFIDInceptionFeatures:
+        """clean-fid's FID Inception, read from `weights_dir` (default: where clean-fid itself keeps it, /tmp),
+        downloaded there by clean-fid when missing."""
+
+        def load():
+            from cleanfid.inception_torchscript import InceptionV3W
+
+            return InceptionV3W(str(weights_dir or "/tmp"), download=True, resize_inside=False)
+
+        return cls(_import_fid_library("CleanFIDInceptionFeatures", "clean-fid", load))
+
+    def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.network(clean_fid_resize(quantize_to_uint8(pixel_values)))
+
+
+# The FID implementations an evaluation can name, each the feature network that computes FID as that library does.
+FID_IMPLEMENTATIONS = {
+    "torch-fidelity": InceptionV3Features,
+    "pytorch-fid": PytorchFIDInceptionFeatures,
+    "clean-fid": CleanFIDInceptionFeatures,
+}
 
 
 class _NamedFeatureNetwork(FeatureNetwork):
@@ -348,10 +476,11 @@ class _NamedFeatureNetwork(FeatureNetwork):
 
 
 def build_feature_network(spec: str | nn.Module, name: str | None = None) -> FeatureNetwork:
-    """"inception" -> `InceptionV3Features.from_pretrained()` (standard, online); "efficientnet-lite0" ->
-    `EfficientNetLite0Features` (offline stand-in); an nn.Module with an integer `num_features` that maps [-1, 1]
-    images to (B, num_features) -> wrapped, frozen and in eval mode, named `name` (default: its own `name` attribute,
-    else its class name)."""
+    """"inception" or "torch-fidelity" -> `InceptionV3Features.from_pretrained()` (the standard, online);
+    "pytorch-fid" / "clean-fid" -> the FID Inception fed as that library feeds it (`FID_IMPLEMENTATIONS`, online);
+    "efficientnet-lite0" -> `EfficientNetLite0Features` (offline stand-in); an nn.Module with an integer
+    `num_features` that maps [-1, 1] images to (B, num_features) -> wrapped, frozen and in eval mode, named `name`
+    (default: its own `name` attribute, else its class name)."""
     if isinstance(spec, FeatureNetwork) and name is None:
         return spec
     if isinstance(spec, nn.Module):
@@ -361,10 +490,12 @@ def build_feature_network(spec: str | nn.Module, name: str | None = None) -> Fea
         return _NamedFeatureNetwork(spec, name or (own_name if isinstance(own_name, str) else type(spec).__name__))
     if isinstance(spec, str) and spec.lower() == "inception":
         return InceptionV3Features.from_pretrained()
+    if isinstance(spec, str) and spec.lower() in FID_IMPLEMENTATIONS:
+        return FID_IMPLEMENTATIONS[spec.lower()].from_pretrained()
     if isinstance(spec, str) and spec.lower() == EFFICIENTNET_LITE0:
         return EfficientNetLite0Features()
-    raise ValueError(f"feature network spec must be 'inception', 'efficientnet-lite0' or an nn.Module with "
-                     f"`num_features`, got {spec!r}")
+    raise ValueError(f"feature network spec must be 'inception', one of {sorted(FID_IMPLEMENTATIONS)}, "
+                     f"'efficientnet-lite0' or an nn.Module with `num_features`, got {spec!r}")
 
 
 # ----------------------------------------------------------------------------- perceptual distance
@@ -393,15 +524,20 @@ def build_perceptual_loss(spec: str | nn.Module | None) -> nn.Module | None:
 
 __all__ = [
     "DEFAULT_SIGLIP_TEACHER",
+    "FID_IMPLEMENTATIONS",
+    "CleanFIDInceptionFeatures",
     "EfficientNetLite0Features",
     "EfficientNetLite0Teacher",
     "FeatureNetwork",
     "FrozenModule",
     "InceptionV3Features",
+    "PytorchFIDInceptionFeatures",
     "SemanticTeacher",
     "SiglipTeacher",
     "build_feature_network",
     "build_perceptual_loss",
     "build_teacher",
+    "clean_fid_resize",
     "freeze",
+    "quantize_to_uint8",
 ]

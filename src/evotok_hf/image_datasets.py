@@ -6,10 +6,9 @@ outside both packages. Read top to bottom:
    square size) and `eval_transform` (the processor's shortest side + centre crop). Both return one (3, S, S)
    float32 tensor in [-1, 1]; every preprocessing constant comes from `EvoTokImageProcessor`.
 2. sources: `load_image_dataset` turns a Hub id, a folder of images, parquet files, webdataset shards or "bundled"
-   into a `datasets` dataset whose image column is called "image".
-3. `bundled_photo_dataset`: real photos shipped by scikit-image / scikit-learn, cut into small train crops and a
-   held-out validation set, so training and its tests run offline.
-4. loaders: `make_dataloader` (map-style or streaming) yields {"pixel_values": (B, 3, S, S)}; `infinite_batches`
+   (`bundled_photos.bundled_photo_dataset`, real photos cut into crops, offline) into a `datasets` dataset whose
+   image column is called "image".
+3. loaders: `make_dataloader` (map-style or streaming) yields {"pixel_values": (B, 3, S, S)}; `infinite_batches`
    cycles epochs for step-based loops (resuming from a `DataPosition`), telling the loader each epoch with
    `set_loader_epoch`.
 
@@ -39,17 +38,13 @@ from typing import TYPE_CHECKING, Any
 import PIL.Image
 import torch
 
-from .data import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_bundled_photos
+from .bundled_photos import bundled_photo_dataset
 from .processing.image_processing_evotok import EvoTokImageProcessor
 
 if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
-
-BUNDLED_PHOTOS = SKIMAGE_PHOTOS + SKLEARN_PHOTOS
-DEFAULT_HELD_OUT = ("chelsea", "coffee", "china.jpg")
-BUNDLED_SPLITS = ("train", "validation", "test")
 
 # Column names that hold images in common datasets when the feature type does not say so (webdataset keys, raw
 # bytes in parquet). A `datasets.Image` feature is preferred over these.
@@ -303,82 +298,6 @@ def _with_image_column(datasets, dataset, image_column: str | None):
     return dataset
 
 
-# ------------------------------------------------------------------------------------------------ bundled photos
-def _square_crop(photo: PIL.Image.Image, left: int, top: int, side: int, crop_size: int) -> PIL.Image.Image:
-    # PIL's resize with a box crops and resamples in one pass, antialiased when it shrinks.
-    return photo.resize((crop_size, crop_size), PIL.Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
-
-
-def _train_crops(photo: PIL.Image.Image, count: int, crop_size: int, rng: random.Random) -> list[PIL.Image.Image]:
-    short = min(photo.size)
-    smallest = min(crop_size, short)
-    crops = []
-    for _ in range(count):
-        side = round(math.exp(rng.uniform(math.log(smallest), math.log(short))))
-        left = rng.randint(0, photo.width - side)
-        top = rng.randint(0, photo.height - side)
-        crops.append(_square_crop(photo, left, top, side, crop_size))
-    return crops
-
-
-def _held_out_crops(photo: PIL.Image.Image, crop_size: int) -> list[PIL.Image.Image]:
-    short = min(photo.size)
-    half = short // 2
-    left, top = (photo.width - short) // 2, (photo.height - short) // 2
-    crops = [_square_crop(photo, left, top, short, crop_size)]
-    for dx, dy in ((0, 0), (half, 0), (0, half), (half, half)):  # the four quarters of the centre square
-        crops.append(_square_crop(photo, left + dx, top + dy, half, crop_size))
-    return crops
-
-
-def bundled_photo_dataset(
-    split: str = "train",
-    crops_per_photo: int = 8,
-    crop_size: int = 128,
-    seed: int = 0,
-    held_out: tuple[str, ...] = DEFAULT_HELD_OUT,
-) -> datasets.Dataset:
-    """A small real-image dataset that needs no network: square crops of the photos scikit-image and scikit-learn
-    ship (`BUNDLED_PHOTOS`, kept in their native modes: RGB, RGBA `logo`, grey `camera`...; the processor converts
-    them). Columns: "image" (`crop_size` x `crop_size`) and "source" (the photo's name).
-
-    - "train": for every photo not in `held_out`, `crops_per_photo` square crops at uniform positions whose side is
-      drawn log-uniformly between min(crop_size, short side) and the short side, so close-ups and whole-photo
-      views are equally common; each is resized to `crop_size` (small, same-size examples keep building fast).
-      Each photo draws from its own `random.Random(f"{seed}:{name}")`, so its crops do not depend on which
-      other photos are held out.
-    - "validation" / "test" (the same images: there are too few photos for two held-out sets): for each
-      `held_out` photo, its centre square and the four quarters of that square, resized to `crop_size`;
-      independent of `seed`.
-    Held-out photos never enter "train", so validation measures generalisation to unseen photos."""
-    if split not in BUNDLED_SPLITS:
-        raise ValueError(f"bundled_photo_dataset: split must be one of {BUNDLED_SPLITS}, got {split!r}.")
-    if crops_per_photo < 1 or crop_size < 1:
-        raise ValueError(
-            f"bundled_photo_dataset: crops_per_photo and crop_size must be >= 1, got {crops_per_photo}, {crop_size}."
-        )
-    unknown = [name for name in held_out if name not in BUNDLED_PHOTOS]
-    if unknown:
-        raise ValueError(f"bundled_photo_dataset: unknown held-out photo(s) {unknown}; available: {BUNDLED_PHOTOS}.")
-    if split == "train":
-        names = [name for name in BUNDLED_PHOTOS if name not in held_out]
-    else:
-        names = [name for name in BUNDLED_PHOTOS if name in held_out]
-    if not names:
-        raise ValueError(f"bundled_photo_dataset: split {split!r} would be empty with held_out={held_out}.")
-    datasets = _import_datasets()
-    images, sources = [], []
-    for name, photo in load_bundled_photos(names).items():
-        if split == "train":
-            crops = _train_crops(photo, crops_per_photo, crop_size, random.Random(f"{seed}:{name}"))
-        else:
-            crops = _held_out_crops(photo, crop_size)
-        images.extend(crops)
-        sources.extend([name] * len(crops))
-    features = datasets.Features({"image": datasets.Image(), "source": datasets.Value("string")})
-    return datasets.Dataset.from_dict({"image": images, "source": sources}, features=features)
-
-
 # -------------------------------------------------------------------------------------------------------- loaders
 class ImageBatchCollator:
     """Stacks examples {"pixel_values": (3, S, S)} into {"pixel_values": (B, 3, S, S) float32}. A class, like
@@ -590,11 +509,8 @@ def infinite_batches(
 
 
 __all__ = [
-    "BUNDLED_PHOTOS",
-    "DEFAULT_HELD_OUT",
     "DataPosition",
     "ImageBatchCollator",
-    "bundled_photo_dataset",
     "eval_transform",
     "example_generator",
     "infinite_batches",

@@ -2,7 +2,14 @@
 similarity to a teacher, codebook health, and representation analysis (k-means, probes, NMI); on EvoTok Shapes, the
 mini-GenEval, VQA and per-depth NMI scorers."""
 
-from ..frozen_networks import EfficientNetLite0Features, InceptionV3Features, build_feature_network
+from ..frozen_networks import (
+    FID_IMPLEMENTATIONS,
+    CleanFIDInceptionFeatures,
+    EfficientNetLite0Features,
+    InceptionV3Features,
+    PytorchFIDInceptionFeatures,
+    build_feature_network,
+)
 from .metrics import (
     FeatureStatistics,
     fid_from_statistics,
@@ -12,7 +19,12 @@ from .metrics import (
     psnr,
     ssim,
 )
-from .reconstruction import ReconstructionReport, evaluate_reconstruction
+from .reconstruction import (
+    CENTER_CROPS,
+    ReconstructionReport,
+    adm_center_crop,
+    evaluate_reconstruction,
+)
 from .representation import label_nmi, nmi_by_depth
 from .shapes_scoring import (
     Detection,

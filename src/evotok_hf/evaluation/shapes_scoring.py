@@ -37,7 +37,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-from ..miniature.shapes import (
+from ..shapes_spec import (
     CATEGORIES,
     COLORS,
     IMAGE_SIZE,

@@ -252,8 +252,9 @@ def _render(template: str, template_path, *, pipeline_tag: str, tags: list[str],
     )  # fmt: skip
 
 
-def _common(repo_id, license, official, eval_results_path, base_model, datasets, eval_dataset, eval_split,
-            default_base, task_name):  # fmt: skip
+def _shared_card_values(repo_id, license, official, eval_results_path, base_model, datasets, eval_dataset, eval_split,
+                        remote_code, default_base, task_name) -> dict:  # fmt: skip
+    """The arguments both card kinds take, checked and resolved into the values `_render` takes for them."""
     repo_id = _check_repo_id(repo_id)
     if not isinstance(official, bool):
         raise ValueError(f"official must be True or False, got {official!r}.")
@@ -265,7 +266,19 @@ def _common(repo_id, license, official, eval_results_path, base_model, datasets,
         results, measured = load_reconstruction_results(
             eval_results_path, dataset=eval_dataset, split=eval_split, task_name=task_name
         )
-    return repo_id, license, base_model, datasets, results, measured
+    return {"repo_id": repo_id, "license": license, "base_model": base_model, "datasets": datasets, "results": results,
+            "measured": measured, "official": official, "remote_code": remote_code}  # fmt: skip
+
+
+def _tokenizer_facts(config) -> dict:
+    """The facts of an `EvoTokConfig` that both cards state (the VLM card, of its image tokenizer)."""
+    return {
+        "image_size": config.image_size,
+        "grid_size": config.grid_size,
+        "pixel_depth": config.pixel_depth,
+        "semantic_depth": config.semantic_depth,
+        "codebook_size": config.codebook_size,
+    }
 
 
 def render_tokenizer_card(
@@ -297,22 +310,16 @@ def render_tokenizer_card(
         template_path: another template than the packaged `model_cards/tokenizer.md`.
     """
     config = _config_of(model_or_config, "evotok", "render_tokenizer_card")
-    repo_id, license, base_model, datasets, results, measured = _common(
-        repo_id, license, official, eval_results_path, base_model, datasets, eval_dataset, eval_split,
+    shared = _shared_card_values(
+        repo_id, license, official, eval_results_path, base_model, datasets, eval_dataset, eval_split, remote_code,
         OFFICIAL_TOKENIZER_BASE, "Image reconstruction",
     )  # fmt: skip
     encoder = config.encoder_config
     return _render(
         "tokenizer.md", template_path, pipeline_tag=TOKENIZER_PIPELINE_TAG,
-        tags=["evotok", "image-tokenizer", "vector-quantization", "residual-quantization", PAPER_ARXIV_TAG],
-        repo_id=repo_id, license=license, base_model=base_model, datasets=datasets, results=results,
-        measured=measured, official=official, remote_code=remote_code,
+        tags=["evotok", "image-tokenizer", "vector-quantization", "residual-quantization", PAPER_ARXIV_TAG], **shared,
         paper_tokenizer_results=PAPER_TOKENIZER_RESULTS,
-        image_size=config.image_size,
-        grid_size=config.grid_size,
-        pixel_depth=config.pixel_depth,
-        semantic_depth=config.semantic_depth,
-        codebook_size=config.codebook_size,
+        **_tokenizer_facts(config),
         codebook_dim=config.codebook_dim,
         teacher_dim=config.teacher_dim,
         encoder_hidden_size=encoder.hidden_size,
@@ -343,8 +350,8 @@ def render_vlm_card(
     the text-to-image settings the card states are a model's own (its generation config), the defaults for a
     config."""
     config = _config_of(model_or_config, "evotok_vlm", "render_vlm_card")
-    repo_id, license, base_model, datasets, results, measured = _common(
-        repo_id, license, official, eval_results_path, base_model, datasets, eval_dataset, eval_split,
+    shared = _shared_card_values(
+        repo_id, license, official, eval_results_path, base_model, datasets, eval_dataset, eval_split, remote_code,
         OFFICIAL_VLM_BASE, "Image reconstruction (the VLM's image tokenizer)",
     )  # fmt: skip
     tags = ["evotok", "vision-language", "multimodal", "image-tokenizer", PAPER_ARXIV_TAG]
@@ -352,9 +359,7 @@ def render_vlm_card(
         tags.append("text-to-image")
     vision, text = config.vision_config, config.text_config
     return _render(
-        "vlm.md", template_path, pipeline_tag=vlm_pipeline_tag(config), tags=tags, repo_id=repo_id, license=license,
-        base_model=base_model, datasets=datasets, results=results, measured=measured, official=official,
-        remote_code=remote_code,
+        "vlm.md", template_path, pipeline_tag=vlm_pipeline_tag(config), tags=tags, **shared,
         paper_tokenizer_results=PAPER_TOKENIZER_RESULTS[:1],
         paper_understanding_results=PAPER_UNDERSTANDING_RESULTS,
         paper_generation_results=PAPER_GENERATION_RESULTS,
@@ -363,11 +368,7 @@ def render_vlm_card(
         image_generation=image_generation_settings(model_or_config) if config.has_generation_head else None,
         wrap_image_tokens=config.wrap_image_tokens,
         num_image_tokens=config.num_image_tokens,
-        image_size=vision.image_size,
-        grid_size=vision.grid_size,
-        pixel_depth=vision.pixel_depth,
-        semantic_depth=vision.semantic_depth,
-        codebook_size=vision.codebook_size,
+        **_tokenizer_facts(vision),
         text_model_type=text.model_type,
         text_hidden_size=text.hidden_size,
         text_layers=text.num_hidden_layers,

@@ -1,10 +1,9 @@
 """EvoTok in miniature: the paper's recipe on EvoTok Shapes, a synthetic domain small enough to train end to end on
 a CPU and scored objectively (see `evotok_hf.evaluation.shapes_scoring`)."""
 
-from .shapes import (
+from ..shapes_spec import (
     CATEGORIES,
     COLORS,
-    HELDOUT_PAIRS,
     IMAGE_SIZE,
     MIN_CENTRE_OFFSET,
     QUESTION_TYPES,
@@ -12,10 +11,13 @@ from .shapes import (
     SHAPES,
     box_centre,
     draw_shape,
+    relation_holds,
+)
+from .shapes import (
+    HELDOUT_PAIRS,
     generate_scenes,
     geneval_prompts,
     load_shapes_dataset,
-    relation_holds,
     render_scene,
     sample_prompt,
     sample_scene,

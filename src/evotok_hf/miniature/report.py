@@ -229,7 +229,7 @@ def render_html(report: dict, images_folder: str) -> str:
 
 
 def _categories(geneval: dict) -> list[str]:
-    from .shapes import CATEGORIES
+    from ..shapes_spec import CATEGORIES
 
     return list(CATEGORIES)
 

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from .shapes import COLORS, SHAPES
+from ..shapes_spec import COLORS, SHAPES
 from .text import describe_scene
 
 logger = logging.getLogger(__name__)

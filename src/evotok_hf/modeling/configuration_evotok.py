@@ -146,7 +146,9 @@ def save_auto_map_code(obj, save_directory) -> list[Path]:
     keeps. With the package imported its own classes load such a folder, and transformers copies code on save only for
     classes loaded as remote code (`register_for_auto_class`); without this copy a re-saved folder would name code it
     does not hold. Classes loaded as remote code (`_auto_class` set) are left to transformers. Entries pointing to
-    another repository ("repo--module.Class") need no local file.
+    another repository ("repo--module.Class") need no local file. A config's `auto_map` also names the model's module,
+    which transformers' `custom_object_save` (enough for the processors: `processing/image_processing_evotok.py`)
+    would not copy, hence this copy of every module named.
     """
     auto_map = getattr(obj, "auto_map", None)
     if not auto_map or obj._auto_class is not None:
@@ -173,12 +175,22 @@ def save_auto_map_code(obj, save_directory) -> list[Path]:
     return copied
 
 
+class RemoteCodeConfig(PreTrainedConfig):
+    """The base of EvoTok's configs: saved after loading a remote-code folder with the package's classes, a config
+    saves that folder's code again (`save_auto_map_code`), so the new folder stays loadable as remote code."""
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        # Before the config is written (and uploaded): the code its `auto_map` names is in the folder by then.
+        save_auto_map_code(self, save_directory)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+
 def _positive(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"EvoTokConfig: `{name}` must be a positive number, got {value!r}.")
 
 
-class EvoTokConfig(PreTrainedConfig):
+class EvoTokConfig(RemoteCodeConfig):
     r"""Configuration of [`EvoTokModel`].
 
     Args:
@@ -245,11 +257,6 @@ class EvoTokConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.decoder_channel_multipliers = list(self.decoder_channel_multipliers)
         self._validate_evotok()
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        # Before the config (and any upload): a folder loaded from remote code stays loadable as remote code.
-        save_auto_map_code(self, save_directory)
-        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def _validate_evotok(self) -> None:
         for name in (

@@ -8,13 +8,12 @@ authors (their `rqtransformer`): 6 pre-norm GPT blocks of width 2560 with 40 hea
 
 from __future__ import annotations
 
-from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
-from .configuration_evotok import save_auto_map_code
+from .configuration_evotok import RemoteCodeConfig
 
 
-class EvoTokDepthHeadConfig(PreTrainedConfig):
+class EvoTokDepthHeadConfig(RemoteCodeConfig):
     r"""Configuration of [`EvoTokDepthTransformer`]. Defaults describe the authors' head on Qwen2.5-7B.
 
     Args:
@@ -59,11 +58,6 @@ class EvoTokDepthHeadConfig(PreTrainedConfig):
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         self._validate_depth_head()
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        # Before the config (and any upload): a folder loaded from remote code stays loadable as remote code.
-        save_auto_map_code(self, save_directory)
-        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def _validate_depth_head(self) -> None:
         for name in (

@@ -16,11 +16,11 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 
-from .configuration_evotok import EvoTokConfig, save_auto_map_code
+from .configuration_evotok import EvoTokConfig, RemoteCodeConfig
 from .configuration_evotok_depth_head import EvoTokDepthHeadConfig
 
 
-class EvoTokVLMConfig(PreTrainedConfig):
+class EvoTokVLMConfig(RemoteCodeConfig):
     r"""Configuration of [`EvoTokForConditionalGeneration`].
 
     Args:
@@ -70,11 +70,6 @@ class EvoTokVLMConfig(PreTrainedConfig):
         head.code_dim, head.codebook_size = vision.codebook_dim, vision.codebook_size
         head.pixel_depth, head.llm_hidden_size = vision.pixel_depth, self.text_config.hidden_size
         self._validate_evotok_vlm()
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        # Before the config (and any upload): a folder loaded from remote code stays loadable as remote code.
-        save_auto_map_code(self, save_directory)
-        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def _validate_evotok_vlm(self) -> None:
         vocab_size = self.text_config.vocab_size

@@ -100,6 +100,16 @@ def official_depth_head_key(name: str, pixel_depth: int = 4) -> str | None:
     raise ValueError(f"{name!r} is not a parameter of the official depth head (RQTransformer).")
 
 
+# ----------------------------------------------------------------------------- input checks
+def _check_float_tensor(name: str, value, leading: tuple[str, ...], width_name: str, width: int) -> None:
+    """Raise ValueError unless `value` is a floating-point tensor of shape `(*leading, width)`."""
+    dims = ", ".join(leading)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point torch.Tensor of shape ({dims}, {width_name}).")
+    if value.ndim != len(leading) + 1 or value.shape[-1] != width:
+        raise ValueError(f"{name} must have shape ({dims}, {width}), got {tuple(value.shape)}.")
+
+
 # ----------------------------------------------------------------------------- outputs
 @dataclass
 class EvoTokDepthHeadOutput(ModelOutput):
@@ -289,27 +299,12 @@ class EvoTokDepthTransformer(PreTrainedModel):
                 "only the new cumulative code sums."
             )
         if hidden_states is not None:
-            if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
-                raise ValueError(
-                    "hidden_states must be a floating-point torch.Tensor of shape (batch, llm_hidden_size)."
-                )
-            if hidden_states.ndim != 2 or hidden_states.shape[-1] != config.llm_hidden_size:
-                raise ValueError(
-                    f"hidden_states must have shape (batch, {config.llm_hidden_size}), got "
-                    f"{tuple(hidden_states.shape)}."
-                )
+            _check_float_tensor("hidden_states", hidden_states, ("batch",), "llm_hidden_size", config.llm_hidden_size)
             batch_sizes.append(hidden_states.shape[0])
         steps = 0 if hidden_states is None else 1
         if code_embedding_sums is not None:
-            if not isinstance(code_embedding_sums, torch.Tensor) or not code_embedding_sums.is_floating_point():
-                raise ValueError(
-                    "code_embedding_sums must be a floating-point torch.Tensor of shape (batch, steps, code_dim)."
-                )
-            if code_embedding_sums.ndim != 3 or code_embedding_sums.shape[-1] != config.code_dim:
-                raise ValueError(
-                    f"code_embedding_sums must have shape (batch, steps, {config.code_dim}), got "
-                    f"{tuple(code_embedding_sums.shape)}."
-                )
+            _check_float_tensor("code_embedding_sums", code_embedding_sums, ("batch", "steps"), "code_dim",
+                                config.code_dim)
             batch_sizes.append(code_embedding_sums.shape[0])
             steps += code_embedding_sums.shape[1]
         if steps == 0:

@@ -13,12 +13,14 @@ the LM head, as transformers' LLaVA does, and the residual-depth head for image 
     sum of their embeddings --generation projector--> next LLM input --LLM--> h_1 --> ...   (grid*grid positions)
     codes --EvoTokModel.decode--> image
 
+The generation loop is in generation.py; assembling a VLM from a pretrained tokenizer and LLM (`from_components`), in
+assembly.py.
+
 References: EvoTok (arXiv 2603.12108); LLaVA (Liu et al., 2023) for the projector and placeholder merging.
 """
 
 # No `from __future__ import annotations`: transformers' tooling (its common tests, auto_docstring) reads the
 # forward's `**kwargs: Unpack[TransformersKwargs]` annotation at run time to see which outputs it accepts.
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,7 @@ from transformers.cache_utils import Cache
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
+from .assembly import assemble_from_components, leave_new_parts_out_of_load_report
 from .configuration_evotok_vlm import EvoTokVLMConfig
 from .depth_head import EvoTokDepthTransformer
 from .generation import generate_image_codes, merge_depth_decoder_config, split_depth_decoder_config
@@ -347,95 +350,15 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         model.freeze_vision_tower()
         return loaded
 
-    @classmethod
-    def from_components(
-        cls,
-        tokenizer_path_or_model,
-        llm_name_or_path,
-        text_tokenizer=None,
-        image_token: str = "<image>",
-        boi_token: str = "<boi>",
-        eoi_token: str = "<eoi>",
-        wrap_image_tokens: bool = False,
-        dtype: torch.dtype = torch.float32,
-        has_understanding_head: bool = True,
-        has_generation_head: bool = False,
-        depth_head_config: dict | None = None,
-        return_processor: bool = False,
-        **llm_kwargs,
-    ):
-        """Assemble a VLM from an EvoTok checkpoint (folder / Hub id / `EvoTokModel`) and a pretrained causal LM
-        (folder / Hub id / model), with fresh projector(s) (and a fresh depth head with `has_generation_head`; size it
-        with `depth_head_config`). The image special tokens are added to the text tokenizer
-        when missing and the LLM's embeddings resized (new rows from the old rows' statistics); they are also put in
-        `generation_config.suppress_tokens`, so in text decoding the new rows can never win over real text.
+    # Assembly from a pretrained tokenizer and LLM, its own concern (loading, tokenizer surgery, checking the fit):
+    # see assembly.py.
+    from_components = classmethod(assemble_from_components)
 
-        The components are loaded in `dtype` (the codebooks fp32) and the VLM is assembled the way `from_pretrained`
-        loads a checkpoint: built on the meta device, then given the components' tensors (cast to `dtype` only where
-        they are in another one; the codebooks stay fp32 and bit-identical), and only the new parts are initialised.
-        No randomly initialised copy of the LLM is ever made, so the peak memory is about that of the components
-        (figures in benchmarks/README.md). Components passed as models lend their tensors: the VLM shares those
-        already in `dtype`.
-
-        Returns `(model, text_tokenizer)`, the model in eval mode as from `from_pretrained`; the tokenizer now holds
-        the special tokens. With `return_processor=True`, `(model, processor)`: the processor `AutoProcessor` maps the
-        VLM's config to, from its `for_config` (for `EvoTokProcessor`: the LLM's chat template adapted to images)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        vision = (
-            tokenizer_path_or_model
-            if isinstance(tokenizer_path_or_model, EvoTokModel)
-            else EvoTokModel.from_pretrained(tokenizer_path_or_model, dtype=dtype)
-        )
-        if isinstance(llm_name_or_path, PreTrainedModel):
-            llm = llm_name_or_path
-        else:
-            llm = AutoModelForCausalLM.from_pretrained(llm_name_or_path, dtype=dtype, **llm_kwargs)
-        if text_tokenizer is None:
-            if not isinstance(llm_name_or_path, str):
-                raise ValueError("from_components: pass `text_tokenizer` when the LLM is given as a model")
-            text_tokenizer = AutoTokenizer.from_pretrained(llm_name_or_path)
-        special = [image_token, boi_token, eoi_token]
-        missing = [t for t in special if t not in text_tokenizer.get_vocab()]
-        if missing:
-            text_tokenizer.add_tokens(missing, special_tokens=True)
-        if len(text_tokenizer) > llm.get_input_embeddings().weight.shape[0]:
-            llm.resize_token_embeddings(len(text_tokenizer), mean_resizing=True)
-        ids = [text_tokenizer.convert_tokens_to_ids(t) for t in special]
-        config = EvoTokVLMConfig(
-            vision_config=vision.config.to_dict(),
-            text_config=llm.config.to_dict(),
-            image_token_id=ids[0],
-            boi_token_id=ids[1],
-            eoi_token_id=ids[2],
-            wrap_image_tokens=wrap_image_tokens,
-            has_understanding_head=has_understanding_head,
-            has_generation_head=has_generation_head,
-            depth_head_config=depth_head_config,
-        )
-        state = {f"model.vision_tower.{k}": v for k, v in vision.state_dict().items()}
-        state.update({f"model.language_model.{k}": v for k, v in llm.base_model.state_dict().items()})
-        if not config.tie_word_embeddings:
-            state["lm_head.weight"] = llm.get_output_embeddings().weight
-        # transformers' load report lists the new parts as newly initialised; anything else missing, or left over,
-        # means the components do not fit (a mismatched shape already raises inside)
-        model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
-        new_parts = ("model.multi_modal_projector.", "model.generation_projector.", "depth_head.")
-        problems = [f"{key} was not in the components" for key in info["missing_keys"] if not key.startswith(new_parts)]
-        problems += [f"{key} does not fit the VLM" for key in info["unexpected_keys"]]
-        if problems:
-            raise ValueError("from_components: the components do not assemble into the VLM: " + "; ".join(problems))
-        model.generation_config = copy.deepcopy(llm.generation_config)
-        suppressed = set(model.generation_config.suppress_tokens or []) | set(ids)
-        model.generation_config.suppress_tokens = sorted(suppressed)
-        if not return_processor:
-            return model, text_tokenizer
-        # found through the Auto registry: `modeling/` never imports `processing/` (its remote-code export stands alone)
-        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
-
-        if type(model.config) not in PROCESSOR_MAPPING:
-            raise ValueError("from_components: no processor is registered for EvoTokVLMConfig (import evotok_hf).")
-        return model, PROCESSOR_MAPPING[type(model.config)].for_config(model.config, text_tokenizer)
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        """transformers' hook that takes the keys a model expects to miss out of the load report; in an assembly
+        (`from_components`), the new parts' keys too."""
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        leave_new_parts_out_of_load_report(loading_info)
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:

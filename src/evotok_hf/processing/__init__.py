@@ -1,2 +1,2 @@
-from .image_processing_evotok import EvoTokImageProcessor, EvoTokImageProcessorPil
+from .image_processing_evotok import EvoTokImageProcessor
 from .processing_evotok import EvoTokProcessor

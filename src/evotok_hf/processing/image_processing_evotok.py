@@ -14,18 +14,16 @@ import base64
 import binascii
 import io
 import os
-import shutil
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_transforms import convert_to_rgb
-from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.image_utils import PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
 
@@ -124,33 +122,19 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         raise ValueError(f"EvoTokImageProcessor: could not read image data ({err}); the file is corrupt or truncated.") from err
 
 
-def save_auto_map_code(obj, save_directory) -> list[Path]:
-    """Copy into `save_directory` the files of this folder that `obj.auto_map` names, with the siblings they import.
+def save_remote_code(processor, save_directory) -> list:
+    """Copy into `save_directory` the module of `processor` and the siblings it imports, when it was loaded from a
+    remote-code folder (`evotok_hf.hub.remote_code`) by the package's own classes: it keeps that folder's `auto_map`,
+    and transformers copies code on save only for classes loaded as remote code (`_auto_class` set, left to it), so
+    without this copy a re-saved folder would name code it does not hold.
 
-    The processing side of `modeling/configuration_evotok.save_auto_map_code` (the two folders may not import each
-    other): a processor loaded by the package's own classes from a remote-code folder saves that code again, as
-    transformers does for classes loaded as remote code (those, with `_auto_class` set, are left to transformers).
-    """
-    auto_map = getattr(obj, "auto_map", None)
-    if not auto_map or obj._auto_class is not None:
+    A processor's `auto_map` names its own class only (AutoProcessor, AutoImageProcessor), so transformers'
+    `custom_object_save` copies exactly the files it needs; a config's also names the model's module, which
+    `modeling/configuration_evotok.save_auto_map_code` copies (the two folders may not import each other)."""
+    if not getattr(processor, "auto_map", None) or processor._auto_class is not None:
         return []
-    folder = Path(__file__).resolve().parent
-    modules = set()
-    for refs in auto_map.values():
-        for ref in refs if isinstance(refs, (list, tuple)) else [refs]:
-            if ref and "--" not in ref:
-                modules.add(ref.rsplit(".", 1)[0])
-    files = set()
-    for module in sorted(modules):
-        path = folder / f"{module}.py"
-        if not path.is_file():
-            raise ValueError(
-                f"{type(obj).__name__}.auto_map names the module {module!r}, which is not a file of {folder}; "
-                f"remove that entry or point it to the repository that holds the code (\"repo--{module}.Class\")."
-            )
-        files.update([path, *map(Path, get_relative_import_files(path))])
     os.makedirs(save_directory, exist_ok=True)
-    return [Path(shutil.copyfile(path, Path(save_directory) / path.name)) for path in sorted(files)]
+    return custom_object_save(processor, save_directory)
 
 
 class EvoTokImageProcessor(PilBackend):
@@ -184,7 +168,7 @@ class EvoTokImageProcessor(PilBackend):
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         # Before the config (and any upload): a folder loaded from remote code stays loadable as remote code.
-        save_auto_map_code(self, save_directory)
+        save_remote_code(self, save_directory)
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @staticmethod
@@ -285,6 +269,4 @@ class EvoTokImageProcessor(PilBackend):
         return [PIL.Image.fromarray(np.rint(a * 255.0).astype(np.uint8)) for a in array]
 
 
-EvoTokImageProcessorPil = EvoTokImageProcessor
-
-__all__ = ["EvoTokImageProcessor", "EvoTokImageProcessorPil", "EvoTokImageProcessorKwargs", "open_image", "to_rgb"]
+__all__ = ["EvoTokImageProcessor", "EvoTokImageProcessorKwargs", "open_image", "to_rgb"]

@@ -11,7 +11,7 @@ import json
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 
-from .image_processing_evotok import EvoTokImageProcessor, EvoTokImageProcessorKwargs, save_auto_map_code
+from .image_processing_evotok import EvoTokImageProcessor, EvoTokImageProcessorKwargs, save_remote_code
 
 
 # ChatML (the Qwen2.5 format of the paper's LLM, as in the authors' LLaVA `qwen` conversation), with each image
@@ -197,7 +197,7 @@ class EvoTokProcessor(ProcessorMixin):
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         # Before the files (and any upload): a folder loaded from remote code stays loadable as remote code.
-        save_auto_map_code(self, save_directory)
+        save_remote_code(self, save_directory)
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @staticmethod

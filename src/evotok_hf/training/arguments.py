@@ -84,6 +84,17 @@ class TokenizerTrainingArguments(EvoTokLossConfig):
         return EvoTokLossConfig(**values)
 
 
+# The losses of the presets that train offline: no perceptual network is available offline (LPIPS needs torchvision),
+# so its weight is 0, and the GAN is off (it costs PSNR early in training and time on a CPU; the tests exercise it).
+_OFFLINE_LOSSES = {
+    "perceptual": None,
+    "perceptual_weight": 0.0,
+    "disc_weight": 0.0,
+    "disc_start": 0,
+    "disc_norm": "group",
+    "disc_channels": 32,
+}
+
 TRAINING_PRESETS: dict[str, dict] = {
     # The authors' run (EVOTOK_REFERENCE.md): SigLIP2-L/16-256 encoder and teacher, 32768 x 32, depths 4/16, EMA
     # warm-up 2000, global batch 256, constant lr 1e-4, Adam(0.9, 0.95) without weight decay (their script parses a
@@ -111,8 +122,7 @@ TRAINING_PRESETS: dict[str, dict] = {
         "streaming": True,
     },
     # Two CPU cores, about 3 minutes: the small preset (one resnet block per decoder level, for speed) on the bundled
-    # photos with the EfficientNet-Lite0 teacher at 128 px. No perceptual network is available offline (LPIPS needs
-    # torchvision), so its weight is 0; the GAN is off (it costs PSNR early in training; the tests exercise it).
+    # photos with the EfficientNet-Lite0 teacher at 128 px, without perceptual loss or GAN.
     "cpu-small": {
         "model_preset": "evotok-small",
         "model_overrides": {"codebook_size": 512, "ema_warmup_steps": 0, "decoder_res_blocks_per_level": 1},
@@ -125,17 +135,12 @@ TRAINING_PRESETS: dict[str, dict] = {
         "learning_rate": 1e-3,
         "lr_scheduler": "cosine",
         "lr_warmup_steps": 30,
-        "perceptual": None,
-        "perceptual_weight": 0.0,
-        "disc_weight": 0.0,
-        "disc_start": 0,
-        "disc_norm": "group",
-        "disc_channels": 32,
+        **_OFFLINE_LOSSES,
         "checkpointing_steps": 250,
         "log_steps": 50,
     },
     # EvoTok in miniature (evotok_hf.miniature): pixel depth 4, semantic depth 16, the paper's losses (L2 + commitment +
-    # cosine and 4-fold cosine to the teacher; no perceptual network offline, GAN off for speed) on EvoTok Shapes
+    # cosine and 4-fold cosine to the teacher; no perceptual loss or GAN) on EvoTok Shapes
     # (--train_data: a folder of train / validation parquet files), teacher and encoder = the mini-SigLIP folder.
     "shapes": {
         "model_preset": "evotok-shapes",
@@ -150,12 +155,7 @@ TRAINING_PRESETS: dict[str, dict] = {
         "mixed_precision": "bf16",
         "lr_scheduler": "cosine",
         "lr_warmup_steps": 50,
-        "perceptual": None,
-        "perceptual_weight": 0.0,
-        "disc_weight": 0.0,
-        "disc_start": 0,
-        "disc_norm": "group",
-        "disc_channels": 32,
+        **_OFFLINE_LOSSES,
         "semantic_fold": 4,
         "checkpointing_steps": 0,
         "log_steps": 50,

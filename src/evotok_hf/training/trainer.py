@@ -29,11 +29,11 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..bundled_photos import bundled_photo_dataset
 from ..evaluation import psnr, ssim
 from ..frozen_networks import build_perceptual_loss, build_teacher
 from ..image_datasets import (
     DataPosition,
-    bundled_photo_dataset,
     eval_transform,
     infinite_batches,
     load_image_dataset,

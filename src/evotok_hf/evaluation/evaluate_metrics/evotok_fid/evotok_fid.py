@@ -3,17 +3,13 @@ reconstructions.
 
 A local module, loaded offline with `evaluate.load(evotok_hf.evaluation.metrics.metric_path("evotok_fid"))`. It
 only adapts evaluate's inputs; the computation is `evotok_hf.evaluation.metrics` (`FeatureStatistics`,
-`fid_from_statistics`) over a network of `evotok_hf.frozen_networks.build_feature_network`, so `evotok_hf` must be installed in the environment that loads it
-(`pip install "evotok_hf[eval]"`; the standard Inception network also needs `pip install "evotok_hf[online]"`).
+`fid_from_statistics`) over a network of `evotok_hf.frozen_networks.build_feature_network`, so `evotok_hf` must be
+installed in the environment that loads it (`pip install "evotok_hf[eval]"`; the standard Inception network also
+needs `pip install "evotok_hf[online]"`).
 """
 
-import evaluate
-import torch
-
-from evotok_hf.evaluation.metrics import FeatureStatistics
-from evotok_hf.evaluation.metrics import fid_from_statistics
-from evotok_hf.evaluation.metrics import image_pair_batches
-from evotok_hf.evaluation.metrics import image_pair_metric_info
+from evotok_hf.evaluation.image_pair_metric import ImagePairMetric, inputs_description
+from evotok_hf.evaluation.metrics import FeatureStatistics, fid_from_statistics, image_pair_batches
 from evotok_hf.frozen_networks import build_feature_network
 
 _DESCRIPTION = """Fréchet distance between Gaussians fitted to a feature network's outputs on the references
@@ -21,24 +17,16 @@ _DESCRIPTION = """Fréchet distance between Gaussians fitted to a feature networ
 whose values are NOT comparable with published rFID; pass feature_network="inception" for the standard FID
 Inception-v3 (downloads its weights on first use). The result names the network used."""
 
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions: the reconstructions, as PIL images or (H, W, 3) uint8 arrays with values 0..255. Float arrays
-        are rejected: convert [0, 1] floats with `(x * 255).round().astype(np.uint8)`.
-    references: the original images, in the same convention. At least two of each.
+_KWARGS_DESCRIPTION = inputs_description(
+    "fid",
+    arguments="""    references: the original images, in the same convention. At least two of each.
     feature_network: "efficientnet-lite0" (default, offline), "inception", or an nn.Module with an integer
         `num_features` that maps (B, 3, H, W) images in [-1, 1] to (B, num_features) features.
     batch_size: images per forward pass (default 32).
-    device: where the feature network runs (default: CPU).
-Returns:
-    fid: the Fréchet distance.
-    feature_network: the name of the feature network, to keep values from different networks apart.
-Examples:
-    >>> import evaluate
-    >>> from evotok_hf.evaluation.metrics import metric_path
-    >>> metric = evaluate.load(metric_path("evotok_fid"))
-    >>> metric.compute(predictions=reconstructions, references=originals)["fid"]
-"""
+    device: where the feature network runs (default: CPU).""",
+    returns="""    fid: the Fréchet distance.
+    feature_network: the name of the feature network, to keep values from different networks apart.""",
+)
 
 _CITATION = """@inproceedings{heusel2017gans,
   title={GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium},
@@ -47,11 +35,7 @@ _CITATION = """@inproceedings{heusel2017gans,
 }"""
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class EvotokFid(evaluate.Metric):
-    def _info(self):
-        return image_pair_metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION)
-
+class EvotokFid(ImagePairMetric, description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION):
     def _feature_network(self, spec):
         # Built networks are kept per name spec: loading one costs more than a small evaluation.
         if not isinstance(spec, str):

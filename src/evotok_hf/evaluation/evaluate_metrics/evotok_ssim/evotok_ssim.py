@@ -6,31 +6,19 @@ sigma 1.5, K1 = 0.01, K2 = 0.03, population covariance, mean over channels), so 
 the environment that loads it (`pip install "evotok_hf[eval]"`).
 """
 
-import evaluate
-import torch
-
-from evotok_hf.evaluation.metrics import image_pair_batches
-from evotok_hf.evaluation.metrics import image_pair_metric_info
+from evotok_hf.evaluation.image_pair_metric import ImagePairMetric, inputs_description, mean_per_image
 from evotok_hf.evaluation.metrics import ssim
 
 _DESCRIPTION = """Mean over images of the per-image SSIM (Wang et al. 2004) on the 0..255 scale, as
 `skimage.metrics.structural_similarity(..., channel_axis=-1, data_range=255, gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False)` computes it. Images must be at least 11x11."""
 
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions: the reconstructions, as PIL images or (H, W, 3) uint8 arrays with values 0..255. Float arrays
-        are rejected: convert [0, 1] floats with `(x * 255).round().astype(np.uint8)`.
-    references: the original images, in the same convention, each the size of its prediction.
-    batch_size: images per computation batch (default 32).
-Returns:
-    ssim: the mean per-image SSIM.
-Examples:
-    >>> import evaluate
-    >>> from evotok_hf.evaluation.metrics import metric_path
-    >>> metric = evaluate.load(metric_path("evotok_ssim"))
-    >>> metric.compute(predictions=reconstructions, references=originals)["ssim"]
-"""
+_KWARGS_DESCRIPTION = inputs_description(
+    "ssim",
+    arguments="""    references: the original images, in the same convention, each the size of its prediction.
+    batch_size: images per computation batch (default 32).""",
+    returns="    ssim: the mean per-image SSIM.",
+)
 
 _CITATION = """@article{wang2004ssim,
   title={Image quality assessment: from error visibility to structural similarity},
@@ -39,11 +27,6 @@ _CITATION = """@article{wang2004ssim,
 }"""
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class EvotokSsim(evaluate.Metric):
-    def _info(self):
-        return image_pair_metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION)
-
+class EvotokSsim(ImagePairMetric, description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION):
     def _compute(self, predictions, references, batch_size=32):
-        values = torch.cat([ssim(p, r) for p, r in image_pair_batches(predictions, references, batch_size)])
-        return {"ssim": float(values.mean())}
+        return {"ssim": mean_per_image(ssim, predictions, references, batch_size)}
