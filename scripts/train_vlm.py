@@ -62,6 +62,11 @@ class VLMScriptArguments(VLMLoraArguments):
     depth_head_config: str | None = field(
         default=None, metadata={"help": "JSON overrides of the depth head of an assembled VLM (e.g. its width)"}
     )
+    image_position_embeddings: bool = field(
+        default=False,
+        metadata={"help": "give an assembled VLM learned 2-D position embeddings of the image tokens (for an LLM "
+                  "trained from scratch on features that do not carry their grid positions)"},
+    )
     model_name_or_path: str | None = field(default=None, metadata={"help": "an EvoTok VLM folder or Hub id"})
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "EvoTok tokenizer folder / Hub id, with --llm_name_or_path (new projector)"}
@@ -165,7 +170,7 @@ def load_model_and_processor(args: VLMScriptArguments, seed: int | None = None):
         # the authors' generation model wraps images in start / end tokens; their understanding model does not
         wrap_image_tokens=generation and not understanding,
         depth_head_config=json.loads(args.depth_head_config) if args.depth_head_config else None,
-        return_processor=True, **llm_kwargs,
+        image_position_embeddings=args.image_position_embeddings, return_processor=True, **llm_kwargs,
     )  # fmt: skip
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token

@@ -255,6 +255,8 @@ def test_tiny_run_writes_loadable_checkpoints_and_a_complete_report(tiny_run):
     # one folder with both heads, through the public loaders
     vlm = AutoModelForImageTextToText.from_pretrained(tiny_run / "vlm")
     assert vlm.config.has_understanding_head and vlm.config.has_generation_head
+    # trained with 2-D image position embeddings (zero at assembly: any change is training's)
+    assert vlm.config.image_position_embeddings and vlm.image_position_embedding.row.abs().sum() > 0
     assert vlm.generation_config.guidance_scale == 7.5 and vlm.depth_head.generation_config.top_p == 0.96
     processor = AutoProcessor.from_pretrained(tiny_run / "vlm")
     pipe = EvoTokPipeline.from_pretrained(tiny_run / "vlm")
@@ -263,6 +265,22 @@ def test_tiny_run_writes_loadable_checkpoints_and_a_complete_report(tiny_run):
     assert processor.num_image_tokens == 64
     assert isinstance(SiglipModel.from_pretrained(tiny_run / "siglip"), SiglipModel)
     assert EvoTokModel.from_pretrained(tiny_run / "tokenizer").config.semantic_depth == 16
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_feature_probe_script_reads_a_finished_run(tiny_run, tmp_path):
+    script = os.path.join(os.path.dirname(DEMO), "probe_miniature_features.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, script, "--output-dir", str(tiny_run), "--num-scenes", "12"], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    with open(tiny_run / "feature_probes.json") as f:
+        probes = json.load(f)["probes"]
+    assert set(probes) == {"teacher", "semantic_depth_4", "semantic_depth_16"}
+    assert "semantic_depth_16" in run.stdout and "shape" in run.stdout
+    bad = subprocess.run([sys.executable, script, "--output-dir", str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert bad.returncode == 1 and "is not a finished miniature run" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_second_run_reuses_every_stage(tiny_run):

@@ -24,6 +24,7 @@ from evotok_hf.evaluation.shapes_scoring import (
     position_labels,
     prompt_satisfied,
     score_geneval_mini,
+    shapes_feature_probes,
     shapes_nmi_by_depth,
     vqa_accuracy,
 )
@@ -271,3 +272,40 @@ def test_shapes_nmi_by_depth_on_a_tokenizer(tiny_model):
     assert list(result) == list(range(1, tiny_model.config.semantic_depth + 1))
     for scores in result.values():
         assert 0.0 <= scores["color"] <= 1.0 and 0.0 <= scores["shape"] <= 1.0 and scores["num_positions"] > 0
+
+
+class GridOracle:
+    """A stand-in teacher whose features are the one-hot row and column of each token, and nothing else."""
+
+    def __init__(self, grid_size):
+        self.grid_size = grid_size
+
+    def extract(self, pixel_values):
+        index = torch.arange(self.grid_size**2)
+        rows = torch.nn.functional.one_hot(index // self.grid_size, self.grid_size)
+        columns = torch.nn.functional.one_hot(index % self.grid_size, self.grid_size)
+        return torch.cat([rows, columns], -1).float().expand(len(pixel_values), -1, -1)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_shapes_feature_probes_label_each_object_position(tiny_model):
+    """Features that hold exactly each token's row and column are probed to 1.0 for both (a probe reading labels in
+    another order than the features, e.g. rows for columns, would not be), and the probes see every position an
+    object covers."""
+    scenes = generate_scenes(40, "test", seed=0)
+    size, grid = tiny_model.config.image_size, tiny_model.config.grid_size
+    pixel_values = EvoTokImageProcessor(size={"height": size, "width": size}, resize_mode="squash")(
+        [s["image"] for s in scenes], return_tensors="pt"
+    ).pixel_values
+    objects = [s["objects"] for s in scenes]
+    result = shapes_feature_probes(tiny_model, GridOracle(grid), pixel_values, objects, depths=(1, 4))
+    assert list(result) == ["teacher", "semantic_depth_1", "semantic_depth_4"]
+    assert result["teacher"]["row"]["linear_accuracy"] == 1.0 and result["teacher"]["column"]["linear_accuracy"] == 1.0
+    covered = int(position_labels(objects, grid)[2].sum())
+    for by_label in result.values():
+        assert set(by_label) == {"color", "shape", "row", "column"}
+        for probe in by_label.values():
+            assert probe["num_train"] + probe["num_test"] == covered
+            assert 0.0 <= probe["linear_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="object lists"):
+        shapes_feature_probes(tiny_model, GridOracle(grid), pixel_values[:3], objects)

@@ -48,7 +48,7 @@ from ..shapes_spec import (
     draw_shape,
     relation_holds,
 )
-from .representation import kmeans_by_depth, nmi_by_depth
+from .representation import kmeans_by_depth, nmi_by_depth, probe_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -500,6 +500,48 @@ def shapes_nmi_by_depth(
     return {k: {"color": by_colour[k], "shape": by_shape[k], "num_positions": int(mask.sum())} for k in results}
 
 
+@torch.no_grad()
+def shapes_feature_probes(
+    tokenizer,
+    teacher,
+    pixel_values: torch.Tensor,
+    objects_per_image: Sequence[Sequence[Mapping]],
+    depths: Sequence[int] = (4, 16),
+    seed: int = 0,
+    batch_size: int = 50,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """What the features an understanding model reads tell about each image token: held-out linear-probe accuracy
+    (`probe_accuracy`) of the colour and the shape of the object covering a grid position (`position_labels`), and of
+    that position's row and column, from the teacher's features (`teacher.extract`) and from the tokenizer's semantic
+    features at each depth in `depths` (`get_semantic_features` of the first k codes).
+
+    These are ceilings of a kind for VQA: a colour or shape question is about what the tokens of one object say, a
+    position question about where those tokens are. Returns {"teacher" | "semantic_depth_<k>": {"color" | "shape" |
+    "row" | "column": probe_accuracy's dict}}.
+    """
+    if len(objects_per_image) != len(pixel_values):
+        raise ValueError(f"{len(objects_per_image)} object lists for {len(pixel_values)} images.")
+    grid = tokenizer.config.grid_size
+    colours, shapes, mask = position_labels(objects_per_image, grid)
+    if not mask.any():
+        raise ValueError("no grid position is covered by an object: nothing to probe.")
+    index = np.tile(np.arange(grid * grid), len(pixel_values))
+    labels = {"color": colours[mask], "shape": shapes[mask], "row": (index // grid)[mask],
+              "column": (index % grid)[mask]}  # fmt: skip
+    sources: dict[str, list[torch.Tensor]] = {"teacher": []}
+    sources.update({f"semantic_depth_{k}": [] for k in depths})
+    for chunk in pixel_values.split(batch_size):
+        sources["teacher"].append(teacher.extract(chunk).float())
+        codes = tokenizer.encode(chunk.to(tokenizer.dtype)).codes
+        for k in depths:
+            sources[f"semantic_depth_{k}"].append(tokenizer.get_semantic_features(codes[..., :k]).float())
+    results = {}
+    for name, parts in sources.items():
+        features = torch.cat(parts).flatten(0, 1).numpy()[mask]
+        results[name] = {label: probe_accuracy(features, values, seed=seed) for label, values in labels.items()}
+    return results
+
+
 __all__ = [
     "Detection",
     "detect_objects",
@@ -510,6 +552,7 @@ __all__ = [
     "position_labels",
     "prompt_satisfied",
     "score_geneval_mini",
+    "shapes_feature_probes",
     "shapes_nmi_by_depth",
     "vqa_accuracy",
 ]

@@ -78,15 +78,22 @@ class MiniatureConfig:
     # VLM (scripts/train_vlm.py --task joint)
     vlm_stage1_steps: int = 60
     vlm_stage1_learning_rate: float = 1e-3
-    vlm_stage2_steps: int = 1300
+    vlm_stage2_steps: int = 900
     vlm_stage2_learning_rate: float = 1e-3
     vlm_batch_size: int = 32
+    # learned 2-D position embeddings of the image tokens (EvoTokVLMConfig.image_position_embeddings): the
+    # mini-SigLIP's features, and the tokenizer's semantic features after them, carry too little of each token's grid
+    # position for a 3-layer LLM trained from scratch to answer "is the square left of the circle?" (README)
+    vlm_image_position_embeddings: bool = True
     vlm_bf16: bool = True
     # eager attention trains these small models faster than SDPA on a CPU (benchmarks/README.md)
     vlm_attn_implementation: str | None = "eager"
-    # the VQA rows hold at most this many questions of a scene (a batch is padded to its longest row), and each
-    # caption -> image row appears this many times (so about as many rows draw as answer)
-    vlm_max_questions_per_row: int | None = 4
+    # the VQA rows hold at most this many questions of a scene (None: all of them, up to 10), and each caption -> image
+    # row appears this many times. Rows of at most 4 questions make a step 1.6x cheaper (a batch is padded to its
+    # longest row), but split a scene's yes / no pair of existence questions over two rows, and in three of four runs
+    # the model then gave one answer to every existence question; whole scenes teach it in 900 steps what 4-question
+    # rows did not in 1,300 (README)
+    vlm_max_questions_per_row: int | None = None
     vlm_caption_repeats: int = 2
     # how often a caption -> image row trains the unconditional prompt (classifier-free guidance needs that model)
     vlm_unconditional_probability: float = 0.1
@@ -135,7 +142,7 @@ STAGE_SETTINGS = {
     "llm": ("llm_hidden_size", "llm_layers", "llm_heads", "llm_kv_heads"),
     "vlm": ("depth_head", "vlm_max_questions_per_row", "vlm_caption_repeats", "vlm_stage1_steps",
             "vlm_stage1_learning_rate", "vlm_stage2_steps", "vlm_stage2_learning_rate", "vlm_batch_size", "vlm_bf16",
-            "vlm_attn_implementation", "vlm_unconditional_probability", "image_generation_defaults"),
+            "vlm_image_position_embeddings", "vlm_attn_implementation", "vlm_unconditional_probability", "image_generation_defaults"),
     "scores": ("geneval_per_category", "geneval_images_per_prompt", "geneval_guidance_scales", "geneval_batch_size",
                "vqa_num_scenes", "depth_eval_images", "nmi_images"),
 }  # fmt: skip
@@ -415,6 +422,7 @@ def build_vlm(cache: StageCache, config: MiniatureConfig, dataset, scripts_dir: 
     _run_script(script, [
         "--stage", "pretrain", "--tokenizer_name_or_path", cache.path("tokenizer"), "--llm_name_or_path",
         cache.path("llm"), "--depth_head_config", json.dumps(config.depth_head), *data,
+        *(["--image_position_embeddings", "true"] if config.vlm_image_position_embeddings else []),
         *_vlm_argv(config, stage1, config.vlm_stage1_steps, config.vlm_stage1_learning_rate)], config.num_threads)
     stage1_seconds = time.perf_counter() - start
     _run_script(script, ["--stage", "sft", "--model_name_or_path", stage1, *data,

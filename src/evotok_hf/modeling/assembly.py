@@ -22,7 +22,7 @@ from .modeling_evotok import EvoTokModel
 logger = logging.get_logger(__name__)
 
 # The parts an assembly adds: missing from the components by design, and initialised by the load.
-NEW_PARTS = ("model.multi_modal_projector", "model.generation_projector", "depth_head")
+NEW_PARTS = ("model.multi_modal_projector", "model.generation_projector", "model.image_position_embedding", "depth_head")
 # True while `from_components` loads the components' tensors (this call only, whatever other loads run meanwhile).
 _assembling: ContextVar[bool] = ContextVar("evotok_vlm_assembling", default=False)
 
@@ -49,12 +49,13 @@ def assemble_from_components(
     has_understanding_head: bool = True,
     has_generation_head: bool = False,
     depth_head_config: dict | None = None,
+    image_position_embeddings: bool = False,
     return_processor: bool = False,
     **llm_kwargs,
 ):
     """Assemble a VLM from an EvoTok checkpoint (folder / Hub id / `EvoTokModel`) and a pretrained causal LM
     (folder / Hub id / model), with fresh projector(s) (and a fresh depth head with `has_generation_head`; size it
-    with `depth_head_config`). The image special tokens are added to the text tokenizer
+    with `depth_head_config`; and fresh image position embeddings with `image_position_embeddings`). The image special tokens are added to the text tokenizer
     when missing and the LLM's embeddings resized (new rows from the old rows' statistics); they are also put in
     `generation_config.suppress_tokens`, so in text decoding the new rows can never win over real text.
 
@@ -101,6 +102,7 @@ def assemble_from_components(
         has_understanding_head=has_understanding_head,
         has_generation_head=has_generation_head,
         depth_head_config=depth_head_config,
+        image_position_embeddings=image_position_embeddings,
     )
     state = {f"model.vision_tower.{k}": v for k, v in vision.state_dict().items()}
     state.update({f"model.language_model.{k}": v for k, v in llm.base_model.state_dict().items()})

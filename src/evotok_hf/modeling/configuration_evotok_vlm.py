@@ -38,6 +38,12 @@ class EvoTokVLMConfig(RemoteCodeConfig):
         depth_head_config (`dict` or `EvoTokDepthHeadConfig`, *optional*): the residual-depth head (defaults to the
             authors' 6 blocks of width 2560). Its `code_dim`, `codebook_size`, `pixel_depth` and `llm_hidden_size`
             are not free: they are set from `vision_config` and `text_config`.
+        image_position_embeddings (`bool`, defaults to `False`): add a learned 2-D position embedding (a row table plus
+            a column table over the code grid) to every image token's LLM input, read or generated. The paper's model
+            has none: its 7B LLM reads SigLIP2 features that carry their positions. A small LLM trained from scratch on
+            features that do not (the miniature's: linear probes find an object token's row and column in 22% / 21%
+            of cases, against 18% / 17% by chance; scripts/probe_miniature_features.py) cannot tell where an image
+            token sits, since rotary positions shape attention scores but not the values read.
         tie_word_embeddings (`bool`, *optional*): tie the LM head to the input embeddings; by default the text
             config's value.
     """
@@ -59,6 +65,7 @@ class EvoTokVLMConfig(RemoteCodeConfig):
     has_understanding_head: bool = True
     has_generation_head: bool = False
     depth_head_config: dict | PreTrainedConfig | None = None
+    image_position_embeddings: bool = False
     tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs):

@@ -463,7 +463,9 @@ def generate_image_codes(
         if position == grid * grid - 1:
             break
         next_codes = codes[:, position]
-        next_embedding = model.model.get_generation_embeddings(torch.cat([next_codes] * (2 if guided else 1)))
+        next_embedding = model.model.get_generation_embeddings(
+            torch.cat([next_codes] * (2 if guided else 1)), positions=position
+        )
         next_embedding = next_embedding[:, None].to(embeddings.dtype)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         next_position = positions[:, -1:] + 1

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.processing_utils import Unpack
@@ -99,6 +100,23 @@ class EvoTokMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(features)))
 
 
+class EvoTokImagePositionEmbedding(nn.Module):
+    """A learned 2-D position embedding of the image tokens (`EvoTokVLMConfig.image_position_embeddings`): a row table
+    plus a column table over the tokenizer's code grid, added to each image token's LLM input. Zero at
+    initialisation, so a model gains it without its outputs changing."""
+
+    def __init__(self, config: EvoTokVLMConfig):
+        super().__init__()
+        self.grid_size = config.vision_config.grid_size
+        hidden = config.text_config.hidden_size
+        self.row = nn.Parameter(torch.zeros(self.grid_size, hidden))
+        self.column = nn.Parameter(torch.zeros(self.grid_size, hidden))
+
+    def forward(self, positions: torch.LongTensor) -> torch.Tensor:
+        """Flat grid positions (row-major, any shape) -> embeddings `(*positions.shape, hidden_size)`."""
+        return self.row[positions // self.grid_size] + self.column[positions % self.grid_size]
+
+
 class EvoTokVLMPreTrainedModel(PreTrainedModel):
     config_class = EvoTokVLMConfig
     config: EvoTokVLMConfig
@@ -125,6 +143,13 @@ class EvoTokVLMPreTrainedModel(PreTrainedModel):
         initialize_native_submodels(self)
         super().initialize_weights()
 
+    def _init_weights(self, module):
+        if isinstance(module, EvoTokImagePositionEmbedding):
+            init.zeros_(module.row)
+            init.zeros_(module.column)
+        else:
+            super()._init_weights(module)
+
 
 class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
     """The frozen EvoTok tokenizer, the projector and the language model (no LM head): merges the image features into
@@ -138,6 +163,8 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
             self.multi_modal_projector = EvoTokMultiModalProjector(config.vision_config.teacher_dim, config)
         if config.has_generation_head:
             self.generation_projector = EvoTokMultiModalProjector(config.vision_config.codebook_dim, config)
+        if config.image_position_embeddings:
+            self.image_position_embedding = EvoTokImagePositionEmbedding(config)
         # in the dtype of the rest of the model, not in a `text_config.dtype` left by an earlier save
         self.language_model = AutoModel.from_config(config.text_config, dtype=torch.get_default_dtype())
         self.post_init()
@@ -182,11 +209,32 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
                     f"got {tuple(image_codes.shape)}."
                 )
             semantic_features = self.vision_tower.get_semantic_features(image_codes)
-        return self.multi_modal_projector(semantic_features.to(self.multi_modal_projector.linear_1.weight.dtype))
+        features = self.multi_modal_projector(semantic_features.to(self.multi_modal_projector.linear_1.weight.dtype))
+        return self._add_image_positions(features, None)
 
-    def get_generation_embeddings(self, generation_codes: torch.LongTensor) -> torch.Tensor:
+    def _add_image_positions(self, embeddings: torch.Tensor, positions: torch.LongTensor | int | None) -> torch.Tensor:
+        """With `image_position_embeddings`, add the 2-D position embedding of each row's grid position (`positions`,
+        broadcast against `embeddings.shape[:-1]`; None means the rows are whole images, `(..., grid*grid, hidden)`)."""
+        if not self.config.image_position_embeddings:
+            return embeddings
+        if positions is None:
+            num_tokens = self.config.num_image_tokens
+            if embeddings.ndim < 3 or embeddings.shape[-2] != num_tokens:
+                raise ValueError(
+                    f"image position embeddings: rows of shape {tuple(embeddings.shape[:-1])} are not whole images of "
+                    f"{num_tokens} positions; pass each row's grid position."
+                )
+            positions = torch.arange(num_tokens, device=embeddings.device)
+        positions = torch.as_tensor(positions, device=embeddings.device)
+        return embeddings + self.image_position_embedding(positions).to(embeddings.dtype)
+
+    def get_generation_embeddings(
+        self, generation_codes: torch.LongTensor, positions: torch.LongTensor | int | None = None
+    ) -> torch.Tensor:
         """Pixel codes `(..., pixel_depth)` -> LLM input embeddings `(..., hidden_size)`: the generation projector
-        applied to the sum of the codes' embeddings (the input that follows a generated image position)."""
+        applied to the sum of the codes' embeddings (the input that follows a generated image position). With
+        `image_position_embeddings`, `positions` are the codes' grid positions (broadcast against
+        `generation_codes.shape[:-1]`); leave it None for whole images, `(..., grid*grid, pixel_depth)`."""
         if not self.config.has_generation_head:
             raise ValueError("This checkpoint has no generation head (has_generation_head=False).")
         depth = self.config.vision_config.pixel_depth
@@ -196,7 +244,8 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
             )
         with torch.no_grad():
             sums = self.vision_tower.quantizer.embed_codes(generation_codes)
-        return self.generation_projector(sums.to(self.generation_projector.linear_1.weight.dtype))
+        embeddings = self.generation_projector(sums.to(self.generation_projector.linear_1.weight.dtype))
+        return self._add_image_positions(embeddings, positions)
 
     def split_image_positions(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(understanding_mask, generation_mask)` over the image-token positions: a run of image tokens that directly
@@ -335,6 +384,10 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
     @property
     def generation_projector(self) -> EvoTokMultiModalProjector:
         return self.model.generation_projector
+
+    @property
+    def image_position_embedding(self) -> EvoTokImagePositionEmbedding:
+        return self.model.image_position_embedding
 
     @property
     def language_model(self) -> nn.Module:
@@ -581,6 +634,7 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "EvoTokImagePositionEmbedding",
     "EvoTokCausalLMOutputWithPast",
     "EvoTokVLMModel",
     "EvoTokVLMModelOutputWithPast",

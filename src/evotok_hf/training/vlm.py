@@ -329,6 +329,8 @@ def new_module_names(model: EvoTokForConditionalGeneration) -> list[str]:
         names.append("multi_modal_projector")
     if model.config.has_generation_head:
         names += ["generation_projector", "depth_head"]
+    if model.config.image_position_embeddings:
+        names.append("image_position_embedding")
     return names
 
 
