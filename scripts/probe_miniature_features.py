@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     import datasets
+    from sklearn.exceptions import ConvergenceWarning
     from transformers import AutoImageProcessor, AutoModel
 
     from evotok_hf.evaluation.shapes_scoring import shapes_feature_probes
@@ -48,8 +49,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_scenes < 10:
         raise ValueError(f"--num-scenes must be at least 10, got {args.num_scenes}")
     depths = [int(d) for d in args.depths.split(",")]
-    from sklearn.exceptions import ConvergenceWarning
-
     # a probe on features that separate the classes runs to its iteration limit; its accuracy is still what it is
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
     tokenizer = AutoModel.from_pretrained(folders["tokenizer"]).eval()

@@ -90,9 +90,8 @@ class MiniatureConfig:
     vlm_attn_implementation: str | None = "eager"
     # the VQA rows hold at most this many questions of a scene (None: all of them, up to 10), and each caption -> image
     # row appears this many times. Rows of at most 4 questions make a step 1.6x cheaper (a batch is padded to its
-    # longest row), but split a scene's yes / no pair of existence questions over two rows, and in three of four runs
-    # the model then gave one answer to every existence question; whole scenes teach it in 900 steps what 4-question
-    # rows did not in 1,300 (README)
+    # longest row), but split a scene's yes / no pair of existence questions over two rows, and in five of seven runs
+    # the model then gave one answer to every existence question; with rows of whole scenes it never did (README)
     vlm_max_questions_per_row: int | None = None
     vlm_caption_repeats: int = 2
     # how often a caption -> image row trains the unconditional prompt (classifier-free guidance needs that model)
@@ -142,7 +141,8 @@ STAGE_SETTINGS = {
     "llm": ("llm_hidden_size", "llm_layers", "llm_heads", "llm_kv_heads"),
     "vlm": ("depth_head", "vlm_max_questions_per_row", "vlm_caption_repeats", "vlm_stage1_steps",
             "vlm_stage1_learning_rate", "vlm_stage2_steps", "vlm_stage2_learning_rate", "vlm_batch_size", "vlm_bf16",
-            "vlm_image_position_embeddings", "vlm_attn_implementation", "vlm_unconditional_probability", "image_generation_defaults"),
+            "vlm_image_position_embeddings", "vlm_attn_implementation", "vlm_unconditional_probability",
+            "image_generation_defaults"),
     "scores": ("geneval_per_category", "geneval_images_per_prompt", "geneval_guidance_scales", "geneval_batch_size",
                "vqa_num_scenes", "depth_eval_images", "nmi_images"),
 }  # fmt: skip

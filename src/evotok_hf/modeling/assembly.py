@@ -22,7 +22,12 @@ from .modeling_evotok import EvoTokModel
 logger = logging.get_logger(__name__)
 
 # The parts an assembly adds: missing from the components by design, and initialised by the load.
-NEW_PARTS = ("model.multi_modal_projector", "model.generation_projector", "model.image_position_embedding", "depth_head")
+NEW_PARTS = (
+    "model.multi_modal_projector",
+    "model.generation_projector",
+    "model.image_position_embedding",
+    "depth_head",
+)
 # True while `from_components` loads the components' tensors (this call only, whatever other loads run meanwhile).
 _assembling: ContextVar[bool] = ContextVar("evotok_vlm_assembling", default=False)
 
@@ -55,8 +60,8 @@ def assemble_from_components(
 ):
     """Assemble a VLM from an EvoTok checkpoint (folder / Hub id / `EvoTokModel`) and a pretrained causal LM
     (folder / Hub id / model), with fresh projector(s) (and a fresh depth head with `has_generation_head`; size it
-    with `depth_head_config`; and fresh image position embeddings with `image_position_embeddings`). The image special tokens are added to the text tokenizer
-    when missing and the LLM's embeddings resized (new rows from the old rows' statistics); they are also put in
+    with `depth_head_config`; and fresh image position embeddings with `image_position_embeddings`). The image
+    special tokens are added to the text tokenizer when missing and the LLM's embeddings resized (new rows from the old rows' statistics); they are also put in
     `generation_config.suppress_tokens`, so in text decoding the new rows can never win over real text.
 
     The components are loaded in `dtype` (the codebooks fp32) and the VLM is assembled the way `from_pretrained`
