@@ -50,6 +50,10 @@ logger = logging.getLogger("train_vlm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # task -> (has_understanding_head, has_generation_head)
 TASK_HEADS = {"understanding": (True, False), "generation": (False, True), "joint": (True, True)}
+# Trainer samplers that batch rows of similar token counts (less padding: VQA turns of a whole scene are twice as long
+# as a caption -> image row); "batch_rebalance" keeps each optimizer step a random sample of rows and sorts only its
+# micro-batches (per-device batch x gradient accumulation), so every step still mixes the tasks
+LENGTH_GROUPED_SAMPLING = ("group_by_length", "batch_rebalance")
 
 
 @dataclass
@@ -227,6 +231,12 @@ def main(argv=None) -> str:
         processor, max_length=training_args.max_length, image_folder=script_args.image_folder,
         unconditional_probability=script_args.unconditional_probability, seed=training_args.seed,
     )
+    if (training_args.train_sampling_strategy in LENGTH_GROUPED_SAMPLING
+            and training_args.length_column_name not in train_dataset.column_names):  # fmt: skip
+        # the Trainer's length-grouped samplers read token counts from this column (rows here are raw conversations)
+        lengths = collator.token_lengths(train_dataset)
+        train_dataset = train_dataset.add_column(training_args.length_column_name, lengths)
+        logger.info("token lengths of %d rows: %d to %d", len(lengths), min(lengths), max(lengths))
     trainer_kind = script_args.trainer
     has_generation_head = model.config.has_generation_head  # a PeftModel forwards `config` to the VLM
     if trainer_kind == "auto":

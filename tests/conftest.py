@@ -25,6 +25,8 @@ INTEGRATION_FIXTURES = {
 INTEGRATION_TESTS = {
     "test_distributed.py::test_codebooks_identical_on_two_processes": "two spawned gloo ranks",
     "test_training_loop.py::test_two_process_run_keeps_ranks_identical": "torchrun with two ranks",
+    "test_generation_training.py::test_two_process_step_weighs_the_image_loss_as_one_process": "torchrun with two "
+    "ranks",
     "test_training_loop.py::test_kill_then_resume_restores_everything": "a training subprocess, killed and resumed",
     "test_training_resume.py::test_resume_after_a_kill_equals_the_uninterrupted_run": "training subprocesses, killed",
     "test_hub.py::test_remote_code_loads_without_evotok_hf_and_matches_the_package": "a subprocess without evotok_hf",

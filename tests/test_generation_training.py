@@ -3,6 +3,8 @@
 import json
 import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -142,32 +144,44 @@ def test_trl_trainer_refuses_a_generation_head(model_dir, tmp_path):
                       str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--use_cpu"])  # fmt: skip
 
 
-def test_joint_checkpoint_from_components_trains_both_heads(tmp_path, text_tokenizer, photos):
-    """--task joint assembles a VLM with both heads from a tokenizer folder and an LLM folder; one batch mixing a
-    captioning row (image to read) and a text-to-image row (image to write) trains both projectors and the head."""
+def _joint_components(folder, text_tokenizer, photos, copies: int = 1) -> list[dict]:
+    """A tiny tokenizer folder (`tok`), a tiny Qwen2 folder (`llm`), two photos and `mixed.json`: a captioning row
+    (an image to read) and a text-to-image row (an image to write), `copies` times in that order."""
     torch.manual_seed(0)
-    EvoTokModel(EvoTokConfig.from_preset("evotok-tiny")).save_pretrained(tmp_path / "tok")
+    EvoTokModel(EvoTokConfig.from_preset("evotok-tiny")).save_pretrained(folder / "tok")
     llm_config = Qwen2Config(vocab_size=len(text_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-    Qwen2ForCausalLM(llm_config).save_pretrained(tmp_path / "llm")
-    text_tokenizer.save_pretrained(tmp_path / "llm")
-    photos[0].save(tmp_path / "cat.png")
-    photos[1].save(tmp_path / "coffee.png")
+    Qwen2ForCausalLM(llm_config).save_pretrained(folder / "llm")
+    text_tokenizer.save_pretrained(folder / "llm")
+    photos[0].save(folder / "cat.png")
+    photos[1].save(folder / "coffee.png")
     rows = [
         {"id": "read", "image": "cat.png", "conversations": [{"from": "human", "value": "<image>\ndescribe the image."},
                                                              {"from": "gpt", "value": "a cat."}]},
         {"id": "write", "image": "coffee.png", "conversations": [{"from": "human", "value": CAPTION},
                                                                  {"from": "gpt", "value": "<image>"}]},
     ]  # fmt: skip
-    with open(tmp_path / "mixed.json", "w") as f:
-        json.dump(rows, f)
-    out = train_main()([
-        "--tokenizer_name_or_path", str(tmp_path / "tok"), "--llm_name_or_path", str(tmp_path / "llm"),
+    with open(folder / "mixed.json", "w") as f:
+        json.dump(rows * copies, f)
+    return rows
+
+
+def _joint_argv(folder, output: str) -> list[str]:
+    return [
+        "--tokenizer_name_or_path", str(folder / "tok"), "--llm_name_or_path", str(folder / "llm"),
         "--task", "joint", "--stage", "pretrain", "--depth_head_config", '{"hidden_size": 32, "num_hidden_layers": 1, '
-        '"num_attention_heads": 4}', "--dataset", str(tmp_path / "mixed.json"), "--image_folder", str(tmp_path),
-        "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--per_device_train_batch_size", "2",
-        "--learning_rate", "1e-2", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
-    ])  # fmt: skip
+        '"num_attention_heads": 4, "resid_dropout": 0.0}', "--dataset", str(folder / "mixed.json"), "--image_folder",
+        str(folder), "--output_dir", str(folder / output), "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+        "--seed", "0",
+    ]  # fmt: skip
+
+
+def test_joint_checkpoint_from_components_trains_both_heads(tmp_path, text_tokenizer, photos):
+    """--task joint assembles a VLM with both heads from a tokenizer folder and an LLM folder; one batch mixing a
+    captioning row (image to read) and a text-to-image row (image to write) trains both projectors and the head."""
+    rows = _joint_components(tmp_path, text_tokenizer, photos)
+    out = train_main()([*_joint_argv(tmp_path, "out"), "--max_steps", "1", "--per_device_train_batch_size", "2",
+                        "--learning_rate", "1e-2"])  # fmt: skip
     model = EvoTokForConditionalGeneration.from_pretrained(out)
     config = model.config
     assert config.has_understanding_head and config.has_generation_head and not config.wrap_image_tokens
@@ -177,6 +191,95 @@ def test_joint_checkpoint_from_components_trains_both_heads(tmp_path, text_token
     with torch.no_grad():
         output = model(**batch)
     assert torch.isfinite(output.image_loss) and torch.isfinite(output.text_loss)
+
+
+def test_gradient_accumulation_weighs_the_image_loss_as_one_larger_batch(tmp_path, text_tokenizer, photos):
+    """One SGD step over two accumulated micro-batches, each the same (read, write) pair, moves every weight exactly as
+    one step over that pair. The Trainer, handed `num_items_in_batch`, neither averages a model's loss over
+    accumulation steps nor over processes; the image loss is a per-micro-batch mean, so a joint model that took the
+    count would step its depth head twice as far here (and num_processes times as far under DDP)."""
+    _joint_components(tmp_path, text_tokenizer, photos, copies=2)
+    common = [*_joint_argv(tmp_path, "unused"), "--max_steps", "1", "--per_device_train_batch_size", "2", "--optim",
+              "sgd", "--lr_scheduler_type", "constant", "--train_sampling_strategy",
+              "sequential"]  # fmt: skip
+    weights = {}
+    for name, accumulation, learning_rate in (("start", 1, 0.0), ("one", 1, 0.5), ("two", 2, 0.5)):
+        folder = train_main()([*common, "--output_dir", str(tmp_path / name), "--gradient_accumulation_steps",
+                               str(accumulation), "--learning_rate", str(learning_rate)])  # fmt: skip
+        weights[name] = load_file(os.path.join(folder, "model.safetensors"))
+    moved = set()
+    for key, value in weights["one"].items():
+        torch.testing.assert_close(weights["two"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        if not torch.equal(value, weights["start"][key]):
+            moved.add(key.split(".")[0] if not key.startswith("model.") else key.split(".")[1])
+    # both losses trained something: the depth head (image loss) and the understanding projector (text loss)
+    assert {"depth_head", "multi_modal_projector", "generation_projector"} <= moved, moved
+
+
+def test_two_process_step_weighs_the_image_loss_as_one_process(tmp_path, text_tokenizer, photos):
+    """A real two-process (torchrun, gloo) step of scripts/train_vlm.py where each rank gets the same (read, write)
+    pair moves every weight exactly as one process's step over that pair: with `num_items_in_batch` the Trainer would
+    multiply the loss by the number of processes, which only a loss normalised by the whole step's count undoes (the
+    text loss), so the depth head would step twice as far."""
+    _joint_components(tmp_path, text_tokenizer, photos, copies=2)
+    common = [*_joint_argv(tmp_path, "unused"), "--max_steps", "1", "--per_device_train_batch_size", "2", "--optim",
+              "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--train_sampling_strategy",
+              "sequential"]  # fmt: skip
+    one = train_main()([*common, "--output_dir", str(tmp_path / "one")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "scripts" / "train_vlm.py"), *common, "--output_dir", str(tmp_path / "two"), "--ddp_backend",
+         "gloo"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ranks = (load_file(os.path.join(folder, "model.safetensors")) for folder in (one, tmp_path / "two"))
+    for key, value in single.items():
+        torch.testing.assert_close(ranks[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_token_lengths_are_the_encoded_lengths_and_leave_the_unconditional_draws_alone(tmp_path, text_tokenizer, photos,
+                                                                                      processor):
+    """What length-grouped sampling sorts by: for every row layout, the number of tokens the collator gives the row
+    (capped at max_length), computed without opening images and without drawing from the collator's generator (the
+    rows dropped to the unconditional prompt are those a collator that never measured drops)."""
+    photos[0].save(tmp_path / "cat.png")
+    rows = [
+        {"id": "read", "image": "cat.png", "conversations": [
+            {"from": "human", "value": "<image>\ndescribe the image."}, {"from": "gpt", "value": "a cat."},
+            {"from": "human", "value": "describe the image."}, {"from": "gpt", "value": "a cat sitting on a chair"}]},
+        {"id": "write", "image": "cat.png", "conversations": [{"from": "human", "value": CAPTION},
+                                                              {"from": "gpt", "value": "<image>"}]},
+        {"text": CAPTION, "image": "cat.png"},
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe"}]},
+                      {"role": "assistant", "content": "a cat"}], "images": [photos[0]]},
+    ]  # fmt: skip
+    exact = EvoTokVLMDataCollator(processor, image_folder=str(tmp_path))
+    expected = [exact.encode_example(row)["input_ids"].numel() for row in rows]
+    assert exact.token_lengths(rows) == expected and len(set(expected)) == 3
+    capped = EvoTokVLMDataCollator(processor, image_folder=str(tmp_path), max_length=min(expected) + 1)
+    assert capped.token_lengths(rows) == [min(n, min(expected) + 1) for n in expected]
+    # unconditional drops: the same draws whether or not the lengths were measured first
+    measured, fresh = (EvoTokVLMDataCollator(processor, image_folder=str(tmp_path), unconditional_probability=0.5,
+                                             seed=3) for _ in range(2))  # fmt: skip
+    measured.token_lengths(rows * 5)
+    drawn = [[collator.encode_example(rows[1])["input_ids"].numel() for _ in range(12)]
+             for collator in (measured, fresh)]  # fmt: skip
+    assert drawn[0] == drawn[1] and len(set(drawn[0])) == 2
+
+
+@pytest.mark.parametrize("strategy", ["group_by_length", "batch_rebalance"])
+def test_length_grouped_sampling_trains_on_conversation_rows(tmp_path, text_tokenizer, photos, strategy):
+    """The Trainer's length-grouped samplers need each row's token count, which raw conversation rows do not carry
+    (the Trainer would look for `input_ids` and stop): the script measures the rows with the collator first."""
+    _joint_components(tmp_path, text_tokenizer, photos, copies=4)
+    out = train_main()([*_joint_argv(tmp_path, "out"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                        "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--train_sampling_strategy",
+                        strategy])  # fmt: skip
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    with open(os.path.join(out, "train_results.json")) as f:
+        assert json.load(f)["train_loss"] > 0
 
 
 def test_unconditional_rows_train_the_prompt_guidance_runs_as_its_unconditional_half(processor, photos):

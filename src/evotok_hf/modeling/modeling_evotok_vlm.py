@@ -369,6 +369,12 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
             self.depth_head = EvoTokDepthTransformer(config.depth_head_config)
             # How each depth is sampled (CSM's depth-decoder config): see `generate`.
             self.depth_head.generation_config = GenerationConfig()
+        # Given `num_items_in_batch`, the Trainer takes the loss to be this micro-batch's sum over the count of the
+        # whole step (all accumulation steps and processes), so it neither averages over gradient accumulation nor
+        # divides by the number of processes. The image loss is a mean over this micro-batch's codes, whose count over
+        # the step nobody passes: it would weigh gradient_accumulation_steps x num_processes times too much. A model
+        # that writes images therefore declines the count, and the Trainer averages both losses over micro-batches.
+        self.accepts_loss_kwargs = not config.has_generation_head
         self.post_init()
         self.freeze_vision_tower()
 

@@ -90,16 +90,18 @@ def _open_image(path: str, image_folder: str | None, row):
         return image.convert("RGB")
 
 
-def example_to_conversation(example: dict, image_folder: str | None = None, image_token: str = "<image>"):
+def example_to_conversation(example: dict, image_folder: str | None = None, image_token: str = "<image>",
+                            open_images: bool = True):
     """One dataset row -> `(messages, images)`, the images (PIL, or None for pre-tokenised rows) in placeholder
     order. Layouts: LLaVA `conversations` (+ `image` paths under `image_folder`), HF `messages` (+ `images`), and
-    text-to-image `text` + `image` (a user turn holding the text, an assistant turn holding the image to write)."""
+    text-to-image `text` + `image` (a user turn holding the text, an assistant turn holding the image to write).
+    With `open_images=False` only the messages are meant: images given as paths stay paths."""
     row = example.get("id", "?")
     pretokenised = example.get("image_codes") is not None or example.get("generation_codes") is not None
     if example.get("conversations") is not None:
         messages = llava_to_messages(example["conversations"], image_token)
         paths = [] if pretokenised else _image_paths(example.get("image"))
-        images = [_open_image(path, image_folder, row) for path in paths]
+        images = [_open_image(path, image_folder, row) if open_images else path for path in paths]
     elif example.get("messages") is not None:
         messages = example["messages"]
         images = list(example.get("images") or [])
@@ -107,7 +109,7 @@ def example_to_conversation(example: dict, image_folder: str | None = None, imag
         messages = [{"role": "user", "content": example["text"]},
                     {"role": "assistant", "content": [{"type": "image"}]}]  # fmt: skip
         image = example.get("image")
-        if isinstance(image, str) and not pretokenised:
+        if isinstance(image, str) and not pretokenised and open_images:
             image = _open_image(image, image_folder, row)
         images = [] if pretokenised else [image]
     else:
@@ -260,6 +262,17 @@ class EvoTokVLMDataCollator:
             "input_ids": input_ids, "labels": labels, "read_images": read_images, "write_images": write_images,
             "read_codes": read_codes, "write_codes": write_codes,
         }  # fmt: skip
+
+    def token_lengths(self, examples) -> list[int]:
+        """How many tokens `encode_example` gives each row (capped at `max_length`), without opening images or
+        drawing the unconditional-prompt coin (whose draws stay those of training): what length-grouped sampling
+        (`train_sampling_strategy="group_by_length"` / `"batch_rebalance"`) sorts by. A dropped prompt is a few tokens
+        shorter; the lengths are those of the rows as written."""
+        image_token = self.processor.image_token
+        texts = [self.render(example_to_conversation(example, self.image_folder, image_token, open_images=False)[0])[0]
+                 for example in examples]  # fmt: skip
+        lengths = [len(ids) for ids in self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return lengths if self.max_length is None else [min(n, self.max_length) for n in lengths]
 
     def __call__(self, examples: list[dict]) -> dict:
         encoded = [self.encode_example(example) for example in examples]
