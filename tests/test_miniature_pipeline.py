@@ -234,7 +234,8 @@ def test_tiny_run_writes_loadable_checkpoints_and_a_complete_report(tiny_run):
     assert set(scores["vqa"]["per_type"]) and 0 <= scores["vqa"]["overall"] <= 1
     geneval = scores["geneval"]
     assert set(geneval["by_guidance_scale"]) == {"1.0", "7.5"}
-    assert {"overall", "per_category", "control", "heldout"} <= set(geneval["default"])
+    assert {"overall", "per_category", "control", "heldout", "object_counts"} <= set(geneval["default"])
+    assert set(geneval["default"]["object_counts"]) == set(geneval["default"]["per_category"])
     assert set(scores["detector_ground_truth"]["per_category"]) == set(geneval["default"]["per_category"])
     # the detector on the renders' reconstructions from the first k pixel depths: the ceiling of generation
     assert set(scores["detector_reconstructions"]) == {"1", "2", "3", "4"}
@@ -251,13 +252,14 @@ def test_tiny_run_writes_loadable_checkpoints_and_a_complete_report(tiny_run):
     html = (tiny_run / "report.html").read_text()
     assert "data:image/png;base64," in html and "<svg" in html and "not comparable" in html
     assert "src=\"http" not in html  # self-contained
+    assert "Objects detected per image" in html
 
     # one folder with both heads, through the public loaders
     vlm = AutoModelForImageTextToText.from_pretrained(tiny_run / "vlm")
     assert vlm.config.has_understanding_head and vlm.config.has_generation_head
     # trained with 2-D image position embeddings (zero at assembly: any change is training's)
     assert vlm.config.image_position_embeddings and vlm.image_position_embedding.row.abs().sum() > 0
-    assert vlm.generation_config.guidance_scale == 7.5 and vlm.depth_head.generation_config.top_p == 0.96
+    assert vlm.generation_config.guidance_scale == 7.5 and vlm.depth_head.generation_config.top_p == 1.0
     processor = AutoProcessor.from_pretrained(tiny_run / "vlm")
     pipe = EvoTokPipeline.from_pretrained(tiny_run / "vlm")
     image = pipe("a photo of a red circle", generator=torch.Generator().manual_seed(0)).images[0]

@@ -51,6 +51,30 @@ def test_detector_scores_ground_truth_renders_of_every_category_and_the_control_
     assert scores["control"]["overall"] <= scores["overall"] - 0.5, scores["control"]
 
 
+def test_object_counts_report_what_the_prompts_name_what_is_drawn_and_empty_canvases():
+    """On ground-truth renders every category's images hold exactly the objects its prompts name (counting: 2-4,
+    two-object categories: 2); blank canvases in place of half the renders halve the detected count and are the
+    empty share."""
+    renders = ground_truth_renders(PROMPTS, 1, seed=0)
+    counts = score_geneval_mini(renders, PROMPTS)["object_counts"]
+    assert set(counts) == set(CATEGORIES)
+    for category, row in counts.items():
+        expected = {"single_object": 1, "colors": 1, "counting": None}.get(category, 2)
+        assert row["detected"] == row["named"] and row["empty"] == 0.0, (category, row)
+        if expected is not None:
+            assert row["named"] == expected, (category, row)
+    assert 2 < counts["counting"]["named"] < 4
+    blank = PIL.Image.new("RGB", (64, 64), (220, 220, 220))
+    halved = [group if i % 2 else [blank] for i, group in enumerate(renders)]
+    by_category = score_geneval_mini(halved, PROMPTS)["object_counts"]
+    for category, row in by_category.items():
+        members = [i for i, p in enumerate(PROMPTS) if p["category"] == category]
+        kept = [i for i in members if i % 2]
+        assert row["empty"] == pytest.approx(1 - len(kept) / len(members))
+        named = [sum(c["count"] for c in PROMPTS[i]["requirement"]["include"]) for i in kept]
+        assert row["detected"] == pytest.approx(sum(named) / len(members))
+
+
 def test_detector_is_robust_to_mild_blur_and_noise():
     rng = np.random.default_rng(1)
     renders = [[blur_and_noise(image, rng) for image in group] for group in ground_truth_renders(PROMPTS, 1, seed=1)]

@@ -288,6 +288,21 @@ def _summary(passed: Sequence[Sequence[bool]], prompts: Sequence[Mapping]) -> di
     }
 
 
+def _object_counts(detections: Sequence[Sequence[Sequence[Detection]]], prompts: Sequence[Mapping]) -> dict:
+    """Per category: how many objects its prompts name (the include clauses' counts), how many the detector finds in
+    their images, and the share of images where it finds none; a category that draws systematically too few or too
+    many objects shows here, whatever the scores' at-least-`count` rule lets pass."""
+    named: dict[str, list[int]] = defaultdict(list)
+    found: dict[str, list[int]] = defaultdict(list)
+    for prompt, group in zip(prompts, detections):
+        asked = sum(clause["count"] for clause in prompt["requirement"]["include"])
+        for image in group:
+            named[prompt["category"]].append(asked)
+            found[prompt["category"]].append(len(image))
+    return {c: {"named": float(np.mean(named[c])), "detected": float(np.mean(found[c])),
+                "empty": float(np.mean([n == 0 for n in found[c]]))} for c in CATEGORIES if found.get(c)}  # fmt: skip
+
+
 def score_geneval_mini(images_by_prompt, prompts: Sequence[Mapping]) -> dict:
     """Score images against their mini-GenEval prompts (from `evotok_hf.miniature.geneval_prompts`).
 
@@ -298,6 +313,8 @@ def score_geneval_mini(images_by_prompt, prompts: Sequence[Mapping]) -> dict:
       - "heldout": the same over the prompts that name a held-out (colour, shape) pair ({} if none);
       - "control": each image scored against the next prompt of its category that asks for something else (what
         chance gives; a category whose prompts all ask the same is left out);
+      - "object_counts": per category, the mean number of objects the prompts name, the mean number detected, and
+        the share of images with no object detected;
       - "passed": per prompt, per image, whether it satisfies its prompt; "detections": per prompt, per image, the
         detections as dicts (for reports).
     """
@@ -312,6 +329,7 @@ def score_geneval_mini(images_by_prompt, prompts: Sequence[Mapping]) -> dict:
     result = _summary(passed, prompts)
     result["heldout"] = _summary([passed[i] for i in heldout], [prompts[i] for i in heldout]) if heldout else {}
     result["control"] = _summary(control_passed, [prompts[i] for i in control_rows])
+    result["object_counts"] = _object_counts(detections, prompts)
     result["passed"] = passed
     result["detections"] = [[[d.to_dict() for d in image] for image in group] for group in detections]
     return result

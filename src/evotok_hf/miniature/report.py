@@ -196,6 +196,13 @@ def render_html(report: dict, images_folder: str) -> str:
                  _table(["guidance", "overall", *_categories(geneval), "control", "held-out pairs"], scale_rows),
                  f"<p>Paper (GenEval, real prompts, 7B model; <b>different benchmark and scale</b>): overall "
                  f"{PAPER_NUMBERS['geneval_overall']}.</p>"]  # fmt: skip
+    # older reports (before this score existed) have no object counts
+    count_rows = [[scale + (" (default)" if float(scale) == default_scale else ""),
+                   *[_object_count_cell(result["object_counts"].get(c)) for c in _categories(geneval)]]
+                  for scale, result in geneval["by_guidance_scale"].items() if "object_counts" in result]  # fmt: skip
+    if count_rows:
+        sections += ["<h3>Objects detected per image (named by the prompt; share of empty canvases)</h3>",
+                     _table(["guidance", *_categories(geneval)], count_rows)]
     grid_rows = []
     for item in geneval["grid"]:
         cells = "".join(f"<span class='{'pass' if ok else 'fail'}'>{_img(images_folder, name, 72)}"
@@ -226,6 +233,12 @@ def render_html(report: dict, images_folder: str) -> str:
              "margin:8px 0}td,th{border:1px solid #ccc;padding:3px 6px}.pass{color:green}.fail{color:#c00}</style>")
     return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>EvoTok in miniature</title>{style}</head><body>" \
            + "\n".join(sections) + "</body></html>"
+
+
+def _object_count_cell(counts: dict | None) -> str:
+    if counts is None:
+        return "-"
+    return f"{counts['detected']:.2f} ({counts['named']:.2f}; {counts['empty']:.0%} empty)"
 
 
 def _categories(geneval: dict) -> list[str]:
