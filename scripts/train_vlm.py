@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -70,6 +71,11 @@ class VLMScriptArguments(VLMLoraArguments):
         default=False,
         metadata={"help": "give an assembled VLM learned 2-D position embeddings of the image tokens (for an LLM "
                   "trained from scratch on features that do not carry their grid positions)"},
+    )
+    image_loss_weight: float | None = field(
+        default=None,
+        metadata={"help": "weight of the image loss in text_loss + weight * image_loss (saved in the config; unset: "
+                  "the loaded model's, 1.0 for an assembled one)"},
     )
     model_name_or_path: str | None = field(default=None, metadata={"help": "an EvoTok VLM folder or Hub id"})
     tokenizer_name_or_path: str | None = field(
@@ -220,6 +226,13 @@ def main(argv=None) -> str:
         logger.info("Resuming from %s", checkpoint)
 
     model, processor = load_model_and_processor(script_args, seed=training_args.seed)
+    if script_args.image_loss_weight is not None:
+        if not model.config.has_generation_head:
+            raise ValueError("--image_loss_weight: this model has no generation head, so no image loss.")
+        weight = script_args.image_loss_weight
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"--image_loss_weight must be a finite number > 0, got {weight}.")
+        model.config.image_loss_weight = weight
     if script_args.attn_implementation is not None:
         model.set_attn_implementation(script_args.attn_implementation)  # every part: tokenizer, LLM, depth head
     model = prepare_model_for_stage(model, script_args.stage, script_args)

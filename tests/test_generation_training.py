@@ -193,6 +193,33 @@ def test_joint_checkpoint_from_components_trains_both_heads(tmp_path, text_token
     assert torch.isfinite(output.image_loss) and torch.isfinite(output.text_loss)
 
 
+def test_image_loss_weight_scales_the_image_loss_in_the_training_loss_and_is_saved(tmp_path, text_tokenizer, photos):
+    """--image_loss_weight w: the model trains on text_loss + w * image_loss and saves w in its config; 1.0 is the
+    plain sum; a weight that is not a finite positive number, or one for a model without a generation head, is
+    refused."""
+    rows = _joint_components(tmp_path, text_tokenizer, photos)
+    out = train_main()([*_joint_argv(tmp_path, "out"), "--max_steps", "1", "--per_device_train_batch_size", "2",
+                        "--learning_rate", "1e-3", "--image_loss_weight", "2.5"])  # fmt: skip
+    model = EvoTokForConditionalGeneration.from_pretrained(out).eval()
+    assert model.config.image_loss_weight == 2.5
+    batch = EvoTokVLMDataCollator(EvoTokProcessor.from_pretrained(out), image_folder=str(tmp_path))(rows)
+    with torch.no_grad():
+        weighted = model(**batch)
+        model.config.image_loss_weight = 1.0
+        plain = model(**batch)
+    assert torch.equal(weighted.text_loss, plain.text_loss) and torch.equal(weighted.image_loss, plain.image_loss)
+    torch.testing.assert_close(plain.loss, plain.text_loss + plain.image_loss)
+    torch.testing.assert_close(weighted.loss, plain.text_loss + 2.5 * plain.image_loss)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="image_loss_weight"):
+            type(model.config)(**{**model.config.to_dict(), "image_loss_weight": bad})
+    with pytest.raises(ValueError, match="image_loss_weight"):
+        train_main()([*_joint_argv(tmp_path, "bad"), "--max_steps", "1", "--image_loss_weight", "0"])
+    understanding = [arg if arg != "joint" else "understanding" for arg in _joint_argv(tmp_path, "understanding")]
+    with pytest.raises(ValueError, match="no generation head"):
+        train_main()([*understanding, "--max_steps", "1", "--image_loss_weight", "2"])
+
+
 def test_gradient_accumulation_weighs_the_image_loss_as_one_larger_batch(tmp_path, text_tokenizer, photos):
     """One SGD step over two accumulated micro-batches, each the same (read, write) pair, moves every weight exactly as
     one step over that pair. The Trainer, handed `num_items_in_batch`, neither averages a model's loss over

@@ -94,6 +94,8 @@ class MiniatureConfig:
     # the model then gave one answer to every existence question; with rows of whole scenes it never did (README)
     vlm_max_questions_per_row: int | None = None
     vlm_caption_repeats: int = 2
+    # EvoTokVLMConfig.image_loss_weight: text_loss + weight * image_loss
+    vlm_image_loss_weight: float = 1.0
     # how often a caption -> image row trains the unconditional prompt (classifier-free guidance needs that model)
     vlm_unconditional_probability: float = 0.1
     # the checkpoint's image-generation defaults, saved as `guidance_scale` / `depth_decoder_*` in
@@ -144,6 +146,7 @@ STAGE_SETTINGS = {
     "vlm": ("depth_head", "vlm_max_questions_per_row", "vlm_caption_repeats", "vlm_stage1_steps",
             "vlm_stage1_learning_rate", "vlm_stage2_steps", "vlm_stage2_learning_rate", "vlm_batch_size", "vlm_bf16",
             "vlm_image_position_embeddings", "vlm_attn_implementation", "vlm_unconditional_probability",
+            "vlm_image_loss_weight",
             "image_generation_defaults"),
     "scores": ("geneval_per_category", "geneval_images_per_prompt", "geneval_guidance_scales", "geneval_batch_size",
                "vqa_num_scenes", "depth_eval_images", "nmi_images"),
@@ -390,7 +393,8 @@ def _vlm_argv(config: MiniatureConfig, output_dir: str, steps: int, learning_rat
             "cosine", "--warmup_steps", str(max(1, steps // 20)), "--weight_decay", "0.0", "--save_strategy", "no",
             "--report_to", "none", "--logging_steps", str(max(1, steps // 10)), "--seed", str(config.seed),
             "--dataloader_num_workers", "0", "--max_length", "1024",
-            "--unconditional_probability", str(config.vlm_unconditional_probability)]  # fmt: skip
+            "--unconditional_probability", str(config.vlm_unconditional_probability),
+            "--image_loss_weight", str(config.vlm_image_loss_weight)]  # fmt: skip
     # TRL's SFTConfig turns bf16 on by default; say explicitly what this run uses.
     argv += ["--bf16", "true" if config.vlm_bf16 else "false"]
     # TRL's SFTConfig turns activation checkpointing on; models this small do not need the memory, and recomputing

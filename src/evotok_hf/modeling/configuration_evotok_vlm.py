@@ -12,6 +12,8 @@ tokenizer's `codebook_dim`) is the next LLM input. Generated images sit between 
 
 from __future__ import annotations
 
+import math
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
@@ -44,6 +46,10 @@ class EvoTokVLMConfig(RemoteCodeConfig):
             features that do not (the miniature's: linear probes find an object token's row and column in 22% / 21%
             of cases, against 18% / 17% by chance; scripts/probe_miniature_features.py) cannot tell where an image
             token sits, since rotary positions shape attention scores but not the values read.
+        image_loss_weight (`float`, defaults to 1.0): the weight of the depth head's image loss in the training loss,
+            `text_loss + image_loss_weight * image_loss` (the authors' generation model trains on the image loss alone;
+            1.0 is their plain sum when a batch also holds text). A checkpoint trained on both tasks at once weighs
+            how much of its capacity goes to each.
         tie_word_embeddings (`bool`, *optional*): tie the LM head to the input embeddings; by default the text
             config's value.
     """
@@ -66,6 +72,7 @@ class EvoTokVLMConfig(RemoteCodeConfig):
     has_generation_head: bool = False
     depth_head_config: dict | PreTrainedConfig | None = None
     image_position_embeddings: bool = False
+    image_loss_weight: float = 1.0
     tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs):
@@ -101,6 +108,9 @@ class EvoTokVLMConfig(RemoteCodeConfig):
             raise ValueError(
                 f"EvoTokVLMConfig: `projector_hidden_act` {self.projector_hidden_act!r} is not a known activation."
             )
+        weight = self.image_loss_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"EvoTokVLMConfig: `image_loss_weight` must be a finite number > 0, got {weight!r}.")
         if not (self.has_understanding_head or self.has_generation_head):
             raise ValueError(
                 "EvoTokVLMConfig: at least one of `has_understanding_head` and `has_generation_head` must be True."

@@ -503,7 +503,7 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
             if generation_codes is not None:
                 image_loss = self.image_generation_loss(input_ids, pixel_values, image_codes, hidden_states,
                                                         generation_codes)  # fmt: skip
-                loss = text_loss + image_loss
+                loss = text_loss + self.config.image_loss_weight * image_loss
 
         return EvoTokCausalLMOutputWithPast(
             loss=loss,
