@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -229,10 +228,8 @@ def main(argv=None) -> str:
     if script_args.image_loss_weight is not None:
         if not model.config.has_generation_head:
             raise ValueError("--image_loss_weight: this model has no generation head, so no image loss.")
-        weight = script_args.image_loss_weight
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"--image_loss_weight must be a finite number > 0, got {weight}.")
-        model.config.image_loss_weight = weight
+        model.config.image_loss_weight = script_args.image_loss_weight
+        model.config._validate_evotok_vlm()  # the config's own rule for the weight
     if script_args.attn_implementation is not None:
         model.set_attn_implementation(script_args.attn_implementation)  # every part: tokenizer, LLM, depth head
     model = prepare_model_for_stage(model, script_args.stage, script_args)
