@@ -1,13 +1,15 @@
-"""Training-step time of the miniature's two transformer stages on a CPU, by attention implementation and precision:
-the mini-SigLIP teacher (a `SiglipModel` of the `evotok-shapes` encoder's shape, batch 64) and the joint VLM
-(a Qwen2 of 192 x 3 with a 128 x 2 depth head, batch 32: 16 VQA rows and 16 caption -> image rows), each variant
-timed round-robin in one process on the same random weights and the same batches.
+"""Training-step time of the miniature's three trained stages on a CPU, by attention implementation and precision:
+the mini-SigLIP teacher (a `SiglipModel` of the `evotok-shapes` encoder's shape, batch 64), the tokenizer
+(`evotok-shapes` with the `shapes` preset's losses, batch 16, bf16 autocast; also by the pixel decoder's memory
+layout) and the joint VLM (a Qwen2 of 192 x 3 with a 128 x 2 depth head, batch 32: 16 VQA rows and 16 caption ->
+image rows), each variant timed round-robin in one process on the same random weights and the same batches.
 
     python benchmarks/miniature_attention.py [--rounds 3] [--steps 5] [--json out.json]
 
 Why: SDPA's CPU kernel has a per-call cost that dominates at these sizes (the depth head attends over 5 positions in
 16 x 64 sequences at once), so eager attention trains these models faster; bf16 autocast halves the matmuls on a
-CPU with bf16 instructions. The miniature (`make demo`) uses eager + bf16 for both stages.
+CPU with bf16 instructions; the CPU GroupNorm backward in bf16 is slow on channels-last activations. The miniature
+(`make demo`) uses eager + bf16 for all three stages.
 """
 
 from __future__ import annotations
@@ -126,6 +128,56 @@ def vlm_variants(dataset, tokenizer, folder: str):
     return variants
 
 
+def tokenizer_variants(dataset, tokenizer):
+    """(name, step function, model) per variant of the tokenizer step of `scripts/train_tokenizer.py --preset shapes`
+    (`evotok-shapes` with the mini-SigLIP's shape as encoder and teacher, batch 16, bf16 autocast, the preset's
+    losses). "channels-last decoder" feeds the pixel decoder its latents as the channels-last view they were before
+    the decoder made them contiguous: every decoder activation then stays channels-last, where the CPU GroupNorm
+    backward in bf16 is the slow kernel."""
+    from evotok_hf import EvoTokConfig, EvoTokModel
+    from evotok_hf.frozen_networks import SiglipTeacher
+    from evotok_hf.miniature.siglip import images_to_tensor, mini_siglip_config, to_pixel_values
+    from evotok_hf.modeling.configuration_evotok import EVOTOK_PRESETS
+    from evotok_hf.training.arguments import training_arguments_from_preset
+    from evotok_hf.training.losses import EvoTokLoss
+
+    torch.manual_seed(0)
+    config = EvoTokConfig.from_preset("evotok-shapes")
+    siglip_config = mini_siglip_config(tokenizer, EVOTOK_PRESETS["evotok-shapes"]["encoder_config"])
+    teacher = SiglipTeacher(siglip_config.vision_config, config.grid_size)
+    pixel_values = to_pixel_values(images_to_tensor(dataset["image"][:16]))
+    with torch.no_grad():
+        target = teacher(pixel_values)
+    loss_fn = EvoTokLoss(training_arguments_from_preset("shapes").loss_config())
+    reference = EvoTokModel(config)
+
+    def step(model, optimizer):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(pixel_values)
+            loss, _ = loss_fn.generator_loss(output, pixel_values, target, None, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    variants = []
+    for attention in ("sdpa", "eager"):
+        for channels_last in (True, False):
+            if attention == "eager" and channels_last:
+                continue
+            model = EvoTokModel(copy.deepcopy(config))
+            model.load_state_dict(reference.state_dict())
+            model.set_attn_implementation(attention)
+            model.train()
+            if channels_last:
+                model.pixel_decoder.conv_in.register_forward_pre_hook(
+                    lambda module, args: (args[0].contiguous(memory_format=torch.channels_last),))
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            layout = "channels-last decoder" if channels_last else "contiguous decoder"
+            variants.append((f"tokenizer {attention} bf16, {layout}", functools.partial(step, model, optimizer), model))
+    return variants
+
+
 def attention_in_use(model) -> list[str]:
     """The attention implementations the model's attention modules will read (from every config they hold)."""
     return sorted({module.config._attn_implementation for module in model.modules()
@@ -160,9 +212,10 @@ def main(argv=None) -> dict:
     tokenizer = _text_tokenizer(dataset)
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     results["siglip"] = time_round_robin(siglip_variants(dataset, tokenizer), args.rounds, args.steps)
+    results["tokenizer"] = time_round_robin(tokenizer_variants(dataset, tokenizer), args.rounds, args.steps)
     with tempfile.TemporaryDirectory() as folder:
         results["vlm"] = time_round_robin(vlm_variants(dataset, tokenizer, folder), args.rounds, args.steps)
-    for group in ("siglip", "vlm"):
+    for group in ("siglip", "tokenizer", "vlm"):
         first = next(iter(results[group].values()))["best_s"]
         print(f"| {group} variant | best s/step | median s/step | speed-up vs first |")
         print("|---|---:|---:|---:|")

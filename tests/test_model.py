@@ -127,6 +127,28 @@ def test_batch_equals_single(tiny_model, tiny_images):
         torch.testing.assert_close(single.semantic_features, batch.semantic_features[i : i + 1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["forward", "decode"])
+def test_pixel_decoder_runs_on_contiguous_activations(tiny_model, tiny_images, path):
+    """Latents reach the decoder as a channels-last view of (batch, grid, grid, dim), and convolutions keep their
+    input's layout; on a CPU the GroupNorm backward in bf16 is then the slow kernel (benchmarks/README.md). Every norm
+    of the decoder must see contiguous NCHW activations, whichever way the latents come in."""
+    layouts = []
+    norms = [m for m in tiny_model.pixel_decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    hooks = [m.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous())) for m in norms]
+    try:
+        with torch.no_grad():
+            if path == "forward":
+                tiny_model(tiny_images)
+            else:
+                codes = tiny_model.encode(tiny_images).codes[..., : tiny_model.config.pixel_depth]
+                tiny_model.decode(codes)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(layouts) == len(norms) > 0
+    assert all(layouts), f"{layouts.count(False)} of {len(norms)} decoder norms got a non-contiguous input"
+
+
 def test_eager_equals_sdpa(tiny_config, tiny_images):
     torch.manual_seed(0)
     sdpa = EvoTokModel(tiny_config).eval()

@@ -148,6 +148,13 @@ def test_miniature_attention_benchmark_compares_variants_that_compute_the_same_s
     assert siglip["mini-SigLIP eager bf16"]["first_loss"] == pytest.approx(siglip["mini-SigLIP sdpa fp32"]["first_loss"],
                                                                            rel=2e-2)  # fmt: skip
     assert vlm["joint VLM eager bf16"]["first_loss"] == pytest.approx(vlm["joint VLM sdpa bf16"]["first_loss"], rel=2e-2)
+    # the tokenizer's variants: the decoder's memory layout and the attention kernel change the speed, not the step
+    tokenizer = results["tokenizer"]
+    assert len(tokenizer) == 3
+    reference = tokenizer["tokenizer sdpa bf16, channels-last decoder"]["first_loss"]
+    for name, result in tokenizer.items():
+        assert result["attention"] == [name.split()[1]], (name, result["attention"])
+        assert result["first_loss"] == pytest.approx(reference, rel=2e-2), name
 
 
 README_DEMO_FIGURES = re.compile(

@@ -80,6 +80,36 @@ def test_short_run_trains_checkpoints_and_exports(tmp_path):
     assert torch.equal(reloaded.quantizer.codebook, after["quantizer.codebook"])
 
 
+def test_attn_implementation_reaches_every_attention_module_and_is_checked(tmp_path, monkeypatch):
+    """`attn_implementation` (the shapes preset's eager) is the kernel the encoder, the pixel decoder's and the
+    semantic decoder's attention run during training; an unknown name stops the run before it starts."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name, callers = "evotok_test_recording", set()
+
+    def recording_attention(module, *args, **kwargs):
+        callers.add(module)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, name, recording_attention)
+    assert training_arguments_from_preset("shapes").attn_implementation == "eager"
+    trainer = TokenizerTrainer(tiny_args(tmp_path, max_train_steps=1, checkpointing_steps=0, disc_start=5,
+                                         attn_implementation=name))  # fmt: skip
+    model = trainer._unwrap(trainer.model)
+    # the attention modules a forward runs (the encoder's frozen pooling head and unused last layer do not run)
+    ran = set()
+    hooks = [m.register_forward_hook(lambda module, args, output: ran.add(module)) for m in model.modules()
+             if type(m).__name__.endswith(("Attention", "AttnBlock"))]  # fmt: skip
+    trainer.train()
+    for hook in hooks:
+        hook.remove()
+    assert {type(m).__name__ for m in ran} == {"SiglipAttention", "EvoTokAttnBlock", "EvoTokSemanticAttention"}
+    assert callers == ran
+    with pytest.raises(ValueError, match="not_a_kernel"):
+        TokenizerTrainer(tiny_args(tmp_path / "bad", attn_implementation="not_a_kernel"))
+
+
 def test_kill_then_resume_restores_everything(tmp_path):
     base = dict(TINY, output_dir=str(tmp_path / "run"), checkpointing_steps=3, use_ema=True, eval_data="none",
                 checkpoints_total_limit=10)

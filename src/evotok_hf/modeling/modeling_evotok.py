@@ -323,7 +323,10 @@ class EvoTokPixelDecoder(nn.Module):
         return self.conv_out.weight
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
+        # Latents arrive as a channels-last view of (batch, grid, grid, dim) codes, and convolutions keep their input's
+        # memory format: the whole decoder would run channels-last, where a CPU GroupNorm backward in bf16 is ~30x
+        # slower than on contiguous NCHW (benchmarks/README.md). One copy of the small latent grid avoids it.
+        h = self.conv_in(z.contiguous())
         for block in self.mid:
             h = block(h)
         for level in self.conv_blocks:

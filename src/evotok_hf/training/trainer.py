@@ -181,11 +181,15 @@ class TokenizerTrainer:
     def _build_model(self, overrides: dict) -> EvoTokModel:
         args = self.args
         if args.init_from:
-            return EvoTokModel.from_pretrained(args.init_from)
-        config = EvoTokConfig.from_preset(args.model_preset, **overrides)
-        if args.encoder_pretrained:
-            return EvoTokModel.from_encoder_pretrained(args.encoder_pretrained, config=config)
-        return EvoTokModel(config)
+            model = EvoTokModel.from_pretrained(args.init_from)
+        elif args.encoder_pretrained:
+            config = EvoTokConfig.from_preset(args.model_preset, **overrides)
+            model = EvoTokModel.from_encoder_pretrained(args.encoder_pretrained, config=config)
+        else:
+            model = EvoTokModel(EvoTokConfig.from_preset(args.model_preset, **overrides))
+        if args.attn_implementation is not None:
+            model.set_attn_implementation(args.attn_implementation)
+        return model
 
     def _build_train_dataloader(self):
         args = self.args
