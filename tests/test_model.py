@@ -1,5 +1,7 @@
 """EvoTokModel: API, save/load, dtype, gradients, equivalences."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModel, SiglipVisionConfig, SiglipVisionModel
@@ -127,21 +129,23 @@ def test_batch_equals_single(tiny_model, tiny_images):
         torch.testing.assert_close(single.semantic_features, batch.semantic_features[i : i + 1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["forward", "decode"])
-def test_pixel_decoder_runs_on_contiguous_activations(tiny_model, tiny_images, path):
+@pytest.mark.parametrize("path", ["forward", "decode", "bf16 load"])
+def test_pixel_decoder_runs_on_contiguous_activations_in_bf16(tiny_model, tiny_images, path):
     """Latents reach the decoder as a channels-last view of (batch, grid, grid, dim), and convolutions keep their
-    input's layout; on a CPU the GroupNorm backward in bf16 is then the slow kernel (benchmarks/README.md). Every norm
-    of the decoder must see contiguous NCHW activations, whichever way the latents come in."""
+    input's layout; on a CPU the GroupNorm backward in bf16 is then the slow kernel (benchmarks/README.md). In bf16
+    (autocast, as training runs, or a bf16 model) every norm of the decoder must see contiguous NCHW activations,
+    whichever way the latents come in."""
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16) if path == "bf16 load" else tiny_model
     layouts = []
-    norms = [m for m in tiny_model.pixel_decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    norms = [m for m in model.pixel_decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
     hooks = [m.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous())) for m in norms]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=path != "bf16 load"):
             if path == "forward":
-                tiny_model(tiny_images)
+                model(tiny_images)
             else:
-                codes = tiny_model.encode(tiny_images).codes[..., : tiny_model.config.pixel_depth]
-                tiny_model.decode(codes)
+                codes = model.encode(tiny_images).codes[..., : model.config.pixel_depth]
+                model.decode(codes)
     finally:
         for hook in hooks:
             hook.remove()

@@ -324,9 +324,12 @@ class EvoTokPixelDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # Latents arrive as a channels-last view of (batch, grid, grid, dim) codes, and convolutions keep their input's
-        # memory format: the whole decoder would run channels-last, where a CPU GroupNorm backward in bf16 is ~30x
-        # slower than on contiguous NCHW (benchmarks/README.md). One copy of the small latent grid avoids it.
-        h = self.conv_in(z.contiguous())
+        # memory format: the whole decoder would run channels-last, where a CPU GroupNorm backward in bf16 / fp16 is
+        # ~30x slower than on contiguous NCHW (benchmarks/README.md). One copy of the small latent grid avoids it
+        # there; in fp32 both layouts run at the same speed and the layout is left alone (so are fp32 results).
+        if z.device.type == "cpu" and z.dtype in (torch.bfloat16, torch.float16):
+            z = z.contiguous()
+        h = self.conv_in(z)
         for block in self.mid:
             h = block(h)
         for level in self.conv_blocks:
