@@ -21,7 +21,7 @@ and 16 x 16 grid (`--grid` changes it); "paper-ratio-k4096": the same with the c
 every matmul's share of the work is the paper's (see `multiply_adds_per_position`).
 
     python benchmarks/generation.py [--sizes tiny,paper-ratio] [--grid 16] [--repeats 3] [--threads 2]
-                                    [--batch 1] [--json out.json]
+                                    [--batch 1] [--curve-batches 1,4,16,64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -90,6 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--head-batches", default="1,8,32",
                    help="images per call for the depth-head-only comparison (one position, greedy); '' to skip")
     p.add_argument("--head-repeats", type=int, default=5)
+    p.add_argument("--curve-batches", default="",
+                   help="images per call for the end-to-end images/s curve (greedy, e.g. 1,4,16,64); '' to skip")
+    p.add_argument("--curve-repeats", type=int, default=1, help="timed rounds (a, b) per point of the curve")
     p.add_argument("--grid", type=int, default=None, help="grid of the paper-ratio sizes (default 16, the paper's)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--top-k", type=int, default=900)
@@ -341,6 +344,22 @@ def benchmark_size(size: str, args, device: torch.device) -> dict:
         generator = torch.Generator(device).manual_seed(args.seed)
         return official.generate(inputs, do_sample, generator)
 
+    # (c): (a) with a StaticCache and the compiled position step. Its compiled function is built before any timing
+    # wrapper exists (so it compiles the plain step); each call then times it as the LLM, and the prompt's uncompiled
+    # pass through `_llm_step` counts as the LLM too.
+    compiled_step = generation_module._compiled_llm_step()
+
+    def run_c(do_sample):
+        generator = torch.Generator(device).manual_seed(args.seed)
+        getter = generation_module._compiled_llm_step
+        generation_module._compiled_llm_step = lambda: stopwatch.timed("llm", compiled_step)
+        try:
+            return model.generate(**inputs, generation_mode="image", guidance_scale=args.guidance_scale,
+                                  do_sample=do_sample, depth_top_k=args.top_k, depth_top_p=args.top_p,
+                                  generator=generator, cache_implementation="static")  # fmt: skip
+        finally:
+            generation_module._compiled_llm_step = getter
+
     def timed_call(fn, do_sample, wrap):
         stopwatch.seconds = {}
         with stopwatch.wrapping(wrap):
@@ -352,7 +371,9 @@ def benchmark_size(size: str, args, device: torch.device) -> dict:
         parts = {k: v / images for k, v in breakdown(stopwatch.seconds, seconds).items()}
         return codes, {"seconds": seconds / images, "parts": parts}
 
-    candidates = {"a": (run_a, targets), "b": (run_b, targets_b)}
+    targets_c = [t for t in targets if t[2] != "llm"] + [(generation_module, "_llm_step", "llm")]
+    candidates = {"a": (run_a, targets), "b": (run_b, targets_b), "c": (run_c, targets_c)}
+    run_c(False)  # compiles the position step for this batch and prompt (not timed)
     for _ in range(args.warmup):
         for fn, wrap in candidates.values():
             timed_call(fn, False, wrap)
@@ -374,14 +395,53 @@ def benchmark_size(size: str, args, device: torch.device) -> dict:
         entry["speedup_end_to_end_median"] = entry["b"]["median_s"] / entry["a"]["median_s"]
         entry["speedup_depth_head_best"] = entry["b"]["depth_head_best_s"] / entry["a"]["depth_head_best_s"]
         entry["speedup_depth_head_median"] = entry["b"]["depth_head_median_s"] / entry["a"]["depth_head_median_s"]
+        entry["speedup_static_end_to_end_best"] = entry["b"]["best_s"] / entry["c"]["best_s"]
+        entry["speedup_static_end_to_end_median"] = entry["b"]["median_s"] / entry["c"]["median_s"]
+        entry["speedup_static_vs_dynamic_best"] = entry["a"]["best_s"] / entry["c"]["best_s"]
         same = (codes["a"] == codes["b"]).all(dim=-1).flatten(1)  # (rows, positions): all depths equal
         entry["codes_identical"] = bool(same.all())
         entry["positions_identical_before_first_difference"] = int(same.cumprod(dim=1).sum(dim=1).min())
+        entry["static_codes_identical"] = bool(torch.equal(codes["a"], codes["c"]))
         result[mode] = entry
     result["depth_head_by_batch"] = {
         str(b): depth_head_by_batch(model, official, b, args) for b in _ints(args.head_batches)
     }
+    result["images_per_second_by_batch"] = {
+        str(b): images_per_second(model, processor, official, b, args, device) for b in _ints(args.curve_batches)
+    }
     return result
+
+
+@torch.no_grad()
+def images_per_second(model, processor, official, images: int, args, device: torch.device) -> dict:
+    """End to end, greedy, `images` prompts per call (CFG: twice the rows): (a) and (b) round-robin after one
+    untimed call each; images per second of the best and the median call, and whether the codes agree."""
+    inputs = processor(text=[PROMPT] * images, generation_mode="image", return_tensors="pt")
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    candidates = {
+        "a": lambda: model.generate(**inputs, generation_mode="image", guidance_scale=args.guidance_scale,
+                                    do_sample=False),
+        "b": lambda: official.generate(inputs, False, None),
+        "c": lambda: model.generate(**inputs, generation_mode="image", guidance_scale=args.guidance_scale,
+                                    do_sample=False, cache_implementation="static"),
+    }  # fmt: skip
+    codes = {name: fn() for name, fn in candidates.items()}  # warm-up (and (c)'s compilation for this batch)
+    times = {name: [] for name in candidates}
+    sync = Stopwatch(device)._sync
+    for _ in range(args.curve_repeats):
+        for name, fn in candidates.items():
+            sync()
+            t0 = time.perf_counter()
+            codes[name] = fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    out = {f"{name}_{stat}_images_per_s": images / f(ts) for name, ts in times.items()
+           for stat, f in (("best", min), ("median", statistics.median))}  # fmt: skip
+    out["speedup_best"] = out["a_best_images_per_s"] / out["b_best_images_per_s"]
+    out["static_speedup_best"] = out["c_best_images_per_s"] / out["b_best_images_per_s"]
+    out["codes_identical"] = bool(torch.equal(codes["a"], codes["b"]))
+    out["static_codes_identical"] = bool(torch.equal(codes["a"], codes["c"]))
+    return out
 
 
 def _ints(text: str) -> list[int]:
@@ -427,12 +487,13 @@ def print_size(size: str, r: dict, args) -> None:
           f"classifiers {p['depth_head_classifiers'] / 1e6:.2f}M of it), grid {r['grid']}x{r['grid']}, "
           f"{r['pixel_depth']} depths x {r['codebook_size']} codes, {r['images_per_call']} image(s) per call, "
           f"CFG {args.guidance_scale}")
-    labels = {"a": "(a) generate(generation_mode='image')", "b": "(b) official algorithm (no depth cache)"}
+    labels = {"a": "(a) generate(generation_mode='image')", "b": "(b) official algorithm (no depth cache)",
+              "c": "(c) (a), static cache + compiled step"}
     print(f"{'mode / implementation':48s} {'best s/img':>10s} {'median':>8s} {'head best':>9s} {'head med':>8s} | "
           f"{'LLM':>6s} {'layers':>6s} {'classif':>7s} {'sampl+':>6s} {'other':>6s}  (s/img, best run)")
     for mode in ("greedy", "sampled"):
         e = r[mode]
-        for name in ("a", "b"):
+        for name in ("a", "b", "c"):
             s, parts = e[name], e[name]["parts_of_best"]
             print(f"{mode + ' ' + labels[name]:48s} {s['best_s']:10.3f} {s['median_s']:8.3f} "
                   f"{s['depth_head_best_s']:9.3f} {s['depth_head_median_s']:8.3f} | {parts['llm']:6.3f} "
@@ -442,12 +503,22 @@ def print_size(size: str, r: dict, args) -> None:
               f"{e['speedup_end_to_end_median']:.2f}x median; depth head {e['speedup_depth_head_best']:.2f}x best, "
               f"{e['speedup_depth_head_median']:.2f}x median; codes identical: {e['codes_identical']} "
               f"(first {e['positions_identical_before_first_difference']} positions equal)")
+        print(f"{mode}: (b)/(c) end to end {e['speedup_static_end_to_end_best']:.2f}x best, "
+              f"{e['speedup_static_end_to_end_median']:.2f}x median; (a)/(c) {e['speedup_static_vs_dynamic_best']:.2f}x "
+              f"best; codes of (c) identical to (a): {e['static_codes_identical']}")
     if r["depth_head_by_batch"]:
         print("depth head alone, one position, greedy (ms per call):  images  (a) best  (b) best  (b)/(a) best "
               "(median)  codes identical")
         for images, h in r["depth_head_by_batch"].items():
             print(f"{'':55s}{images:>6s} {h['a_best_ms']:9.2f} {h['b_best_ms']:9.2f} {h['speedup_best']:13.2f} "
                   f"({h['speedup_median']:.2f})  {h['codes_identical']}")
+    if r["images_per_second_by_batch"]:
+        print("end to end, greedy (images per second):  images  (a) best  (b) best  (c) best  (a)/(b)  (c)/(b)  "
+              "codes identical (a-b, a-c)")
+        for images, c in r["images_per_second_by_batch"].items():
+            print(f"{'':40s}{images:>6s} {c['a_best_images_per_s']:9.3f} {c['b_best_images_per_s']:9.3f} "
+                  f"{c['c_best_images_per_s']:9.3f} {c['speedup_best']:8.2f} {c['static_speedup_best']:8.2f}  "
+                  f"{c['codes_identical']}, {c['static_codes_identical']}")
     m = r["multiply_adds_per_position"]
     print(f"multiply-adds per position: LLM {m['llm'] / 1e6:.1f}M, head cached {m['head_cached'] / 1e6:.1f}M, "
           f"uncached {m['head_uncached'] / 1e6:.1f}M -> compute ratio head {m['head_ratio']:.2f}x, "

@@ -13,26 +13,35 @@ def test_generation_benchmark_tiny_identical_greedy_codes(tmp_path):
     main = runpy.run_path(str(ROOT / "benchmarks/generation.py"), run_name="not_main")["main"]
     threads = torch.get_num_threads()  # main() sets the thread count: keep the test process's
     results = main(["--sizes", "tiny", "--repeats", "1", "--warmup", "0", "--head-batches", "1,3",
-                    "--head-repeats", "1", "--threads", str(threads), "--json", str(tmp_path / "g.json")])
+                    "--head-repeats", "1", "--curve-batches", "1,2", "--threads", str(threads),
+                    "--json", str(tmp_path / "g.json")])  # fmt: skip
     assert torch.get_num_threads() == threads
     tiny = results["sizes"]["tiny"]
     assert tiny["grid"] == 4 and tiny["pixel_depth"] == 4
     for mode in ("greedy", "sampled"):
         entry = tiny[mode]
         assert {"a", "b", "codes_identical", "speedup_end_to_end_best", "speedup_depth_head_best"} <= set(entry)
-        for name in ("a", "b"):
+        for name in ("a", "b", "c"):
             assert entry[name]["best_s"] > 0 and entry[name]["depth_head_best_s"] > 0
             assert set(entry[name]["parts_of_best"]) == {
                 "llm", "depth_head_layers", "depth_head_classifiers", "depth_loop_sampling_and_rest", "other"
             }  # fmt: skip
     assert tiny["greedy"]["codes_identical"] is True
+    assert tiny["greedy"]["static_codes_identical"] is True and tiny["sampled"]["static_codes_identical"] is True
+    assert tiny["greedy"]["c"]["parts_of_best"]["llm"] > 0  # the compiled step is timed as the LLM
     assert tiny["greedy"]["positions_identical_before_first_difference"] == 16
     assert set(tiny["depth_head_by_batch"]) == {"1", "3"}
     assert all(h["codes_identical"] for h in tiny["depth_head_by_batch"].values())
     assert results["paper_size_multiply_adds_per_position"]["head_ratio"] > 2
+    curve = tiny["images_per_second_by_batch"]
+    assert set(curve) == {"1", "2"}
+    for point in curve.values():
+        assert point["codes_identical"] is True and point["static_codes_identical"] is True
+        assert point["a_best_images_per_s"] > 0 and point["b_best_images_per_s"] > 0
     saved = json.loads((tmp_path / "g.json").read_text())
     assert saved["sizes"]["tiny"]["greedy"]["codes_identical"] is True
     # the timing wrappers are gone afterwards
     from evotok_hf.modeling import generation
 
     assert generation._sample_depths.__name__ == "_sample_depths"
+    assert generation._llm_step.__name__ == "_llm_step"

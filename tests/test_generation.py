@@ -111,6 +111,49 @@ def test_greedy_with_and_without_caches_is_identical(t2i_vlm, processor):
     assert cached.unique().numel() > 4  # not a degenerate constant output
 
 
+@pytest.mark.parametrize("disable_compile", [True, False], ids=["static", "static-compiled"])
+def test_static_cache_gives_the_dynamic_cache_codes(t2i_vlm, processor, disable_compile, monkeypatch):
+    """`cache_implementation="static"`: a StaticCache and a (compiled) position step of fixed shapes; greedy codes,
+    and sampled codes from the same seed, are those of the dynamic cache, batch and CFG included, and a second call
+    (the compiled step reused) gives them again."""
+    from transformers.cache_utils import StaticCache
+
+    from evotok_hf.modeling import generation
+
+    caches = []
+
+    class RecordedStaticCache(StaticCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    monkeypatch.setattr(generation, "StaticCache", RecordedStaticCache)
+    if disable_compile:  # the static cache without compilation must not compile anything
+        monkeypatch.setattr(generation, "_compiled_llm_step", lambda: pytest.fail("compiled with disable_compile"))
+    kwargs = {"guidance_scale": 3.0, "cache_implementation": "static", "disable_compile": disable_compile}
+    dynamic = generate_codes(t2i_vlm, processor, do_sample=False, guidance_scale=3.0)
+    assert not caches
+    assert torch.equal(generate_codes(t2i_vlm, processor, do_sample=False, **kwargs), dynamic)
+    assert torch.equal(generate_codes(t2i_vlm, processor, do_sample=False, **kwargs), dynamic)
+    assert len(caches) == 2  # the static path ran, with a cache of its own each time
+    if not disable_compile:
+        assert "llm_step" in generation._COMPILED
+    seeded = {"do_sample": True, "generator": torch.Generator().manual_seed(3)}
+    sampled = generate_codes(t2i_vlm, processor, **seeded, guidance_scale=3.0)
+    seeded["generator"] = torch.Generator().manual_seed(3)
+    assert torch.equal(generate_codes(t2i_vlm, processor, **seeded, **kwargs), sampled)
+
+
+def test_static_cache_setting_is_checked(t2i_vlm, processor):
+    inputs = processor(text=T2I_PROMPTS, generation_mode="image", return_tensors="pt")
+    with pytest.raises(ValueError, match="cache_implementation must be one of"):
+        t2i_vlm.generate(**inputs, generation_mode="image", cache_implementation="offloaded")
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        t2i_vlm.generate(**inputs, generation_mode="image", cache_implementation="static", use_cache=False)
+    with pytest.raises(ValueError, match="disable_compile must be True or False"):
+        t2i_vlm.generate(**inputs, generation_mode="image", cache_implementation="static", disable_compile="yes")
+
+
 def test_guidance_scale_one_equals_unguided(t2i_vlm, processor):
     one = generate_codes(t2i_vlm, processor, do_sample=False, guidance_scale=1.0)
     inputs = processor(text=T2I_PROMPTS, generation_mode="image", return_tensors="pt")

@@ -13,11 +13,16 @@ default a user turn holding a single space, as the authors') after them; at ever
 then go through the caller's `logits_processor` and the depth's sampling warpers (transformers' temperature, top-k,
 top-p, in that order). The LLM keeps its key/value cache across positions and the depth head its own across depths
 (`use_cache=False` recomputes both from scratch at every step, as the authors' depth head does).
+`cache_implementation="static"` gives the LLM a `StaticCache` sized for the prompt and every image position, so each
+position step has the same shapes, and compiles that step with `torch.compile(fullgraph=True)` once per model, batch
+and prompt length (`disable_compile=True` keeps the static cache and skips the compilation), as transformers'
+`generate` does with a static cache; the codes are those of the dynamic cache.
 
 Settings live in `GenerationConfig`s, as in transformers' Janus (image mode) and CSM (a depth decoder):
 
 - the model's `generation_config` holds what concerns the whole image: `guidance_scale`, `num_return_sequences`,
-  `use_cache` and the output flags (`return_dict_in_generate`, `output_scores`, `output_logits`);
+  `use_cache`, `cache_implementation` ("dynamic" or "static"), `disable_compile` and the output flags
+  (`return_dict_in_generate`, `output_scores`, `output_logits`);
 - the depth head's `generation_config` (`model.depth_head.generation_config`) holds how each depth is sampled:
   `do_sample`, `temperature`, `top_k`, `top_p`, each one value or a list of `pixel_depth` values. `generate` takes
   them as `depth_decoder_do_sample=`, `depth_decoder_temperature=`, ... and generation_config.json stores them under
@@ -40,6 +45,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from transformers import GenerationConfig
+from transformers.cache_utils import StaticCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -66,10 +72,14 @@ IMAGE_SETTINGS = {
     "guidance_scale": IMAGE_GENERATION_DEFAULTS["guidance_scale"],
     "num_return_sequences": 1,
     "use_cache": True,
+    "cache_implementation": "dynamic",
+    "disable_compile": False,
     "return_dict_in_generate": False,
     "output_scores": False,
     "output_logits": False,
 }
+# The LLM's cache across image positions: transformers' DynamicCache, or a StaticCache with a compiled position step.
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 # Names of earlier releases (keyword arguments, and keys of the saved `image_generation` dict) -> today's.
 LEGACY_SETTING_NAMES = {
     "do_sample": "depth_decoder_do_sample",
@@ -272,10 +282,15 @@ def resolve_image_generation_config(
     if not isinstance(count, Integral) or isinstance(count, (bool, np.bool_)) or count < 1:
         fail("num_return_sequences", "must be a positive int")
     resolved.num_return_sequences = int(count)
-    for name in ("use_cache", "return_dict_in_generate", "output_scores", "output_logits"):
+    for name in ("use_cache", "disable_compile", "return_dict_in_generate", "output_scores", "output_logits"):
         if not isinstance(values[name], (bool, np.bool_)):
             fail(name, "must be True or False")
         setattr(resolved, name, bool(values[name]))
+    if values["cache_implementation"] not in CACHE_IMPLEMENTATIONS:
+        fail("cache_implementation", f"must be one of {CACHE_IMPLEMENTATIONS}")
+    if values["cache_implementation"] == "static" and not resolved.use_cache:
+        fail("cache_implementation", "needs use_cache=True (a static cache is a cache)")
+    resolved.cache_implementation = values["cache_implementation"]
 
     depth = GenerationConfig()
     do_sample = values["depth_decoder_do_sample"]
@@ -376,7 +391,8 @@ def generate_image_codes(
             bar.
         generator (`torch.Generator`, *optional*): the randomness of sampling, for reproducible images.
         kwargs: settings, by the names of `GenerationConfig` (`guidance_scale`, `num_return_sequences`, `use_cache`,
-            `return_dict_in_generate`, `output_scores`, `output_logits`) and of the depth head's with the
+            `cache_implementation`, `disable_compile`, `return_dict_in_generate`, `output_scores`,
+            `output_logits`) and of the depth head's with the
             `depth_decoder_` prefix (`depth_decoder_do_sample`, `depth_decoder_temperature`, `depth_decoder_top_k`,
             `depth_decoder_top_p`: one value, or a list of `pixel_depth` values); `do_sample`, `depth_temperature`,
             `depth_top_k` and `depth_top_p` as earlier releases named the depth head's.
@@ -445,7 +461,19 @@ def generate_image_codes(
                              past_key_values=cache, use_cache=use_cache, return_dict=True)  # fmt: skip
         return out.last_hidden_state[:, -1], (out.past_key_values if use_cache else None)
 
-    hidden, llm_cache = run_llm(embeddings, mask, positions, None)
+    static = generation_config.cache_implementation == "static"
+    if static:
+        # One mask of the final length, its image columns switched on position by position: every step then has the
+        # same shapes (the columns not yet written are masked, as the causal mask masks them too).
+        prompt_length = ids.shape[1]
+        llm_cache = StaticCache(config=language_model.config, max_cache_len=prompt_length + grid * grid - 1)
+        full_mask = mask.new_zeros(mask.shape[0], prompt_length + grid * grid - 1)
+        full_mask[:, :prompt_length] = mask
+        hidden = _llm_step(language_model, embeddings, full_mask, positions, llm_cache,
+                           torch.arange(prompt_length, device=ids.device))  # fmt: skip
+        step = _llm_step if generation_config.disable_compile else _compiled_llm_step()
+    else:
+        hidden, llm_cache = run_llm(embeddings, mask, positions, None)
     codes = torch.zeros(rows, grid * grid, pixel_depth, dtype=torch.long, device=ids.device)
     for position in range(grid * grid):
         position_scores = [] if scores is not None else None
@@ -467,8 +495,14 @@ def generate_image_codes(
             torch.cat([next_codes] * (2 if guided else 1)), positions=position
         )
         next_embedding = next_embedding[:, None].to(embeddings.dtype)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         next_position = positions[:, -1:] + 1
+        if static:
+            full_mask[:, prompt_length + position] = 1
+            cache_position = torch.full((1,), prompt_length + position, dtype=torch.long, device=ids.device)
+            hidden = step(language_model, next_embedding, full_mask, next_position, llm_cache, cache_position)
+            positions = next_position
+            continue
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = torch.cat([positions, next_position], dim=1)
         if use_cache:
             hidden, llm_cache = run_llm(next_embedding, mask, next_position, llm_cache)
@@ -485,6 +519,24 @@ def generate_image_codes(
         scores=None if scores is None else tuple(scores),
         logits=None if logits is None else tuple(logits),
     )
+
+
+def _llm_step(language_model, inputs_embeds, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:
+    """The LLM's last hidden state over `inputs_embeds`, written into a `StaticCache` at `cache_position`."""
+    out = language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, cache_position=cache_position, return_dict=True)
+    return out.last_hidden_state[:, -1]
+
+
+_COMPILED = {}
+
+
+def _compiled_llm_step():
+    """`_llm_step` under `torch.compile(fullgraph=True, dynamic=False)`, built on first use (compilation happens at
+    the first call for each model, batch and prompt length; later calls with the same shapes reuse it)."""
+    if "llm_step" not in _COMPILED:
+        _COMPILED["llm_step"] = torch.compile(_llm_step, fullgraph=True, dynamic=False)
+    return _COMPILED["llm_step"]
 
 
 def _sample_depths(head, quantizer, hidden, processors, guided, guidance_scale, do_sample, generator, use_cache, rows,
@@ -531,6 +583,7 @@ def _sample_depths(head, quantizer, hidden, processors, guided, guidance_scale, 
 
 
 __all__ = [
+    "CACHE_IMPLEMENTATIONS",
     "DEPTH_DECODER_PREFIX",
     "DEPTH_DECODER_SETTINGS",
     "EvoTokImageGenerateOutput",
