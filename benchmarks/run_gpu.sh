@@ -4,8 +4,9 @@
 #   quantizer.json         benchmarks/quantizer.py: residual search at paper size, bf16 autocast (the search stays fp32)
 #   encode_decode.json     benchmarks/encode_precision.py: encode modes, pixel decode and semantic features, paper size;
 #                          code agreement too when TOKENIZER names a trained tokenizer folder (`make demo` writes one)
-#   generation.json        benchmarks/generation.py: image generation at paper-ratio sizes, bf16, 1 and 16 images
-#                          per call, against the authors' loop
+#   generation.json        benchmarks/generation.py: image generation at paper-ratio sizes, bf16, against the
+#                          authors' loop, with the static cache + compiled step as variant (c), and images/s at 1, 4,
+#                          16 and 64 images per call
 #
 #   bash benchmarks/run_gpu.sh [OUT_DIR]
 #   DEVICE=cpu SMOKE=1 bash benchmarks/run_gpu.sh /tmp/out   # tiny sizes on a CPU: checks the script (tests do this)
@@ -22,11 +23,11 @@ mkdir -p "$OUT_DIR"
 if [ "${SMOKE:-0}" = 1 ]; then
     quantizer_args=(--vectors 64 --depth 3 --codebook-size 512 --dim 8 --repeats 1)
     encode_args=(--repeats 1 --paper-preset evotok-tiny)
-    generation_args=(--sizes tiny --repeats 1 --head-batches 1 --head-repeats 1)
+    generation_args=(--sizes tiny --repeats 1 --head-batches 1 --head-repeats 1 --curve-batches 1,2)
 else
     quantizer_args=(--repeats 5)
     encode_args=(--repeats 5 --paper-size-timing)
-    generation_args=(--sizes paper-ratio --repeats 3 --batch 1)
+    generation_args=(--sizes paper-ratio --repeats 3 --batch 1 --curve-batches 1,4,16,64 --curve-repeats 2)
 fi
 if [ -n "${TOKENIZER:-}" ]; then
     encode_args+=(--tokenizer "$TOKENIZER")
@@ -47,8 +48,4 @@ echo "== encode / decode"
 echo "== generation"
 "$PYTHON" benchmarks/generation.py --device "$DEVICE" --dtype bfloat16 "${generation_args[@]}" \
     --json "$OUT_DIR/generation.json"
-if [ "${SMOKE:-0}" != 1 ]; then
-    "$PYTHON" benchmarks/generation.py --device "$DEVICE" --dtype bfloat16 --sizes paper-ratio --repeats 3 --batch 16 \
-        --head-batches 16 --json "$OUT_DIR/generation_batch16.json"
-fi
 echo "all benchmarks written to $OUT_DIR in $(( $(date +%s) - start )) s"

@@ -83,3 +83,5 @@ def test_gpu_script_runs_every_benchmark_in_smoke_mode(tmp_path):
     assert timed <= set(encode["paper_size_timing"])
     generation = json.loads((tmp_path / "generation.json").read_text())
     assert generation["dtype"] == "bfloat16" and "tiny" in generation["sizes"]
+    assert set(generation["sizes"]["tiny"]["images_per_second_by_batch"]) == {"1", "2"}
+    assert "c" in generation["sizes"]["tiny"]["greedy"]  # the static cache + compiled step variant ran
