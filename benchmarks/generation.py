@@ -425,16 +425,8 @@ def images_per_second(model, processor, official, images: int, args, device: tor
         "c": lambda: model.generate(**inputs, generation_mode="image", guidance_scale=args.guidance_scale,
                                     do_sample=False, cache_implementation="static"),
     }  # fmt: skip
-    codes = {name: fn() for name, fn in candidates.items()}  # warm-up (and (c)'s compilation for this batch)
-    times = {name: [] for name in candidates}
-    sync = Stopwatch(device)._sync
-    for _ in range(args.curve_repeats):
-        for name, fn in candidates.items():
-            sync()
-            t0 = time.perf_counter()
-            codes[name] = fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
+    # the warm-up call is also (c)'s compilation for this batch
+    codes, times = round_robin(candidates, args.curve_repeats, device)
     out = {f"{name}_{stat}_images_per_s": images / f(ts) for name, ts in times.items()
            for stat, f in (("best", min), ("median", statistics.median))}  # fmt: skip
     out["speedup_best"] = out["a_best_images_per_s"] / out["b_best_images_per_s"]
@@ -442,6 +434,22 @@ def images_per_second(model, processor, official, images: int, args, device: tor
     out["codes_identical"] = bool(torch.equal(codes["a"], codes["b"]))
     out["static_codes_identical"] = bool(torch.equal(codes["a"], codes["c"]))
     return out
+
+
+def round_robin(candidates: dict, repeats: int, device: torch.device) -> tuple[dict, dict]:
+    """One untimed call of each candidate, then `repeats` timed rounds (a, b, ...); returns the last outputs and the
+    seconds of every timed call, per candidate."""
+    codes = {name: fn() for name, fn in candidates.items()}
+    times = {name: [] for name in candidates}
+    sync = Stopwatch(device)._sync
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            sync()
+            t0 = time.perf_counter()
+            codes[name] = fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return codes, times
 
 
 def _ints(text: str) -> list[int]:
@@ -461,16 +469,7 @@ def depth_head_by_batch(model, official, images: int, args) -> dict:
                                                       args.guidance_scale, False, None, True, images),
         "b": lambda: official.depth_loop(hidden, False, None),
     }  # fmt: skip
-    codes = {name: fn() for name, fn in candidates.items()}  # warm-up
-    times = {name: [] for name in candidates}
-    sync = Stopwatch(model.device)._sync
-    for _ in range(args.head_repeats):
-        for name, fn in candidates.items():
-            sync()
-            t0 = time.perf_counter()
-            codes[name] = fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
+    codes, times = round_robin(candidates, args.head_repeats, model.device)
     out = {f"{name}_{stat}_ms": f(ts) * 1e3 for name, ts in times.items()
            for stat, f in (("best", min), ("median", statistics.median))}  # fmt: skip
     out["speedup_best"] = out["b_best_ms"] / out["a_best_ms"]
