@@ -37,6 +37,7 @@ picks and checks every setting, the one place each entry point (generate, `EvoTo
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -466,8 +467,9 @@ def generate_image_codes(
         # One mask of the final length, its image columns switched on position by position: every step then has the
         # same shapes (the columns not yet written are masked, as the causal mask masks them too).
         prompt_length = ids.shape[1]
-        llm_cache = StaticCache(config=language_model.config, max_cache_len=prompt_length + grid * grid - 1)
-        full_mask = mask.new_zeros(mask.shape[0], prompt_length + grid * grid - 1)
+        final_length = prompt_length + grid * grid - 1  # the last position's codes are never fed back
+        llm_cache = StaticCache(config=language_model.config, max_cache_len=final_length)
+        full_mask = mask.new_zeros(mask.shape[0], final_length)
         full_mask[:, :prompt_length] = mask
         hidden = _llm_step(language_model, embeddings, full_mask, positions, llm_cache,
                            torch.arange(prompt_length, device=ids.device))  # fmt: skip
@@ -528,15 +530,11 @@ def _llm_step(language_model, inputs_embeds, attention_mask, position_ids, cache
     return out.last_hidden_state[:, -1]
 
 
-_COMPILED = {}
-
-
+@functools.cache
 def _compiled_llm_step():
     """`_llm_step` under `torch.compile(fullgraph=True, dynamic=False)`, built on first use (compilation happens at
     the first call for each model, batch and prompt length; later calls with the same shapes reuse it)."""
-    if "llm_step" not in _COMPILED:
-        _COMPILED["llm_step"] = torch.compile(_llm_step, fullgraph=True, dynamic=False)
-    return _COMPILED["llm_step"]
+    return torch.compile(_llm_step, fullgraph=True, dynamic=False)
 
 
 def _sample_depths(head, quantizer, hidden, processors, guided, guidance_scale, do_sample, generator, use_cache, rows,

@@ -22,7 +22,7 @@ class TokenizerTrainingArguments(EvoTokLossConfig):
     init_from: str | None = None  # an EvoTok folder to continue from (fine-tuning)
     encoder_pretrained: str | None = None  # a SigLIP / SigLIP2 vision checkpoint for the encoder
     # attention of the encoder, the pixel decoder's and the semantic decoder's (eager, sdpa, ...; the model's default
-    # when None). On a CPU, eager trains the miniature's tokenizer 1.15x faster than sdpa (benchmarks/README.md)
+    # when None). On a CPU, eager trains the miniature's tokenizer ~1.17x faster than sdpa (benchmarks/README.md)
     attn_implementation: str | None = None
     teacher: str = "efficientnet-lite0"  # or a SigLIP path / Hub id (google/siglip2-large-patch16-256 in the paper)
     teacher_image_size: int | None = None  # EfficientNet-Lite0 input size (default 224)
