@@ -108,7 +108,7 @@ def decision_margins(model: EvoTokModel, pixel_values: torch.Tensor, thresholds=
     features = model.encode_task_layer(model.get_encoder_features(pixel_values)).float()
     residual = features.reshape(-1, model.config.codebook_dim)
     shares = {str(t): [] for t in thresholds}
-    for depth in range(model.config.semantic_depth):
+    for depth in range(model.config.num_depths):
         codebook = model.quantizer.codebook[depth].float()
         distances = torch.cdist(residual.double(), codebook.double()).pow(2)
         two = distances.topk(2, dim=1, largest=False).values

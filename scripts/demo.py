@@ -188,7 +188,8 @@ def run(args) -> dict:
     print(f"  mean-colour baseline PSNR {baseline:6.2f} dB")
     for k, value in enumerate(psnr_by_depth, start=1):
         print(f"  pixel depth {k:2d}: PSNR {value:6.2f} dB")
-    for k in sorted({1, config.pixel_depth, config.semantic_depth // 2, config.semantic_depth}):
+    shown = {1, min(config.pixel_depth, config.semantic_depth), config.semantic_depth // 2 or 1, config.semantic_depth}
+    for k in sorted(shown):
         print(f"  depth {k:2d}: semantic cosine to teacher {cosine_by_depth[k - 1]:.4f}")
     print(f"  wrote {grid_path}, {plot_path}, {os.path.join(args.output_dir, 'demo.json')}")
     return report

@@ -141,14 +141,14 @@ def main(argv=None) -> dict:
             break
         images.append(transform(example[args.image_column or "image"]))
     pixel_values = torch.stack(images).to(args.device)
-    kmeans_depths = [k for k in args.kmeans_depths if k <= config.semantic_depth] or [config.semantic_depth]
+    kmeans_depths = [k for k in args.kmeans_depths if k <= config.num_depths] or [config.num_depths]
     clusters = kmeans_by_depth(model, pixel_values, depths=kmeans_depths, num_clusters=args.num_clusters)
     outputs["kmeans_grid"] = str(save_cluster_grid(clusters, pixel_values.cpu(), os.path.join(args.output_dir,
                                                                                                 "kmeans_depths.png")))
     probe = None
     if args.probe == "lfw":
         probe_images, labels = lfw_probe_dataset(config.image_size)
-        probe_depths = sorted({1, config.pixel_depth, config.semantic_depth // 2, config.semantic_depth})
+        probe_depths = sorted({1, config.pixel_depth, config.num_depths // 2 or 1, config.num_depths})
         probe = probe_by_depth(model, probe_images.to(args.device), labels, depths=probe_depths)
         outputs["probe"] = os.path.join(args.output_dir, "probe.json")
         with open(outputs["probe"], "w") as f:

@@ -32,6 +32,8 @@ INTEGRATION_TESTS = {
     "test_hub.py::test_remote_code_loads_without_evotok_hf_and_matches_the_package": "a subprocess without evotok_hf",
     "test_remote_code_resave.py::test_resaved_remote_code_folder_loads_without_evotok_hf": "a subprocess without "
     "evotok_hf",
+    "test_depth_allocation.py::test_remote_code_export_of_semantic_to_pixel_models_loads_without_evotok_hf": "a "
+    "subprocess without evotok_hf",
     "test_publish_script_errors.py::test_a_refused_output_folder_is_one_line": "the publishing scripts as subprocesses",
     "test_convert_official.py::test_script_refuses_a_non_empty_output_folder_in_one_line": "the script as a subprocess",
     "test_space.py::test_push_space_dry_run_builds_a_space_that_imports_the_copied_package": "the written Space, "

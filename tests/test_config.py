@@ -87,7 +87,9 @@ def test_module_structure_matches_the_official_state_dict():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"pixel_depth": 5, "semantic_depth": 4}, "pixel_depth"),
+        ({"pixel_depth": 0}, "pixel_depth"),
+        ({"semantic_depth": -2}, "semantic_depth"),
+        ({"pixel_depth": 2.5}, "pixel_depth"),
         ({"codebook_size": 0}, "codebook_size"),
         ({"codebook_dim": -1}, "codebook_dim"),
         ({"teacher_dim": 0}, "teacher_dim"),

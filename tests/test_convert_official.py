@@ -79,12 +79,12 @@ def official_state_dict(config: EvoTokConfig, seed: int) -> dict:
     state["scaling_layer.shift"] = torch.full((1, 3, 1, 1), 0.5)
     state["scaling_layer.scale"] = torch.full((1, 3, 1, 1), 0.5)
     size, dim = config.codebook_size, config.codebook_dim
-    for d in range(config.semantic_depth):
+    for d in range(config.num_depths):
         state[f"quantize.codebooks.{d}.weight"] = torch.randn(size + 1, dim, generator=g)
         state[f"quantize.codebooks.{d}.cluster_size_ema"] = torch.rand(size, generator=g) * 10
         state[f"quantize.codebooks.{d}.embed_ema"] = torch.randn(size, dim, generator=g)
         state[f"quantize.codebooks.{d}.step"] = torch.tensor(WARMUP_STEP)
-    state["quantize.codebook_used"] = torch.randint(0, size, (128, config.semantic_depth), generator=g).float()
+    state["quantize.codebook_used"] = torch.randint(0, size, (128, config.num_depths), generator=g).float()
     return state
 
 
@@ -478,6 +478,33 @@ def test_malformed_understanding_checkpoint_lists_every_problem(llava, converted
                      "multi_modal_projector.linear_2.bias' (from 'model.mm_projector.2.bias')"):  # fmt: skip
         assert fragment in message
     assert not (tmp_path / "vlm").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_semantic_to_pixel_checkpoint_converts_with_all_its_codebooks(tmp_path):
+    """The paper's (vqgan_depth, vqkd_depth) = (16, 4) ablation: 16 codebooks, all summed by the pixel latent and the
+    first 4 by the semantic one. The number of codebooks is the deeper depth; without `args` it stays the semantic
+    depth, as for the paper's (4, 16)."""
+    config = EvoTokConfig.from_preset("evotok-tiny", pixel_depth=16, semantic_depth=4)
+    ema = official_state_dict(config, 3)
+    args = argparse.Namespace(**{**TINY_ARGS, "vqgan_depth": 16, "vqkd_depth": 4})
+    inferred = infer_tokenizer_config(ema, args, base_config="evotok-tiny")
+    assert (inferred.pixel_depth, inferred.semantic_depth, inferred.num_depths) == (16, 4, 16)
+    plain = infer_tokenizer_config(ema, base_config="evotok-tiny")
+    assert (plain.pixel_depth, plain.semantic_depth) == (2, 16)
+    for depths in ((8, 4), (4, 8), (16, 32)):
+        wrong = argparse.Namespace(**{**TINY_ARGS, "vqgan_depth": depths[0], "vqkd_depth": depths[1]})
+        with pytest.raises(CheckpointConversionError, match="16 codebooks"):
+            infer_tokenizer_config(ema, wrong, base_config="evotok-tiny")
+
+    path = tmp_path / "last.pt"
+    torch.save(official_checkpoint(ema=ema, model=official_state_dict(config, 4), args=args), path)
+    convert_tokenizer_checkpoint(path, tmp_path / "evotok", base_config="evotok-tiny")
+    loaded = EvoTokModel.from_pretrained(tmp_path / "evotok").eval()
+    assert (loaded.config.pixel_depth, loaded.config.semantic_depth) == (16, 4)
+    expected = torch.stack([ema[f"quantize.codebooks.{d}.weight"][:-1] for d in range(16)])
+    assert torch.equal(loaded.quantizer.codebook, expected)
+    codes = loaded.encode(torch.zeros(1, 3, 32, 32)).codes
+    assert codes.shape[-1] == 16 and loaded.decode(codes).shape == (1, 3, 32, 32)
 
 
 # ----------------------------------------------------------------------------- generation MLLM

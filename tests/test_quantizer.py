@@ -242,8 +242,10 @@ def test_forward_rejects_bad_latents():
         q(torch.randn(3, 7))
     with pytest.raises(ValueError, match="floating point"):
         q(torch.ones(3, 8, dtype=torch.long))
-    with pytest.raises(ValueError, match="pixel_depth <= semantic_depth"):
-        EvoTokResidualQuantizer(8, 4, 3, 2)
+    with pytest.raises(ValueError, match="pixel_depth"):
+        EvoTokResidualQuantizer(8, 4, 0, 2)
+    with pytest.raises(ValueError, match="semantic_depth"):
+        EvoTokResidualQuantizer(8, 4, 2, -1)
 
 
 def test_eval_mode_does_not_update():

@@ -239,7 +239,8 @@ class EvoTokDemo:
     @torch.inference_mode()
     def semantic_depths(self, path: str | None):
         """Image -> (table and plot of the mean per-position cosine similarity between the semantic features of the
-        first k depths and those of all depths, k = 1..semantic_depth; PCA-to-RGB pictures of the features per k)."""
+        first k depths and those of all semantic depths, k = 1..semantic_depth; PCA-to-RGB pictures of the features per
+        k)."""
         pixel_values = self.preprocess(self.open_upload(path))
         codes = self.tokenizer.encode(pixel_values).codes
         depths = range(1, self.tokenizer.config.semantic_depth + 1)
@@ -337,8 +338,9 @@ def _model_summary(tokenizer: EvoTokModel, vlm: EvoTokForConditionalGeneration |
     lines = [
         "# EvoTok: one residual code trajectory for pixels and semantics",
         f"Tokenizer `{config.name_or_path or 'in memory'}`: {config.image_size}x{config.image_size} images -> "
-        f"{config.grid_size}x{config.grid_size} grid, {config.semantic_depth} residual depths "
-        f"(the first {config.pixel_depth} reconstruct pixels, all of them give semantic features), "
+        f"{config.grid_size}x{config.grid_size} grid, {config.num_depths} residual depths "
+        f"(the first {config.pixel_depth} reconstruct pixels, the first {config.semantic_depth} give semantic "
+        "features), "
         f"codebooks of {config.codebook_size}.",
     ]
     if vlm is not None:
@@ -387,8 +389,8 @@ def _reconstruct_tab(handlers: EvoTokDemo) -> None:
 def _semantic_tab(handlers: EvoTokDemo) -> None:
     gr.Markdown(
         "Mean cosine similarity, over the grid positions, between the semantic features decoded from the first k "
-        f"depths and from all {handlers.tokenizer.config.semantic_depth}; below, the features of each k in the three "
-        "principal directions of the all-depth features (as RGB)."
+        f"depths and from all {handlers.tokenizer.config.semantic_depth} semantic depths; below, the features of each "
+        "k in the three principal directions of the all-depth features (as RGB)."
     )
     with gr.Row():
         with gr.Column():

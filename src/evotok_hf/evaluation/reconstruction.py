@@ -350,7 +350,7 @@ def evaluate_reconstruction(
     cosine_sums = {k: 0.0 for k in sem_depths}
     real_stats = {label: FeatureStatistics() for label in feature_networks}
     fake_stats = {label: {k: FeatureStatistics() for k in pixel_depths} for label in feature_networks}
-    histograms = torch.zeros(config.semantic_depth, config.codebook_size, dtype=torch.float64)
+    histograms = torch.zeros(config.num_depths, config.codebook_size, dtype=torch.float64)
     saver = _ImageSaver(save_images, pixel_depths) if save_images is not None else None
     count = 0
     start = time.perf_counter()
@@ -367,7 +367,7 @@ def evaluate_reconstruction(
         if saver is not None:
             saver.save("originals", first_index, pixel_values)
         if "usage" in metrics:
-            for d in range(config.semantic_depth):
+            for d in range(config.num_depths):
                 histograms[d] += torch.bincount(codes[..., d].flatten(), minlength=config.codebook_size).double().cpu()
         for label, network in feature_networks.items():
             real_stats[label].update(network(pixel_values.float()))

@@ -1,9 +1,10 @@
 """What the cumulative latents encode at each depth: k-means clusters (the paper's Fig. 6) and linear / k-NN probes.
 
-A residual quantizer gives every grid position a trajectory of `semantic_depth` codes; the sum of the first k code
-embeddings is the *cumulative latent* at depth k. EvoTok (arXiv 2603.12108, Fig. 6) clusters these latents at depths
-1, 4, 8 and 16 and finds that shallow depths group by colour and texture and deep depths by semantics. This module
-reproduces that view at two levels:
+A residual quantizer gives every grid position a trajectory of `num_depths` codes; the sum of the first k code
+embeddings is the *cumulative latent* at depth k (any k up to `num_depths`; the semantic decoder reads k up to
+`semantic_depth`). EvoTok (arXiv 2603.12108, Fig. 6) clusters these latents at depths 1, 4, 8 and 16 and finds that
+shallow depths group by colour and texture and deep depths by semantics. This module reproduces that view at two
+levels:
 
 - "position": one vector per grid position (N * grid * grid vectors of `codebook_dim`), the token-level view of the
   figure; a cluster is shown as the image patches under its most central positions.
@@ -69,14 +70,23 @@ def _inference(model):
         model.train(was_training)
 
 
-def _check_depths(model, depths: Sequence[int] | None) -> list[int]:
-    max_depth = model.config.semantic_depth
+def deepest_depth(model, kind: str = "latent") -> tuple[int, str]:
+    """The deepest depth at which `kind` features exist, with the config field it comes from: cumulative latents at
+    every depth of the trajectory (`num_depths`), semantic features up to `semantic_depth` (the semantic decoder
+    reads no longer sums)."""
+    _check_choice("kind", kind, KINDS)
+    name = "num_depths" if kind == "latent" else "semantic_depth"
+    return getattr(model.config, name), name
+
+
+def _check_depths(model, depths: Sequence[int] | None, kind: str) -> list[int]:
+    max_depth, name = deepest_depth(model, kind)
     if depths is None:
         return list(range(1, max_depth + 1))
     depths = [int(k) for k in depths]
     bad = [k for k in depths if not 1 <= k <= max_depth]
     if not depths or bad:
-        raise ValueError(f"depths must be non-empty integers in 1..{max_depth} (semantic_depth), got {depths}.")
+        raise ValueError(f"depths must be non-empty integers in 1..{max_depth} ({name}), got {depths}.")
     return depths
 
 
@@ -130,11 +140,11 @@ def depth_features(
     kind "semantic": `model.get_semantic_features(codes[..., :k])`, pooled the same way (F = teacher_dim for "mean").
 
     The images (N, 3, S, S) in [-1, 1] are encoded once; every depth reuses the codes. `depths=None` means all of
-    1..semantic_depth. Raises ValueError for depths outside that range.
+    1..num_depths for "latent", 1..semantic_depth for "semantic". Raises ValueError for depths outside that range.
     """
     _check_choice("kind", kind, KINDS)
     _check_choice("pool", pool, POOLS)
-    depths = _check_depths(model, depths)
+    depths = _check_depths(model, depths, kind)
     with _inference(model):
         codes = _encode(model, pixel_values, batch_size)
         per_position = _position_features(model, codes, sorted(set(depths)), kind, batch_size)
@@ -201,8 +211,9 @@ def kmeans_by_depth(
 ) -> dict[int, KMeansResult]:
     """k-means of the cumulative latents at each depth (the paper's Fig. 6): depth -> `KMeansResult`.
 
-    Depths beyond the model's semantic_depth are clipped to it and duplicates dropped, so the default, the paper's
-    (1, 4, 8, 16), gives (1, 4) on a 4-depth model; depths below 1 raise ValueError. Results are in increasing depth.
+    Depths beyond the deepest one of `kind` (`deepest_depth`: num_depths for latents, semantic_depth for semantic
+    features) are clipped to it and duplicates dropped, so the default, the paper's (1, 4, 8, 16), gives (1, 4) on a
+    4-depth model; depths below 1 raise ValueError. Results are in increasing depth.
 
     level "position" clusters the N * grid * grid per-position vectors; level "image" clusters
     `depth_features(..., pool="mean")`, one vector per image. kind "semantic" clusters the semantic-decoder features
@@ -210,7 +221,8 @@ def kmeans_by_depth(
     """
     _check_choice("level", level, LEVELS)
     _check_choice("kind", kind, KINDS)
-    depths = _check_depths(model, sorted({min(int(k), model.config.semantic_depth) for k in depths}))
+    deepest = deepest_depth(model, kind)[0]
+    depths = _check_depths(model, sorted({min(int(k), deepest) for k in depths}), kind)
     with _inference(model):
         codes = _encode(model, pixel_values, batch_size)
         per_position = _position_features(model, codes, depths, kind, batch_size)
@@ -437,6 +449,7 @@ __all__ = [
     "KMeansResult",
     "cluster_features",
     "cluster_grid_size",
+    "deepest_depth",
     "depth_features",
     "kmeans_by_depth",
     "label_nmi",

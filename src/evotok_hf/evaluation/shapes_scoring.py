@@ -48,7 +48,7 @@ from ..shapes_spec import (
     draw_shape,
     relation_holds,
 )
-from .representation import kmeans_by_depth, nmi_by_depth, probe_accuracy
+from .representation import deepest_depth, kmeans_by_depth, nmi_by_depth, probe_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -502,12 +502,13 @@ def shapes_nmi_by_depth(
     the shape labels of the positions an object covers (`position_labels`).
 
     pixel_values (N, 3, S, S) in [-1, 1] are the images `objects_per_image` describe, through the tokenizer's image
-    processor. `depths=None` means every depth 1..semantic_depth. Returns {depth: {"color": nmi, "shape": nmi,
+    processor. `depths=None` means every depth `kind` has (`deepest_depth`: 1..num_depths for latents,
+    1..semantic_depth for semantic features). Returns {depth: {"color": nmi, "shape": nmi,
     "num_positions": labelled positions}}.
     """
     if len(objects_per_image) != len(pixel_values):
         raise ValueError(f"{len(objects_per_image)} object lists for {len(pixel_values)} images.")
-    depths = list(range(1, model.config.semantic_depth + 1)) if depths is None else list(depths)
+    depths = list(range(1, deepest_depth(model, kind)[0] + 1)) if depths is None else list(depths)
     results = kmeans_by_depth(model, pixel_values, depths=depths, num_clusters=num_clusters, seed=seed,
                               level="position", kind=kind, batch_size=batch_size)  # fmt: skip
     colours, shapes, mask = position_labels(objects_per_image, model.config.grid_size)

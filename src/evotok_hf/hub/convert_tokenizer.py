@@ -100,10 +100,12 @@ def infer_tokenizer_config(
     """The `EvoTokConfig` of an official tokenizer state dict (official key names).
 
     Sizes come from the tensor shapes (encoder width / layers / MLP / patch / image size, codebook size / dim /
-    depth, pixel-decoder channels and levels, semantic-decoder width / blocks / MLP, teacher width) and are cross-
-    checked with the official `args` when given. What shapes cannot tell comes from `args` when present
-    (`vqgan_depth` -> pixel_depth, `vq_warmup` -> ema_warmup_steps, `restart_unused_codes`), else from
-    `base_config` (a preset name or config): the encoder's attention heads come from the SigLIP width table
+    number of codebooks, pixel-decoder channels and levels, semantic-decoder width / blocks / MLP, teacher width) and
+    are cross-checked with the official `args` when given. The number of codebooks is the deeper of the two depths
+    (`num_depths`). What shapes cannot tell comes from `args` when present (`vqgan_depth` -> pixel_depth,
+    `vqkd_depth` -> semantic_depth, `vq_warmup` -> ema_warmup_steps, `restart_unused_codes`), else from
+    `base_config` (a preset name or config; without `args` the semantic depth is the number of codebooks and the
+    pixel depth the base config's, at most that): the encoder's attention heads come from the SigLIP width table
     (`SIGLIP_HEADS_BY_WIDTH`), else the base config; the semantic decoder's heads are the authors' fixed 12 when
     the attention width fits, else the base config's; GroupNorm groups, activations and epsilons are the base's.
     Keyword `overrides` win over everything (`encoder_config` overrides are merged)."""
@@ -158,7 +160,7 @@ def infer_tokenizer_config(
     encoder.update(encoder_overrides)
 
     codebook_rows, codebook_dim = shape("quantize.codebooks.0.weight")
-    semantic_depth = count_indices(keys, r"^quantize\.codebooks\.(\d+)\.weight$")
+    num_codebooks = count_indices(keys, r"^quantize\.codebooks\.(\d+)\.weight$")
     levels = count_indices(keys, r"^decoder\.conv_blocks\.(\d+)\.")
     level_channels = [shape(f"decoder.conv_blocks.{i}.res.0.conv1.weight")[0] for i in range(levels)]
     # Levels run from the lowest resolution up with base * multipliers reversed; the authors' multipliers start at 1.
@@ -174,8 +176,8 @@ def infer_tokenizer_config(
     fields = {
         "codebook_size": codebook_rows - 1,
         "codebook_dim": codebook_dim,
-        "semantic_depth": semantic_depth,
-        "pixel_depth": min(base.pixel_depth, semantic_depth),
+        "semantic_depth": num_codebooks,
+        "pixel_depth": min(base.pixel_depth, num_codebooks),
         "ema_warmup_steps": base.ema_warmup_steps if "quantize.codebooks.0.step" in state_dict else 0,
         "decoder_z_channels": shape("post_quant_conv.weight")[0],
         "decoder_base_channels": base_channels,
@@ -207,7 +209,7 @@ def infer_tokenizer_config(
             problems.append(f"semantic attention width {inner} is not divisible by {heads} heads")
 
     if args is not None:
-        _apply_official_args(args, fields, encoder, problems)
+        _apply_official_args(args, fields, encoder, num_codebooks, problems)
     if problems:
         raise CheckpointConversionError("cannot infer the tokenizer config", problems)
 
@@ -221,8 +223,11 @@ def infer_tokenizer_config(
         raise ValueError(f"the official checkpoint's sizes do not make a valid EvoTokConfig: {err}") from err
 
 
-def _apply_official_args(args: argparse.Namespace, fields: dict, encoder: dict, problems: list[str]) -> None:
-    """Fill what shapes cannot tell from the official training arguments, and cross-check the rest."""
+def _apply_official_args(
+    args: argparse.Namespace, fields: dict, encoder: dict, num_codebooks: int, problems: list[str]
+) -> None:
+    """Fill what shapes cannot tell from the official training arguments, and cross-check the rest. The authors'
+    `vqgan_depth` is our pixel depth and `vqkd_depth` our semantic depth; the deeper one is the number of codebooks."""
     teacher = getattr(args, "teacher", None)
     if teacher is not None and teacher not in SUPPORTED_TEACHERS:
         problems.append(f"args.teacher={teacher!r} is not supported (supported: {list(SUPPORTED_TEACHERS)})")
@@ -235,13 +240,16 @@ def _apply_official_args(args: argparse.Namespace, fields: dict, encoder: dict, 
         value = getattr(args, name, None)
         if value is not None and value != from_shapes:
             problems.append(f"args.{name}={value} but the weights say {from_shapes}")
-    depths = [getattr(args, name, None) for name in ("vqgan_depth", "vqkd_depth")]
-    if None not in depths and max(depths) != fields["semantic_depth"]:
-        problems.append(
-            f"args.vqgan_depth / vqkd_depth = {depths} but the checkpoint has {fields['semantic_depth']} codebooks"
-        )
     if getattr(args, "vqgan_depth", None) is not None:
         fields["pixel_depth"] = args.vqgan_depth
+    if getattr(args, "vqkd_depth", None) is not None:
+        fields["semantic_depth"] = args.vqkd_depth
+    depths = [fields["pixel_depth"], fields["semantic_depth"]]
+    if max(depths) != num_codebooks:
+        problems.append(
+            f"args.vqgan_depth / vqkd_depth give (pixel, semantic) depths {depths} but the checkpoint has "
+            f"{num_codebooks} codebooks (the deeper of the two)"
+        )
     if getattr(args, "vq_warmup", None) is not None:
         fields["ema_warmup_steps"] = args.vq_warmup
     if getattr(args, "restart_unused_codes", None) is not None:

@@ -277,6 +277,7 @@ def _tokenizer_facts(config) -> dict:
         "grid_size": config.grid_size,
         "pixel_depth": config.pixel_depth,
         "semantic_depth": config.semantic_depth,
+        "num_depths": config.num_depths,
         "codebook_size": config.codebook_size,
     }
 

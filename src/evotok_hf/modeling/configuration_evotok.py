@@ -2,8 +2,10 @@
 
 EvoTok (arXiv 2603.12108) encodes an image with a SigLIP vision tower, maps the second-to-last hidden state to a
 low-dimensional code space and quantises every position with a cascade of residual codebooks.  The first
-`pixel_depth` code embeddings sum to the pixel latent (decoded to an image by a conv decoder); all
-`semantic_depth` embeddings sum to the semantic latent (decoded by a small ViT to a teacher's feature space).
+`pixel_depth` code embeddings sum to the pixel latent (decoded to an image by a conv decoder); the first
+`semantic_depth` sum to the semantic latent (decoded by a small ViT to a teacher's feature space). The two depths are
+independent (the paper's Table 4 compares (4, 4), (16, 4) and its own (4, 16)); there is one codebook per depth up to
+the larger of them, `num_depths`.
 """
 
 from __future__ import annotations
@@ -200,7 +202,8 @@ class EvoTokConfig(RemoteCodeConfig):
         codebook_size (`int`, defaults to 32768): entries per codebook (one codebook per depth).
         codebook_dim (`int`, defaults to 32): width of the code space.
         pixel_depth (`int`, defaults to 4): how many residual depths sum to the pixel latent.
-        semantic_depth (`int`, defaults to 16): how many residual depths sum to the semantic latent (the total depth).
+        semantic_depth (`int`, defaults to 16): how many residual depths sum to the semantic latent. Either may be the
+            larger: the quantizer has `num_depths = max(pixel_depth, semantic_depth)` codebooks.
         ema_decay (`float`, defaults to 0.99): decay of the codebooks' exponential moving averages.
         ema_epsilon (`float`, defaults to 1e-5): Laplace smoothing of the EMA cluster sizes.
         restart_unused_codes (`bool`, defaults to True): replace entries whose EMA count drops below 1 by random
@@ -268,11 +271,10 @@ class EvoTokConfig(RemoteCodeConfig):
             _positive(name, getattr(self, name))
         if self.search_chunk_size is not None:
             _positive("search_chunk_size", self.search_chunk_size)
-        if self.pixel_depth > self.semantic_depth:
-            raise ValueError(
-                f"EvoTokConfig: `pixel_depth` ({self.pixel_depth}) must be <= `semantic_depth` ({self.semantic_depth}): "
-                "the pixel latent is a prefix of the residual trajectory."
-            )
+        for name in ("pixel_depth", "semantic_depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"EvoTokConfig: `{name}` must be a positive integer, got {value!r}.")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"EvoTokConfig: `ema_decay` must lie in (0, 1), got {self.ema_decay}.")
         if self.ema_warmup_steps < 0:
@@ -314,6 +316,11 @@ class EvoTokConfig(RemoteCodeConfig):
     @property
     def image_size(self) -> int:
         return self.encoder_config.image_size
+
+    @property
+    def num_depths(self) -> int:
+        """Residual depths the quantizer runs, one codebook each: the longer of the pixel and semantic prefixes."""
+        return max(self.pixel_depth, self.semantic_depth)
 
     @property
     def num_encoder_layers_used(self) -> int:

@@ -1,6 +1,6 @@
 """Configuration of the EvoTok multimodal LLM (understanding and image generation).
 
-Understanding follows the LLaVA recipe: the EvoTok tokenizer turns an image into residual codes, the sum of all
+Understanding follows the LLaVA recipe: the EvoTok tokenizer turns an image into residual codes, the sum of the first
 `semantic_depth` code embeddings goes through the semantic decoder to teacher-space features, a two-layer GELU MLP
 projects them to the LLM width, and those rows replace the image placeholder tokens in the LLM input. The official
 understanding checkpoint uses Qwen2.5-7B-Instruct and does not wrap images in start/end tokens.

@@ -39,14 +39,15 @@ from .quantizer import EvoTokResidualQuantizer
 class EvoTokEncoderOutput(ModelOutput):
     """Output of [`EvoTokModel.encode`].
 
-    codes (`torch.LongTensor` of shape `(batch, grid, grid, semantic_depth)`): residual code trajectory per position.
+    codes (`torch.LongTensor` of shape `(batch, grid, grid, num_depths)`): residual code trajectory per position
+        (`num_depths = max(pixel_depth, semantic_depth)`).
     pixel_latents (`torch.FloatTensor` of shape `(batch, codebook_dim, grid, grid)`): sum of the first `pixel_depth`
         code embeddings (straight-through to the encoder).
-    semantic_latents (`torch.FloatTensor` of shape `(batch, codebook_dim, grid, grid)`): sum of all
+    semantic_latents (`torch.FloatTensor` of shape `(batch, codebook_dim, grid, grid)`): sum of the first
         `semantic_depth` code embeddings (straight-through to the encoder).
-    commitment_loss (`torch.FloatTensor`): mean over depths of ||z - sg(partial_sum_d)||^2.
-    codebook_usage (`torch.FloatTensor` of shape `(semantic_depth,)`): fraction of each codebook used in the batch.
-    perplexity (`torch.FloatTensor` of shape `(semantic_depth,)`): perplexity of each depth's codes in the batch.
+    commitment_loss (`torch.FloatTensor`): mean over all num_depths depths of ||z - sg(partial_sum_d)||^2.
+    codebook_usage (`torch.FloatTensor` of shape `(num_depths,)`): fraction of each codebook used in the batch.
+    perplexity (`torch.FloatTensor` of shape `(num_depths,)`): perplexity of each depth's codes in the batch.
     encoder_latents (`torch.FloatTensor` of shape `(batch, codebook_dim, grid, grid)`): the unquantised latents.
     """
 
@@ -520,8 +521,10 @@ class EvoTokModel(EvoTokPreTrainedModel):
             raise ValueError(f"latents must have shape (batch, {dim}, {grid}, {grid}), got {tuple(latents.shape)}.")
         self._check_batch_and_values(latents, "latents")
 
-    def _codes_to_latents(self, codes: torch.Tensor, max_depth: int) -> torch.Tensor:
-        self.quantizer.validate_codes(codes, max_depth=max_depth)
+    def _codes_to_latents(self, codes: torch.Tensor, limit: str = "num_depths") -> torch.Tensor:
+        """Sum of the first k code embeddings, (batch, codebook_dim, grid, grid), for codes (batch, grid, grid, k) with
+        k at most the config's `limit` ("pixel_depth", "semantic_depth" or "num_depths": all codebooks)."""
+        self.quantizer.validate_codes(codes, max_depth=getattr(self.config, limit), limit=limit)
         grid = self.config.grid_size
         if codes.ndim != 4 or tuple(codes.shape[1:3]) != (grid, grid):
             raise ValueError(f"codes must have shape (batch, {grid}, {grid}, k), got {tuple(codes.shape)}.")
@@ -568,8 +571,9 @@ class EvoTokModel(EvoTokPreTrainedModel):
         """int64 codes (batch, grid, grid, k) with 1 <= k <= pixel_depth -> images (batch, 3, H, W).
 
         k < pixel_depth decodes a coarser image from the first k depths (the decoder was trained on the k =
-        pixel_depth sum, so fewer depths give blurrier results: useful for per-depth analysis)."""
-        return self.decode_latents(self._codes_to_latents(codes, self.config.pixel_depth))
+        pixel_depth sum, so fewer depths give blurrier results: useful for per-depth analysis). Where `pixel_depth <
+        semantic_depth`, slice `encode(...).codes` to its first `pixel_depth` depths: more raise ValueError."""
+        return self.decode_latents(self._codes_to_latents(codes, "pixel_depth"))
 
     def decode_semantic_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Float semantic latents (batch, codebook_dim, grid, grid) -> teacher-space features (batch, grid*grid, D)."""
@@ -580,8 +584,9 @@ class EvoTokModel(EvoTokPreTrainedModel):
     def get_semantic_features(self, codes: torch.Tensor) -> torch.Tensor:
         """int64 codes (batch, grid, grid, k) with 1 <= k <= semantic_depth -> semantic features (batch, grid*grid,
         teacher_dim): the sum of the first k code embeddings through the semantic decoder (k = semantic_depth is
-        what the VLM reads; smaller k is the per-depth analysis of the paper)."""
-        return self.decode_semantic_latents(self._codes_to_latents(codes, self.config.semantic_depth))
+        what the VLM reads; smaller k is the per-depth analysis of the paper). Where `pixel_depth > semantic_depth`,
+        slice `encode(...).codes` to its first `semantic_depth` depths: more raise ValueError."""
+        return self.decode_semantic_latents(self._codes_to_latents(codes, "semantic_depth"))
 
     @can_return_tuple
     def forward(self, pixel_values: torch.Tensor) -> EvoTokModelOutput:

@@ -1,7 +1,7 @@
 """EvoTok multimodal LLM, understanding side (LLaVA recipe over EvoTok's semantic features).
 
-    pixel_values --EvoTokModel.encode--> codes (batch, grid, grid, semantic_depth)
-    codes --EvoTokModel.get_semantic_features--> (batch, grid*grid, teacher_dim)   all depths summed, then decoded
+    pixel_values --EvoTokModel.encode--> codes (batch, grid, grid, num_depths)
+    codes[..., :semantic_depth] --EvoTokModel.get_semantic_features--> (batch, grid*grid, teacher_dim)  summed, decoded
     --EvoTokMultiModalProjector--> (batch, grid*grid, text hidden)                 Linear -> GELU -> Linear
     --masked_scatter at image_token_id positions--> LLM input embeddings --> LLM --> lm_head
 
@@ -191,8 +191,8 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
         self, pixel_values: torch.Tensor | None = None, image_codes: torch.LongTensor | None = None
     ) -> torch.Tensor:
         """Images in [-1, 1] `(num_images, 3, size, size)` or their codes `(num_images, grid, grid, semantic_depth)`
-        (exactly one of the two) -> projected features `(num_images, grid*grid, hidden_size)`, one row per image
-        placeholder token."""
+        (exactly one of the two; the first `semantic_depth` depths, the semantic latent's, of `encode(...).codes`) ->
+        projected features `(num_images, grid*grid, hidden_size)`, one row per image placeholder token."""
         if (pixel_values is None) == (image_codes is None):
             raise ValueError("get_image_features: pass exactly one of `pixel_values` and `image_codes`.")
         if not self.config.has_understanding_head:
@@ -202,11 +202,11 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
         depth = self.config.vision_config.semantic_depth
         with torch.no_grad():
             if image_codes is None:
-                image_codes = self.vision_tower.encode(pixel_values).codes
+                image_codes = self.vision_tower.encode(pixel_values).codes[..., :depth]
             elif image_codes.ndim != 4 or image_codes.shape[-1] != depth:
                 raise ValueError(
-                    f"image_codes must have shape (num_images, grid, grid, {depth}) (all semantic depths), "
-                    f"got {tuple(image_codes.shape)}."
+                    f"image_codes must have shape (num_images, grid, grid, {depth}) (the semantic_depth={depth} depths "
+                    f"the semantic latent sums: `encode(...).codes[..., :{depth}]`), got {tuple(image_codes.shape)}."
                 )
             semantic_features = self.vision_tower.get_semantic_features(image_codes)
         features = self.multi_modal_projector(semantic_features.to(self.multi_modal_projector.linear_1.weight.dtype))
@@ -460,7 +460,7 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
         pixel_values (`torch.FloatTensor` of shape `(num_images, 3, size, size)`, *optional*): images in [-1, 1]
             (from [`EvoTokImageProcessor`]), in the order of their placeholders in the batch (row-major).
         image_codes (`torch.LongTensor` of shape `(num_images, grid, grid, semantic_depth)`, *optional*): precomputed
-            tokenizer codes, instead of `pixel_values`.
+            tokenizer codes (the first `semantic_depth` depths), instead of `pixel_values`.
         labels (`torch.LongTensor` of shape `(batch, sequence_length)`, *optional*): next-token targets aligned with
             `input_ids` (shifted inside); -100 positions are ignored.
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions (0: all)

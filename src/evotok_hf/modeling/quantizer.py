@@ -3,6 +3,8 @@
 At depth d the current residual is replaced by its nearest (squared L2) entry of codebook d, that entry is
 subtracted from the residual and added to the running sum. The running sum after `pixel_depth` depths is the pixel
 latent, after `semantic_depth` depths the semantic latent; both reach the encoder through a straight-through estimator.
+Either depth may be the larger one (the paper's Table 4: (4, 4), (16, 4), (4, 16)): the cascade runs
+`num_depths = max(pixel_depth, semantic_depth)` depths, one codebook each.
 Codebooks are not trained by gradients: they follow exponential moving averages of the vectors assigned to them
 (VQ-VAE-2 style), and entries whose EMA count drops below one are restarted from vectors of the current batch.
 
@@ -31,10 +33,10 @@ class ResidualQuantizerOutput:
 
     pixel_latents / semantic_latents: (..., codebook_dim) partial sums after `pixel_depth` / `semantic_depth` depths,
         straight-through (their gradient flows to the input unchanged).
-    codes: (..., semantic_depth) int64 indices, one per depth.
-    commitment_loss: mean over depths d of mean((x - sg(partial_sum_d))**2).
-    codebook_usage: (semantic_depth,) fraction of each codebook's entries chosen in this batch (all ranks in training).
-    perplexity: (semantic_depth,) exp(entropy) of each depth's code histogram in this batch.
+    codes: (..., num_depths) int64 indices, one per depth.
+    commitment_loss: mean over all num_depths depths d of mean((x - sg(partial_sum_d))**2).
+    codebook_usage: (num_depths,) fraction of each codebook's entries chosen in this batch (all ranks in training).
+    perplexity: (num_depths,) exp(entropy) of each depth's code histogram in this batch.
     """
 
     pixel_latents: torch.Tensor
@@ -46,7 +48,8 @@ class ResidualQuantizerOutput:
 
 
 class EvoTokResidualQuantizer(nn.Module):
-    """Residual VQ with one EMA codebook per depth, stored stacked as `codebook` (depth, codebook_size, codebook_dim).
+    """Residual VQ with one EMA codebook per depth, stored stacked as `codebook` (num_depths, codebook_size,
+    codebook_dim), where `num_depths = max(pixel_depth, semantic_depth)`.
 
     The codebook, the EMA statistics `cluster_size_ema` / `embed_ema` and the step counter `ema_step` are persistent
     buffers, as in vector-quantize-pytorch's EMA codebooks: they are state that the EMA updates, not weights that
@@ -70,12 +73,14 @@ class EvoTokResidualQuantizer(nn.Module):
         search_workers: int | None = None,
     ):
         super().__init__()
-        if not 1 <= pixel_depth <= semantic_depth:
-            raise ValueError(f"need 1 <= pixel_depth <= semantic_depth, got {pixel_depth} and {semantic_depth}")
+        for name, value in (("pixel_depth", pixel_depth), ("semantic_depth", semantic_depth)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EvoTokResidualQuantizer: `{name}` must be an integer >= 1, got {value!r}.")
         self.codebook_size = codebook_size
         self.codebook_dim = codebook_dim
         self.pixel_depth = pixel_depth
         self.semantic_depth = semantic_depth
+        self.num_depths = max(pixel_depth, semantic_depth)
         self.ema_decay = ema_decay
         self.ema_epsilon = ema_epsilon
         self.restart_unused_codes = restart_unused_codes
@@ -83,9 +88,9 @@ class EvoTokResidualQuantizer(nn.Module):
         self.search_chunk_size = search_chunk_size
         self.search_workers = search_workers
 
-        codebook = torch.randn(semantic_depth, codebook_size, codebook_dim, dtype=torch.float32)
+        codebook = torch.randn(self.num_depths, codebook_size, codebook_dim, dtype=torch.float32)
         self.register_buffer("codebook", codebook)
-        self.register_buffer("cluster_size_ema", torch.zeros(semantic_depth, codebook_size, dtype=torch.float32))
+        self.register_buffer("cluster_size_ema", torch.zeros(self.num_depths, codebook_size, dtype=torch.float32))
         self.register_buffer("embed_ema", codebook.clone())
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
 
@@ -124,7 +129,7 @@ class EvoTokResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def search(self, vectors: torch.Tensor) -> torch.Tensor:
-        """The residual search of `vectors` (N, codebook_dim): codes (N, semantic_depth), at each depth the exact
+        """The residual search of `vectors` (N, codebook_dim): codes (N, num_depths), at each depth the exact
         nearest entry (squared L2, first index on ties) of that depth's codebook to the residual left by the depths
         before. fp32 whatever the autocast state.
 
@@ -145,7 +150,7 @@ class EvoTokResidualQuantizer(nn.Module):
             codebooks = self.codebook.float()
             codebooks_t = codebooks.transpose(1, 2)
             codebooks_sq = codebooks.pow(2).sum(dim=2)
-            codes = torch.empty(vectors.shape[0], self.semantic_depth, dtype=torch.long, device=vectors.device)
+            codes = torch.empty(vectors.shape[0], self.num_depths, dtype=torch.long, device=vectors.device)
             rows = min(self._search_rows(vectors.device), max(vectors.shape[0], 1))
             starts = range(0, vectors.shape[0], rows)
             workers = min(self._search_workers(vectors.device), len(starts))
@@ -157,7 +162,7 @@ class EvoTokResidualQuantizer(nn.Module):
                     distances = buffers.distances = vectors.new_empty(rows, self.codebook_size)
                 residual = vectors[start : start + rows].clone()
                 out = distances[: residual.shape[0]]
-                for depth in range(self.semantic_depth):
+                for depth in range(self.num_depths):
                     torch.addmm(codebooks_sq[depth], residual, codebooks_t[depth], alpha=-2.0, out=out)
                     idx = self._first_argmin(out)
                     codes[start : start + rows, depth] = idx
@@ -215,11 +220,11 @@ class EvoTokResidualQuantizer(nn.Module):
             partial_sum = torch.zeros_like(residual)
             # every depth's codebook changes (EMA) only after its own search, so all codes can be searched first
             codes = self.search(residual)
-            usage = x.new_empty(self.semantic_depth)
-            perplexity = x.new_empty(self.semantic_depth)
+            usage = x.new_empty(self.num_depths)
+            perplexity = x.new_empty(self.num_depths)
             commitment = x.new_zeros(())
             update = self.training and self._all_finite(x)
-            for depth in range(self.semantic_depth):
+            for depth in range(self.num_depths):
                 idx = codes[:, depth]
                 chosen = self.codebook[depth].float().index_select(0, idx)
                 counts = self._code_counts(idx, residual, depth, update)
@@ -242,8 +247,8 @@ class EvoTokResidualQuantizer(nn.Module):
         return ResidualQuantizerOutput(
             pixel_latents=pixel.reshape(*lead_shape, self.codebook_dim).to(out_dtype),
             semantic_latents=semantic.reshape(*lead_shape, self.codebook_dim).to(out_dtype),
-            codes=codes.reshape(*lead_shape, self.semantic_depth),
-            commitment_loss=commitment / self.semantic_depth,
+            codes=codes.reshape(*lead_shape, self.num_depths),
+            commitment_loss=commitment / self.num_depths,
             codebook_usage=usage,
             perplexity=perplexity,
         )
@@ -329,16 +334,18 @@ class EvoTokResidualQuantizer(nn.Module):
         return out
 
     # ------------------------------------------------------------------ codes -> vectors
-    def validate_codes(self, codes: torch.Tensor, max_depth: int | None = None) -> None:
-        """Raise ValueError unless `codes` is an int64 tensor (..., k) with 1 <= k <= max_depth and codes in range."""
-        max_depth = self.semantic_depth if max_depth is None else max_depth
+    def validate_codes(self, codes: torch.Tensor, max_depth: int | None = None, limit: str = "num_depths") -> None:
+        """Raise ValueError unless `codes` is an int64 tensor (..., k) with 1 <= k <= max_depth (by default
+        `num_depths`, every codebook) and codes in range; `limit` names where max_depth comes from in the message."""
+        max_depth = self.num_depths if max_depth is None else max_depth
         if not isinstance(codes, torch.Tensor):
             raise ValueError(f"codes must be a torch.Tensor of int64, got {type(codes).__name__}.")
         if codes.dtype != torch.long:
             raise ValueError(f"codes must have dtype torch.int64, got {codes.dtype}.")
         if codes.ndim < 1 or not 1 <= codes.shape[-1] <= max_depth:
             raise ValueError(
-                f"codes must have shape (..., k) with 1 <= k <= {max_depth} depths, got shape {tuple(codes.shape)}."
+                f"codes must have shape (..., k) with 1 <= k <= {max_depth} depths ({limit}), got shape "
+                f"{tuple(codes.shape)}."
             )
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
             raise ValueError(

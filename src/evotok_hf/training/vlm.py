@@ -390,7 +390,8 @@ def pretokenize_images(dataset, tokenizer_model, image_processor, kind: str = "g
                        batch_size: int = 16):  # fmt: skip
     """`datasets.map` step that replaces each row's image (column `image_column`: a PIL image or a list of them) by
     its codes, so training skips the tokenizer's encoder: `kind="generation"` writes `generation_codes` (the first
-    `pixel_depth` depths; the text-to-image layout), `kind="understanding"` writes `image_codes` (all depths)."""
+    `pixel_depth` depths; the text-to-image layout), `kind="understanding"` writes `image_codes` (the first
+    `semantic_depth` depths, the ones the semantic latent sums)."""
     if kind not in ("generation", "understanding"):
         raise ValueError(f"kind must be 'generation' or 'understanding', got {kind!r}.")
     if image_column not in dataset.column_names:
