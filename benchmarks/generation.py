@@ -7,7 +7,10 @@ the authors' sampling algorithm, on identical random weights, side by side in on
         sequence [hidden_proj(h), code_proj(cumulative code sums of depths < d)] recomputed from scratch through the
         head's layers (no cache) and the classifier of depth d on its last step only; CFG by doubling the batch
         (conditional rows first), logits = uncond + s * (cond - uncond); top-k on the logits then top-p on the
-        probabilities; next LLM input = generation projector(sum of the chosen codes' embeddings).
+        probabilities; next LLM input = generation projector(sum of the chosen codes' embeddings);
+    (c) (a) with `cache_implementation="static"`: a StaticCache for the LLM and one compiled graph per image
+        position (`torch.compile(fullgraph=True)`) holding the depth loop with its warpers and sampling, the code
+        embedding and the LLM step, with no host synchronisation inside.
 
 Both run the same modules (the same LLM, the same `EvoTokDepthTransformer` layers and classifiers). For each size it
 times greedy decoding (checking that (a) and (b) choose identical codes) and sampling (top-k 900 / top-p 0.96, the
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -285,10 +289,13 @@ class Stopwatch:
 
 def breakdown(seconds: dict[str, float], total: float) -> dict[str, float]:
     """Per-image seconds by part: the LLM, the depth head's layers and classifiers, the rest of the depth loop (CFG,
-    sampling, code embeddings), and everything else (projector, bookkeeping)."""
-    head, classifiers, loop, llm = (seconds.get(k, 0.0) for k in ("head", "classifiers", "depth_loop", "llm"))
+    sampling, code embeddings), the compiled position step of (c) (all of those in one graph), and everything else
+    (projector, bookkeeping)."""
+    head, classifiers, loop, llm, step = (seconds.get(k, 0.0) for k in ("head", "classifiers", "depth_loop", "llm",
+                                                                        "position_step"))  # fmt: skip
     return {"llm": llm, "depth_head_layers": head - classifiers, "depth_head_classifiers": classifiers,
-            "depth_loop_sampling_and_rest": loop - head, "other": total - loop - llm}  # fmt: skip
+            "depth_loop_sampling_and_rest": loop - head, "compiled_position_step": step,
+            "other": total - loop - llm - step}  # fmt: skip
 
 
 def multiply_adds_per_position(llm: dict, head: dict, codebook_size: int, depth: int, rows: int) -> dict:
@@ -344,21 +351,21 @@ def benchmark_size(size: str, args, device: torch.device) -> dict:
         generator = torch.Generator(device).manual_seed(args.seed)
         return official.generate(inputs, do_sample, generator)
 
-    # (c): (a) with a StaticCache and the compiled position step. Its compiled function is built before any timing
-    # wrapper exists (so it compiles the plain step); each call then times it as the LLM, and the prompt's uncompiled
-    # pass through `_llm_step` counts as the LLM too.
-    compiled_step = generation_module._compiled_llm_step()
+    # (c): (a) with a StaticCache and the compiled position step (the depth loop, the code embedding and the LLM
+    # step in one graph): each call of it is timed as a whole, as "position_step"; no module inside it is wrapped (a
+    # wrapper would change what the graph traced), so the prompt's pass counts as "other".
+    compiled_step = generation_module._compiled_position_step()
 
     def run_c(do_sample):
         generator = torch.Generator(device).manual_seed(args.seed)
-        getter = generation_module._compiled_llm_step
-        generation_module._compiled_llm_step = lambda: stopwatch.timed("llm", compiled_step)
+        getter = generation_module._compiled_position_step
+        generation_module._compiled_position_step = lambda: stopwatch.timed("position_step", compiled_step)
         try:
             return model.generate(**inputs, generation_mode="image", guidance_scale=args.guidance_scale,
                                   do_sample=do_sample, depth_top_k=args.top_k, depth_top_p=args.top_p,
                                   generator=generator, cache_implementation="static")  # fmt: skip
         finally:
-            generation_module._compiled_llm_step = getter
+            generation_module._compiled_position_step = getter
 
     def timed_call(fn, do_sample, wrap):
         stopwatch.seconds = {}
@@ -371,9 +378,9 @@ def benchmark_size(size: str, args, device: torch.device) -> dict:
         parts = {k: v / images for k, v in breakdown(stopwatch.seconds, seconds).items()}
         return codes, {"seconds": seconds / images, "parts": parts}
 
-    targets_c = [t for t in targets if t[2] != "llm"] + [(generation_module, "_llm_step", "llm")]
-    candidates = {"a": (run_a, targets), "b": (run_b, targets_b), "c": (run_c, targets_c)}
-    run_c(False)  # compiles the position step for this batch and prompt (not timed)
+    candidates = {"a": (run_a, targets), "b": (run_b, targets_b), "c": (run_c, [])}
+    for do_sample in (False, True):  # compiles the position steps for this batch and prompt (not timed)
+        run_c(do_sample)
     for _ in range(args.warmup):
         for fn, wrap in candidates.values():
             timed_call(fn, False, wrap)
@@ -459,7 +466,8 @@ def _ints(text: str) -> list[int]:
 @torch.no_grad()
 def depth_head_by_batch(model, official, images: int, args) -> dict:
     """The depth loop alone for one image position of `images` images (CFG: 2 * images rows of random LLM states),
-    greedy: (a) the library's cached loop vs (b) the recomputing one, round-robin, best and median ms per call."""
+    greedy: (a) the library's cached loop, (b) the recomputing one and (c) the static path's compiled loop,
+    round-robin after one untimed call each (which compiles (c)), best and median ms per call."""
     head, vision = model.depth_head, model.config.vision_config
     hidden = torch.randn(2 * images, head.config.llm_hidden_size, generator=torch.Generator().manual_seed(args.seed))
     hidden = hidden.to(model.device)
@@ -468,14 +476,24 @@ def depth_head_by_batch(model, official, images: int, args) -> dict:
         "a": lambda: generation_module._sample_depths(head, model.vision_tower.quantizer, hidden, warpers, True,
                                                       args.guidance_scale, False, None, True, images),
         "b": lambda: official.depth_loop(hidden, False, None),
+        "c": lambda: _compiled_position_codes()(model, hidden, None, warpers, args.guidance_scale, images, False)[0],
     }  # fmt: skip
     codes, times = round_robin(candidates, args.head_repeats, model.device)
     out = {f"{name}_{stat}_ms": f(ts) * 1e3 for name, ts in times.items()
            for stat, f in (("best", min), ("median", statistics.median))}  # fmt: skip
     out["speedup_best"] = out["b_best_ms"] / out["a_best_ms"]
     out["speedup_median"] = out["b_median_ms"] / out["a_median_ms"]
+    out["static_speedup_best"] = out["b_best_ms"] / out["c_best_ms"]
+    out["static_speedup_median"] = out["b_median_ms"] / out["c_median_ms"]
     out["codes_identical"] = bool(torch.equal(codes["a"], codes["b"]))
+    out["static_codes_identical"] = bool(torch.equal(codes["a"], codes["c"]))
     return out
+
+
+@functools.cache
+def _compiled_position_codes():
+    """The static path's depth loop alone (`_position_codes`), compiled as the position step compiles it."""
+    return torch.compile(generation_module._position_codes, fullgraph=True, dynamic=False)
 
 
 # ----------------------------------------------------------------------------- report
@@ -489,7 +507,8 @@ def print_size(size: str, r: dict, args) -> None:
     labels = {"a": "(a) generate(generation_mode='image')", "b": "(b) official algorithm (no depth cache)",
               "c": "(c) (a), static cache + compiled step"}
     print(f"{'mode / implementation':48s} {'best s/img':>10s} {'median':>8s} {'head best':>9s} {'head med':>8s} | "
-          f"{'LLM':>6s} {'layers':>6s} {'classif':>7s} {'sampl+':>6s} {'other':>6s}  (s/img, best run)")
+          f"{'LLM':>6s} {'layers':>6s} {'classif':>7s} {'sampl+':>6s} {'step':>6s} {'other':>6s}  (s/img, best run; "
+          "step: (c)'s compiled position step, all of the depth loop and the LLM)")
     for mode in ("greedy", "sampled"):
         e = r[mode]
         for name in ("a", "b", "c"):
@@ -497,7 +516,8 @@ def print_size(size: str, r: dict, args) -> None:
             print(f"{mode + ' ' + labels[name]:48s} {s['best_s']:10.3f} {s['median_s']:8.3f} "
                   f"{s['depth_head_best_s']:9.3f} {s['depth_head_median_s']:8.3f} | {parts['llm']:6.3f} "
                   f"{parts['depth_head_layers']:6.3f} {parts['depth_head_classifiers']:7.3f} "
-                  f"{parts['depth_loop_sampling_and_rest']:6.3f} {parts['other']:6.3f}")
+                  f"{parts['depth_loop_sampling_and_rest']:6.3f} {parts['compiled_position_step']:6.3f} "
+                  f"{parts['other']:6.3f}")
         print(f"{mode}: (b)/(a) end to end {e['speedup_end_to_end_best']:.2f}x best, "
               f"{e['speedup_end_to_end_median']:.2f}x median; depth head {e['speedup_depth_head_best']:.2f}x best, "
               f"{e['speedup_depth_head_median']:.2f}x median; codes identical: {e['codes_identical']} "
@@ -506,11 +526,12 @@ def print_size(size: str, r: dict, args) -> None:
               f"{e['speedup_static_end_to_end_median']:.2f}x median; (a)/(c) {e['speedup_static_vs_dynamic_best']:.2f}x "
               f"best; codes of (c) identical to (a): {e['static_codes_identical']}")
     if r["depth_head_by_batch"]:
-        print("depth head alone, one position, greedy (ms per call):  images  (a) best  (b) best  (b)/(a) best "
-              "(median)  codes identical")
+        print("depth head alone, one position, greedy (ms per call):  images  (a) best  (b) best  (c) best  (b)/(a) "
+              "best (median)  (b)/(c) best (median)  codes identical (a-b, a-c)")
         for images, h in r["depth_head_by_batch"].items():
-            print(f"{'':55s}{images:>6s} {h['a_best_ms']:9.2f} {h['b_best_ms']:9.2f} {h['speedup_best']:13.2f} "
-                  f"({h['speedup_median']:.2f})  {h['codes_identical']}")
+            print(f"{'':55s}{images:>6s} {h['a_best_ms']:9.2f} {h['b_best_ms']:9.2f} {h['c_best_ms']:9.2f} "
+                  f"{h['speedup_best']:8.2f} ({h['speedup_median']:.2f}) {h['static_speedup_best']:8.2f} "
+                  f"({h['static_speedup_median']:.2f})  {h['codes_identical']}, {h['static_codes_identical']}")
     if r["images_per_second_by_batch"]:
         print("end to end, greedy (images per second):  images  (a) best  (b) best  (c) best  (a)/(b)  (c)/(b)  "
               "codes identical (a-b, a-c)")

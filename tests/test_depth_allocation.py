@@ -326,6 +326,38 @@ def test_vlm_generates_sixteen_depths_and_reads_four(vlm_16x4, tmp_path):
     assert torch.equal(generate_codes(loaded, processor, do_sample=False), codes)
 
 
+def test_a_single_pixel_depth_trains_and_generates(tmp_path):
+    """pixel_depth = 1: the depth head scores one code per position from the LLM state alone (no code sums to
+    feed), in the training loss as in generation."""
+    tiny_model(1, 4).save_pretrained(tmp_path / "tokenizer")
+    text_tokenizer = bpe_tokenizer(T2I_CORPUS, vocab_size=300)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(text_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )).save_pretrained(tmp_path / "llm")  # fmt: skip
+    text_tokenizer.save_pretrained(tmp_path / "llm")
+    model, processor = EvoTokForConditionalGeneration.from_components(
+        str(tmp_path / "tokenizer"), str(tmp_path / "llm"), has_generation_head=True, has_understanding_head=False,
+        depth_head_config=DEPTH_HEAD, wrap_image_tokens=True, return_processor=True,
+    )  # fmt: skip
+    model.eval()
+    grid, size = model.config.vision_config.grid_size, model.config.vision_config.codebook_size
+    text = f"<|im_start|>user\n{T2I_PROMPTS[0]}<|im_end|>\n<|im_start|>assistant\n<boi>{'<image>' * grid**2}<eoi>"
+    batch = processor.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+    codes = torch.randint(0, size, (1, grid, grid, 1), generator=torch.Generator().manual_seed(2))
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    with torch.no_grad():
+        out = model(**batch, generation_codes=codes, labels=labels)
+        hidden = model.model(**batch, generation_codes=codes).last_hidden_state[0]
+        rows = (batch["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
+        logits = model.depth_head(hidden_states=hidden[rows - 1]).logits  # (positions, 1, size)
+    torch.testing.assert_close(out.image_loss, F.cross_entropy(logits[:, 0], codes.flatten()))
+    generated = generate_codes(model, processor, do_sample=False)
+    assert generated.shape == (2, grid, grid, 1)
+    assert model.decode_image_tokens(generated).shape[1] == 3
+
+
 # ----------------------------------------------------------------------------- remote code
 REMOTE_PROCESS = BLOCK_EVOTOK_HF + r"""
 import torch

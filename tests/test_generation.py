@@ -113,9 +113,10 @@ def test_greedy_with_and_without_caches_is_identical(t2i_vlm, processor):
 
 @pytest.mark.parametrize("disable_compile", [True, False], ids=["static", "static-compiled"])
 def test_static_cache_gives_the_dynamic_cache_codes(t2i_vlm, processor, disable_compile, monkeypatch):
-    """`cache_implementation="static"`: a StaticCache and a (compiled) position step of fixed shapes; greedy codes,
-    and sampled codes from the same seed, are those of the dynamic cache, batch and CFG included, and a second call
-    (the compiled step reused) gives them again."""
+    """`cache_implementation="static"`: a StaticCache and a (compiled) position step of fixed shapes, the depth loop,
+    the code embedding and the LLM step in one; greedy codes, and sampled codes from the same seed (through the
+    warpers), are those of the dynamic cache, batch and CFG included, and a second call (the compiled step reused)
+    gives them again."""
     from transformers.cache_utils import StaticCache
 
     from evotok_hf.modeling import generation
@@ -129,7 +130,8 @@ def test_static_cache_gives_the_dynamic_cache_codes(t2i_vlm, processor, disable_
 
     monkeypatch.setattr(generation, "StaticCache", RecordedStaticCache)
     if disable_compile:  # the static cache without compilation must not compile anything
-        monkeypatch.setattr(generation, "_compiled_llm_step", lambda: pytest.fail("compiled with disable_compile"))
+        for name in ("_compiled_llm_step", "_compiled_position_step"):
+            monkeypatch.setattr(generation, name, lambda: pytest.fail("compiled with disable_compile"))
     kwargs = {"guidance_scale": 3.0, "cache_implementation": "static", "disable_compile": disable_compile}
     dynamic = generate_codes(t2i_vlm, processor, do_sample=False, guidance_scale=3.0)
     assert not caches
@@ -137,11 +139,57 @@ def test_static_cache_gives_the_dynamic_cache_codes(t2i_vlm, processor, disable_
     assert torch.equal(generate_codes(t2i_vlm, processor, do_sample=False, **kwargs), dynamic)
     assert len(caches) == 2  # the static path ran, with a cache of its own each time
     if not disable_compile:
-        assert generation._compiled_llm_step.cache_info().currsize == 1
+        assert generation._compiled_position_step.cache_info().currsize == 1
     seeded = {"do_sample": True, "generator": torch.Generator().manual_seed(3)}
     sampled = generate_codes(t2i_vlm, processor, **seeded, guidance_scale=3.0)
     seeded["generator"] = torch.Generator().manual_seed(3)
     assert torch.equal(generate_codes(t2i_vlm, processor, **seeded, **kwargs), sampled)
+    assert sampled.unique().numel() > 4  # sampling, not a constant
+
+    # through the warpers, with the per-position scores / guided logits and a streamer
+    outputs, streamers = [], []
+    for settings in ({"guidance_scale": 3.0}, kwargs):
+        streamers.append(Streamer())
+        outputs.append(generate_codes(
+            t2i_vlm, processor, do_sample=True, generator=torch.Generator().manual_seed(5), depth_decoder_top_k=8,
+            depth_decoder_temperature=0.8, depth_decoder_top_p=0.9, return_dict_in_generate=True, output_scores=True,
+            output_logits=True, streamer=streamers[-1], **settings,
+        ))  # fmt: skip
+    plain, fixed = outputs
+    assert torch.equal(plain.sequences, fixed.sequences)
+    for name in ("scores", "logits"):
+        torch.testing.assert_close(torch.stack(getattr(fixed, name)), torch.stack(getattr(plain, name)), rtol=1e-5,
+                                   atol=1e-5)  # fmt: skip
+    assert streamers[1].ended and len(streamers[1].puts) == len(streamers[0].puts)
+    assert torch.equal(torch.stack(streamers[1].puts, 1).view_as(fixed.sequences), fixed.sequences)
+
+
+class Streamer:
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, codes):
+        self.puts.append(codes)
+
+    def end(self):
+        self.ended = True
+
+
+def test_static_cache_runs_a_logits_processor_on_the_codes_so_far(t2i_vlm, processor):
+    """A caller's logits processor sees the codes generated so far, of a new length at every depth: the static path
+    keeps an eager depth loop for it (the compiled LLM step still runs) and gives the dynamic cache's codes."""
+
+    class Shift:  # depends on the codes so far
+        def __call__(self, input_ids, scores):
+            return scores + 3.0 * F.one_hot(input_ids.sum(1) % scores.shape[1], scores.shape[1])
+
+    codes = [generate_codes(t2i_vlm, processor, do_sample=True, generator=torch.Generator().manual_seed(5),
+                            guidance_scale=3.0, logits_processor=[Shift()], **settings)
+             for settings in ({}, {"cache_implementation": "static"})]  # fmt: skip
+    assert torch.equal(codes[0], codes[1])
+    plain = generate_codes(t2i_vlm, processor, do_sample=True, generator=torch.Generator().manual_seed(5),
+                           guidance_scale=3.0, cache_implementation="static")  # fmt: skip
+    assert not torch.equal(plain, codes[1])  # the processor changed the codes
 
 
 def test_static_cache_setting_is_checked(t2i_vlm, processor):
@@ -209,17 +257,7 @@ def test_batched_prompts_equal_one_by_one(t2i_vlm, processor):
 
 
 def test_num_return_sequences_and_streamer(t2i_vlm, processor):
-    class Recorder:
-        def __init__(self):
-            self.puts, self.ended = [], False
-
-        def put(self, codes):
-            self.puts.append(codes)
-
-        def end(self):
-            self.ended = True
-
-    recorder = Recorder()
+    recorder = Streamer()
     codes = generate_codes(t2i_vlm, processor, do_sample=True, num_return_sequences=3, streamer=recorder,
                            generator=torch.Generator().manual_seed(0))  # fmt: skip
     vision = t2i_vlm.config.vision_config

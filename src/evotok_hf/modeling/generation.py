@@ -462,8 +462,9 @@ def generate_image_codes(
                              past_key_values=cache, use_cache=use_cache, return_dict=True)  # fmt: skip
         return out.last_hidden_state[:, -1], (out.past_key_values if use_cache else None)
 
-    static = generation_config.cache_implementation == "static"
-    if static:
+    codes = torch.zeros(rows, grid * grid, pixel_depth, dtype=torch.long, device=ids.device)
+    feed = _StreamerFeed(streamer) if streamer is not None else None
+    if generation_config.cache_implementation == "static":
         # One mask of the final length, its image columns switched on position by position: every step then has the
         # same shapes (the columns not yet written are masked, as the causal mask masks them too).
         prompt_length = ids.shape[1]
@@ -473,46 +474,83 @@ def generate_image_codes(
         full_mask[:, :prompt_length] = mask
         hidden = _llm_step(language_model, embeddings, full_mask, positions, llm_cache,
                            torch.arange(prompt_length, device=ids.device))  # fmt: skip
-        step = _llm_step if generation_config.disable_compile else _compiled_llm_step()
+        positions = positions[:, -1:]
+        if logits_processor:
+            # a caller's processor sees the codes so far, of a new length at every depth: the depth loop stays eager
+            step = _llm_step if generation_config.disable_compile else _compiled_llm_step()
+        else:
+            step = _static_position_step if generation_config.disable_compile else _compiled_position_step()
+        noise = None
+        if depth_config.do_sample:
+            noise = torch.empty(pixel_depth, rows, vision.codebook_size, device=ids.device)
+        for position in range(grid * grid):
+            last = position == grid * grid - 1
+            if not last:
+                full_mask[:, prompt_length + position] = 1
+            next_position = positions + 1
+            cache_position = torch.full((1,), prompt_length + position, dtype=torch.long, device=ids.device)
+            if logits_processor:
+                position_scores = [] if scores is not None else None
+                position_logits = [] if logits is not None else None
+                codes[:, position] = _sample_depths(
+                    head, quantizer, hidden, processors, guided, guidance_scale, depth_config.do_sample, generator,
+                    True, rows, previous_codes=codes[:, :position].flatten(1), scores=position_scores,
+                    logits=position_logits,
+                )  # fmt: skip
+                recorded = [None if x is None else torch.stack(x, dim=1) for x in (position_scores, position_logits)]
+                if not last:
+                    next_embedding = model.model.get_generation_embeddings(
+                        torch.cat([codes[:, position]] * (2 if guided else 1)), positions=position, check_codes=False
+                    )[:, None].to(embeddings.dtype)  # fmt: skip
+                    hidden = step(language_model, next_embedding, full_mask, next_position, llm_cache, cache_position)
+            else:
+                if noise is not None:  # what torch.multinomial draws, depth by depth, from the same generator
+                    for depth_noise in noise:
+                        depth_noise.exponential_(1.0, generator=generator)
+                grid_position = torch.full((), position, dtype=torch.long, device=ids.device)
+                codes[:, position], *recorded, next_hidden = step(
+                    model, hidden, noise, processors, guidance_scale, rows, scores is not None or logits is not None,
+                    None if last else full_mask, next_position, llm_cache, cache_position, grid_position,
+                )  # fmt: skip
+                hidden = hidden if last else next_hidden
+            if scores is not None:
+                scores.append(recorded[0])
+            if logits is not None:
+                logits.append(recorded[1])
+            if feed is not None:
+                feed.put(codes[:, position])
+            positions = next_position
     else:
         hidden, llm_cache = run_llm(embeddings, mask, positions, None)
-    codes = torch.zeros(rows, grid * grid, pixel_depth, dtype=torch.long, device=ids.device)
-    for position in range(grid * grid):
-        position_scores = [] if scores is not None else None
-        position_logits = [] if logits is not None else None
-        codes[:, position] = _sample_depths(
-            head, quantizer, hidden, processors, guided, guidance_scale, depth_config.do_sample, generator, use_cache,
-            rows, previous_codes=codes[:, :position].flatten(1), scores=position_scores, logits=position_logits,
-        )  # fmt: skip
-        if scores is not None:
-            scores.append(torch.stack(position_scores, dim=1))
-        if logits is not None:
-            logits.append(torch.stack(position_logits, dim=1))
-        if streamer is not None:
-            streamer.put(codes[:, position].cpu())
-        if position == grid * grid - 1:
-            break
-        next_codes = codes[:, position]
-        next_embedding = model.model.get_generation_embeddings(
-            torch.cat([next_codes] * (2 if guided else 1)), positions=position
-        )
-        next_embedding = next_embedding[:, None].to(embeddings.dtype)
-        next_position = positions[:, -1:] + 1
-        if static:
-            full_mask[:, prompt_length + position] = 1
-            cache_position = torch.full((1,), prompt_length + position, dtype=torch.long, device=ids.device)
-            hidden = step(language_model, next_embedding, full_mask, next_position, llm_cache, cache_position)
-            positions = next_position
-            continue
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        positions = torch.cat([positions, next_position], dim=1)
-        if use_cache:
-            hidden, llm_cache = run_llm(next_embedding, mask, next_position, llm_cache)
-        else:
-            embeddings = torch.cat([embeddings, next_embedding], dim=1)
-            hidden, _ = run_llm(embeddings, mask, positions, None)
-    if streamer is not None:
-        streamer.end()
+        for position in range(grid * grid):
+            position_scores = [] if scores is not None else None
+            position_logits = [] if logits is not None else None
+            codes[:, position] = _sample_depths(
+                head, quantizer, hidden, processors, guided, guidance_scale, depth_config.do_sample, generator,
+                use_cache, rows, previous_codes=codes[:, :position].flatten(1), scores=position_scores,
+                logits=position_logits,
+            )  # fmt: skip
+            if scores is not None:
+                scores.append(torch.stack(position_scores, dim=1))
+            if logits is not None:
+                logits.append(torch.stack(position_logits, dim=1))
+            if feed is not None:
+                feed.put(codes[:, position])
+            if position == grid * grid - 1:
+                break
+            next_embedding = model.model.get_generation_embeddings(
+                torch.cat([codes[:, position]] * (2 if guided else 1)), positions=position
+            )[:, None].to(embeddings.dtype)  # fmt: skip
+            next_position = positions[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            positions = torch.cat([positions, next_position], dim=1)
+            if use_cache:
+                hidden, llm_cache = run_llm(next_embedding, mask, next_position, llm_cache)
+            else:
+                embeddings = torch.cat([embeddings, next_embedding], dim=1)
+                hidden, _ = run_llm(embeddings, mask, positions, None)
+    if feed is not None:
+        feed.end()
     codes = codes.view(rows, grid, grid, pixel_depth)
     if not record:
         return codes
@@ -535,6 +573,115 @@ def _compiled_llm_step():
     """`_llm_step` under `torch.compile(fullgraph=True, dynamic=False)`, built on first use (compilation happens at
     the first call for each model, batch and prompt length; later calls with the same shapes reuse it)."""
     return torch.compile(_llm_step, fullgraph=True, dynamic=False)
+
+
+def _position_codes(model, hidden, noise, processors, guidance_scale, rows, record):
+    """`_sample_depths` with fixed shapes and no host synchronisation, for the static path (which compiles it): the
+    depth head's cache is the one it starts itself, the processors are the built-in warpers (they see no codes), the
+    codes index the codebooks unchecked, and sampling takes the argmax of probs / noise over exponential noise drawn
+    beforehand, which is how `torch.multinomial` draws one sample (the same draws from the same generator give the
+    same codes). Returns the codes `(rows, pixel_depth)` and, with `record`, the scores and the guided logits
+    `(rows, pixel_depth, codebook_size)`."""
+    head, codebook = model.depth_head, model.vision_tower.quantizer.codebook
+    guided = hidden.shape[0] != rows
+    no_codes = torch.zeros(rows, 0, dtype=torch.long, device=hidden.device)
+    chosen, scores, logits, running = [], [], [], None
+    out = head(hidden_states=hidden.to(head.dtype), use_cache=True, return_dict=True)
+    for d, depth_processors in enumerate(processors):
+        guided_logits = out.logits[:, -1].float()
+        if guided:
+            cond, uncond = guided_logits[:rows], guided_logits[rows:]
+            guided_logits = uncond + guidance_scale * (cond - uncond)
+        depth_scores = depth_processors(no_codes, guided_logits)
+        if noise is None:
+            chosen.append(depth_scores.argmax(dim=-1))
+        else:
+            chosen.append((torch.softmax(depth_scores, dim=-1) / noise[d]).argmax(dim=-1))
+        if record:
+            scores.append(depth_scores)
+            logits.append(guided_logits)
+        if d == len(processors) - 1:
+            break
+        code = codebook[d].index_select(0, chosen[-1]).float()
+        running = code if running is None else running + code  # e(c_0) + ... + e(c_d)
+        sums = running.to(head.dtype)
+        if guided:
+            sums = torch.cat([sums, sums])
+        out = head(code_embedding_sums=sums[:, None], past_key_values=out.past_key_values, use_cache=True,
+                   return_dict=True)  # fmt: skip
+    codes = torch.stack(chosen, dim=1)
+    if not record:
+        return codes, None, None
+    return codes, torch.stack(scores, dim=1), torch.stack(logits, dim=1)
+
+
+def _static_position_step(model, hidden, noise, processors, guidance_scale, rows, record, attention_mask,
+                          position_ids, cache, cache_position, grid_position):  # fmt: skip
+    """One image position of the static path: its codes (`_position_codes`), then, unless `attention_mask` is None
+    (the last position), the LLM step over their embedding. Returns codes, scores, logits and the next hidden state
+    (None after the last position)."""
+    codes, scores, logits = _position_codes(model, hidden, noise, processors, guidance_scale, rows, record)
+    if attention_mask is None:
+        return codes, scores, logits, None
+    embedding = model.model.get_generation_embeddings(codes, positions=grid_position, check_codes=False)
+    if hidden.shape[0] != rows:
+        embedding = torch.cat([embedding, embedding])
+    language_model = model.model.language_model
+    embedding = embedding[:, None].to(language_model.get_input_embeddings().weight.dtype)
+    return codes, scores, logits, _llm_step(language_model, embedding, attention_mask, position_ids, cache,
+                                            cache_position)  # fmt: skip
+
+
+# Graphs of the position step one process may keep: two (the last position has no LLM step) per combination of
+# settings, model, batch and prompt length it generates with, each compiled on first use; torch's default of 8 would
+# stop a notebook after its fourth temperature.
+POSITION_STEP_GRAPHS = 64
+
+
+@functools.cache
+def _compiled_position_step():
+    """`_static_position_step` under `torch.compile(fullgraph=True, dynamic=False)`: one graph for the depth loop,
+    the code embedding and the LLM step, for each setting it is called with (up to `POSITION_STEP_GRAPHS`)."""
+    compiled = torch.compile(_static_position_step, fullgraph=True, dynamic=False)
+
+    def step(*args):
+        limit = max(torch._dynamo.config.recompile_limit, POSITION_STEP_GRAPHS)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return compiled(*args)
+
+    return step
+
+
+class _StreamerFeed:
+    """Hands a streamer each position's codes without a host synchronisation per position where the device allows
+    it: on CUDA the codes are copied to pinned host memory asynchronously and reach the streamer one position later,
+    once that copy has completed (the device is by then busy with the next position); elsewhere at once."""
+
+    def __init__(self, streamer):
+        self.streamer = streamer
+        self.pending = None
+
+    def put(self, codes: torch.Tensor) -> None:
+        if codes.device.type != "cuda":
+            self.streamer.put(codes.cpu())
+            return
+        host = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
+        host.copy_(codes, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._flush()
+        self.pending = (host, event)
+
+    def _flush(self) -> None:
+        if self.pending is not None:
+            host, event = self.pending
+            event.synchronize()
+            self.streamer.put(host)
+            self.pending = None
+
+    def end(self) -> None:
+        self._flush()
+        self.streamer.end()
 
 
 def _sample_depths(head, quantizer, hidden, processors, guided, guidance_scale, do_sample, generator, use_cache, rows,

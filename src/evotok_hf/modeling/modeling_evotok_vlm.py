@@ -229,12 +229,17 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
         return embeddings + self.image_position_embedding(positions).to(embeddings.dtype)
 
     def get_generation_embeddings(
-        self, generation_codes: torch.LongTensor, positions: torch.LongTensor | int | None = None
+        self,
+        generation_codes: torch.LongTensor,
+        positions: torch.LongTensor | int | None = None,
+        check_codes: bool = True,
     ) -> torch.Tensor:
         """Pixel codes `(..., pixel_depth)` -> LLM input embeddings `(..., hidden_size)`: the generation projector
         applied to the sum of the codes' embeddings (the input that follows a generated image position). With
         `image_position_embeddings`, `positions` are the codes' grid positions (broadcast against
-        `generation_codes.shape[:-1]`); leave it None for whole images, `(..., grid*grid, pixel_depth)`."""
+        `generation_codes.shape[:-1]`); leave it None for whole images, `(..., grid*grid, pixel_depth)`.
+        `check_codes=False` skips the range check of the codes, which reads them on the host (a decoding step
+        passes codes it chose itself)."""
         if not self.config.has_generation_head:
             raise ValueError("This checkpoint has no generation head (has_generation_head=False).")
         depth = self.config.vision_config.pixel_depth
@@ -242,8 +247,9 @@ class EvoTokVLMModel(EvoTokVLMPreTrainedModel):
             raise ValueError(
                 f"generation codes must end with the {depth} pixel depths, got shape {tuple(generation_codes.shape)}."
             )
+        quantizer = self.vision_tower.quantizer
         with torch.no_grad():
-            sums = self.vision_tower.quantizer.embed_codes(generation_codes)
+            sums = (quantizer.embed_codes if check_codes else quantizer.lookup_codes)(generation_codes)
         embeddings = self.generation_projector(sums.to(self.generation_projector.linear_1.weight.dtype))
         return self._add_image_positions(embeddings, positions)
 
@@ -538,12 +544,12 @@ class EvoTokForConditionalGeneration(EvoTokVLMPreTrainedModel, GenerationMixin):
             raise ValueError("An image to generate cannot start a sequence: it must follow the image start token.")
         conditions = hidden_states[batch_index, position - 1]
         targets = generation_codes.flatten(0, 2)  # (num_images * grid * grid, pixel_depth), row-major = prompt order
-        with torch.no_grad():
-            sums = self.vision_tower.quantizer.embed_codes(targets[:, :-1], return_cumulative=True)
         head = self.depth_head
-        logits = head(
-            hidden_states=conditions.to(head.dtype), code_embedding_sums=sums.to(head.dtype), return_dict=True
-        ).logits
+        sums = None  # a single pixel depth has no code sums to feed
+        if targets.shape[-1] > 1:
+            with torch.no_grad():
+                sums = self.vision_tower.quantizer.embed_codes(targets[:, :-1], return_cumulative=True).to(head.dtype)
+        logits = head(hidden_states=conditions.to(head.dtype), code_embedding_sums=sums, return_dict=True).logits
         return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     # -- image generation ----------------------------------------------------------------------------------------

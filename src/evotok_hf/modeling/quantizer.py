@@ -359,6 +359,11 @@ class EvoTokResidualQuantizer(nn.Module):
         (..., k, codebook_dim).
         """
         self.validate_codes(codes)
+        return self.lookup_codes(codes, return_cumulative)
+
+    def lookup_codes(self, codes: torch.Tensor, return_cumulative: bool = False) -> torch.Tensor:
+        """`embed_codes` without checking the codes (no host synchronisation: a decoding step that runs on a device
+        or under `torch.compile` calls this on codes it chose itself)."""
         depth = codes.shape[-1]
         flat_codebook = self.codebook[:depth].reshape(depth * self.codebook_size, self.codebook_dim)
         # Row d * codebook_size + c of the flattened codebook is entry c of depth d: one gather for all depths.
