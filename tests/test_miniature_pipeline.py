@@ -15,7 +15,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, SiglipModel
 
 from evotok_hf import EvoTokModel
 from evotok_hf.miniature import load_shapes_dataset
-from evotok_hf.miniature.pipeline import STAGES, StageCache, miniature_config, vlm_training_rows
+from evotok_hf.miniature.pipeline import (
+    STAGES,
+    StageCache,
+    miniature_config,
+    single_task_batches,
+    vlm_training_rows,
+)
 from evotok_hf.miniature.report import FLOORS
 from evotok_hf.miniature.siglip import _batch, shape_twins, train_mini_siglip, zero_shot_accuracy
 from evotok_hf.miniature.text import build_qwen2, describe_scene, shapes_text_corpus, train_bpe_tokenizer
@@ -203,6 +209,41 @@ def test_vlm_training_rows_split_questions_evenly_and_repeat_captions(shapes, tm
         assert len(captions) == 3 and all(r["conversations"][0]["value"] == example["caption"] for r in captions)
     with pytest.raises(ValueError, match="max_questions_per_row"):
         vlm_training_rows(shapes["train"], str(tmp_path), max_questions_per_row=0)
+
+
+def test_single_task_batches_interleave_whole_batches_of_one_task(shapes, tmp_path):
+    """The stream the vlm stage trains on in order: every batch holds rows of one task; each pass uses every full
+    batch of each task once, from its own list of rows, in a shuffled order of batches (both tasks spread over the
+    pass, not in long runs as grouping by length would put them)."""
+    passes = []
+
+    def rows_of_pass(index):
+        passes.append(index)
+        rows = vlm_training_rows(shapes["train"], str(tmp_path), seed=index, caption_repeats=2, write_images=False)
+        return rows
+
+    size = 3
+    one_pass = len(shapes["train"]) // size * size + 2 * len(shapes["train"]) // size * size
+    stream = single_task_batches(map(rows_of_pass, range(100)), size, 2 * one_pass + 1, seed=0)
+    assert passes == [0, 1, 2] and len(stream) == 3 * one_pass  # whole passes, until num_rows are there
+    batches = [stream[i : i + size] for i in range(0, len(stream), size)]
+    tasks = [{row["id"].split("-")[0] for row in batch} for batch in batches]
+    assert all(len(task) == 1 for task in tasks)
+    for index in range(3):
+        mine = stream[index * one_pass : (index + 1) * one_pass]
+        assert len({row["id"] for row in mine}) == one_pass  # no row twice within a pass
+        expected = vlm_training_rows(shapes["train"], str(tmp_path), seed=index, caption_repeats=2,
+                                     write_images=False)  # fmt: skip
+        assert all(row in expected for row in mine)  # the pass's own rows (its own question order)
+    first_pass = [task.pop() for task in tasks[: one_pass // size]]
+    half = len(first_pass) // 2
+    assert {"vqa", "t2i"} <= set(first_pass[:half]) and {"vqa", "t2i"} <= set(first_pass[half:])
+    again = single_task_batches(map(rows_of_pass, range(100)), size, 2 * one_pass + 1, seed=0)
+    assert again == stream  # deterministic for a seed
+    with pytest.raises(ValueError, match="no task has a full batch"):
+        single_task_batches([stream[:2]], size, 10)
+    with pytest.raises(ValueError, match="ran out"):
+        single_task_batches([stream], size, 10 * len(stream))
 
 
 def test_stage_cache_keys_change_from_the_changed_stage_on(tmp_path):

@@ -16,8 +16,8 @@ later run reuses a stage whose marker matches, unless `retrain`):
 5. llm: a small Qwen2 built from its config (trained from scratch in the joint stages);
 6. vlm: `scripts/train_vlm.py --task joint`, stage 1 (`pretrain`: the projectors and the depth head, on a VLM
    assembled with `EvoTokForConditionalGeneration.from_components`) then stage 2 (`sft`: everything but the image
-   tokenizer), on VQA conversations and caption -> image turns (LLaVA JSON, `vlm_training_rows`); the result is
-   one folder that
+   tokenizer), on VQA conversations and caption -> image turns (LLaVA JSON, `vlm_training_rows`), read in batches of
+   one task each (`single_task_batches`); the result is one folder that
    `AutoModelForImageTextToText`, `AutoProcessor` and `EvoTokPipeline` load;
 7. scores: per-depth reconstruction and semantic cosine, per-depth NMI, VQA and mini-GenEval
    (`evotok_hf.evaluation.shapes_scoring`), written to `report.json` and `report.html` (`miniature.report`).
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class MiniatureConfig:
     # VLM (scripts/train_vlm.py --task joint)
     vlm_stage1_steps: int = 60
     vlm_stage1_learning_rate: float = 1e-3
-    vlm_stage2_steps: int = 900
+    vlm_stage2_steps: int = 1300
     vlm_stage2_learning_rate: float = 1e-3
     vlm_batch_size: int = 32
     # learned 2-D position embeddings of the image tokens (EvoTokVLMConfig.image_position_embeddings): the
@@ -94,6 +96,11 @@ class MiniatureConfig:
     # the model then gave one answer to every existence question; with rows of whole scenes it never did (README)
     vlm_max_questions_per_row: int | None = None
     vlm_caption_repeats: int = 2
+    # Batches of one task each (VQA rows or caption -> image rows), in a random order, read in that order
+    # (`single_task_batches`): a batch is padded to its longest row, and a 250-token VQA row beside 90-token caption
+    # -> image rows left 45% of a mixed batch padding; a step then costs 1.4x less (1,300 steps in the time 900 took).
+    # Not grouped by length, which trains runs of ~25 batches of one task and undid the joint learning (README).
+    vlm_single_task_batches: bool = True
     # EvoTokVLMConfig.image_loss_weight: text_loss + weight * image_loss
     vlm_image_loss_weight: float = 1.0
     # how often a caption -> image row trains the unconditional prompt (classifier-free guidance needs that model)
@@ -143,7 +150,8 @@ STAGE_SETTINGS = {
     "siglip": ("siglip_steps", "siglip_batch_size", "siglip_learning_rate", "siglip_hard_negatives"),
     "tokenizer": ("tokenizer_steps", "tokenizer_batch_size", "tokenizer_overrides"),
     "llm": ("llm_hidden_size", "llm_layers", "llm_heads", "llm_kv_heads"),
-    "vlm": ("depth_head", "vlm_max_questions_per_row", "vlm_caption_repeats", "vlm_stage1_steps",
+    "vlm": ("depth_head", "vlm_max_questions_per_row", "vlm_caption_repeats", "vlm_single_task_batches",
+            "vlm_stage1_steps",
             "vlm_stage1_learning_rate", "vlm_stage2_steps", "vlm_stage2_learning_rate", "vlm_batch_size", "vlm_bf16",
             "vlm_image_position_embeddings", "vlm_attn_implementation", "vlm_unconditional_probability",
             "vlm_image_loss_weight",
@@ -304,6 +312,35 @@ def vlm_training_rows(split, image_folder: str, seed: int = 0, max_questions_per
     return rows
 
 
+def single_task_batches(passes: Iterable[list[dict]], batch_size: int, num_rows: int, seed: int = 0) -> list[dict]:
+    """A training stream of at least `num_rows` rows, to be read in order: batches of `batch_size` rows of one task
+    each (VQA rows or caption -> image rows of `vlm_training_rows`, told apart by their `id`), in a random order of
+    batches. Each pass over the data takes the next list of rows from `passes` (e.g. `vlm_training_rows` with a new
+    seed, so that a scene's questions come in a new order) and leaves out each task's last partial batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = random.Random(seed)
+    stream: list[dict] = []
+    passes = iter(passes)
+    while len(stream) < num_rows:
+        rows = next(passes, None)
+        if rows is None:
+            raise ValueError(f"the passes ran out after {len(stream)} of {num_rows} rows")
+        by_task: dict[str, list[dict]] = {}
+        for row in rows:
+            by_task.setdefault(row["id"].split("-")[0], []).append(row)
+        batches = []
+        for task_rows in by_task.values():
+            order = rng.sample(task_rows, len(task_rows))
+            batches += [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        if not batches:
+            sizes = {task: len(task_rows) for task, task_rows in by_task.items()}
+            raise ValueError(f"no task has a full batch of {batch_size} rows: {sizes}")
+        rng.shuffle(batches)
+        stream += [row for batch in batches for row in batch]
+    return stream
+
+
 def load_data(cache: StageCache):
     import datasets
 
@@ -416,13 +453,23 @@ def build_vlm(cache: StageCache, config: MiniatureConfig, dataset, scripts_dir: 
     stage1 = os.path.join(cache.output_dir, "vlm_stage1")
     if os.path.exists(stage1):
         shutil.rmtree(stage1)
-    rows = vlm_training_rows(dataset["train"], cache.path("data", "vlm_images"), seed=config.seed,
-                             max_questions_per_row=config.vlm_max_questions_per_row,
-                             caption_repeats=config.vlm_caption_repeats, write_images=False)  # fmt: skip
+    def rows_of_pass(index: int) -> list[dict]:
+        return vlm_training_rows(dataset["train"], cache.path("data", "vlm_images"), seed=config.seed + index,
+                                 max_questions_per_row=config.vlm_max_questions_per_row,
+                                 caption_repeats=config.vlm_caption_repeats, write_images=False)  # fmt: skip
+
+    rows = rows_of_pass(0)
+    counts = {"vqa": sum(r["id"].startswith("vqa-") for r in rows), "t2i": sum(r["id"].startswith("t2i-") for r in rows)}
+    order = []
+    if config.vlm_single_task_batches:  # each stage reads the stream from its start
+        length = max(config.vlm_stage1_steps, config.vlm_stage2_steps) * config.vlm_batch_size
+        rows = single_task_batches(map(rows_of_pass, itertools.count()), config.vlm_batch_size, length,
+                                   seed=config.seed)  # fmt: skip
+        order = ["--train_sampling_strategy", "sequential"]
     rows_path = os.path.join(cache.output_dir, "vlm_train.json")
     with open(rows_path, "w") as f:
         json.dump(rows, f)
-    data = ["--dataset", rows_path, "--image_folder", cache.path("data", "vlm_images")]
+    data = ["--dataset", rows_path, "--image_folder", cache.path("data", "vlm_images"), *order]
     script = os.path.join(scripts_dir, "train_vlm.py")
     start = time.perf_counter()
     _run_script(script, [
@@ -445,8 +492,7 @@ def build_vlm(cache: StageCache, config: MiniatureConfig, dataset, scripts_dir: 
             results[name] = json.load(f)
     shutil.rmtree(stage1)
     os.remove(rows_path)
-    results["rows"] = {"vqa": sum(r["id"].startswith("vqa-") for r in rows),
-                       "t2i": sum(r["id"].startswith("t2i-") for r in rows)}  # fmt: skip
+    results["rows"] = counts
     results["stage1_seconds"] = stage1_seconds
     results["stage2_seconds"] = time.perf_counter() - start - stage1_seconds
     return cache.finish("vlm", results)
@@ -508,4 +554,4 @@ def run_miniature(
 
 
 __all__ = ["MINIATURE_PRESETS", "MiniatureConfig", "StageCache", "miniature_config", "run_miniature",
-           "vlm_training_rows"]  # fmt: skip
+           "single_task_batches", "vlm_training_rows"]  # fmt: skip
