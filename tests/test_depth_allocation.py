@@ -238,18 +238,24 @@ def test_per_depth_evaluation_covers_every_codebook_and_each_latent_its_own_dept
 
 
 # ----------------------------------------------------------------------------- VLM
+def save_components(root, pixel_depth: int, semantic_depth: int, llm_layers: int) -> None:
+    """A tiny tokenizer of the given allocation under `root/tokenizer` and a tiny Qwen2 with its BPE tokenizer under
+    `root/llm`: what `EvoTokForConditionalGeneration.from_components` assembles."""
+    tiny_model(pixel_depth, semantic_depth).save_pretrained(root / "tokenizer")
+    text_tokenizer = bpe_tokenizer(T2I_CORPUS, vocab_size=300)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(text_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=llm_layers,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )).save_pretrained(root / "llm")  # fmt: skip
+    text_tokenizer.save_pretrained(root / "llm")
+
+
 @pytest.fixture(scope="module")
 def vlm_16x4(tmp_path_factory):
     """A VLM with both heads assembled by `from_components` from a saved (16, 4) tokenizer and a saved tiny Qwen2."""
     root = tmp_path_factory.mktemp("components_16x4")
-    tiny_model(16, 4).save_pretrained(root / "tokenizer")
-    text_tokenizer = bpe_tokenizer(T2I_CORPUS, vocab_size=300)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(text_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    )).save_pretrained(root / "llm")  # fmt: skip
-    text_tokenizer.save_pretrained(root / "llm")
+    save_components(root, 16, 4, llm_layers=2)
     torch.manual_seed(0)
     model, processor = EvoTokForConditionalGeneration.from_components(
         str(root / "tokenizer"), str(root / "llm"), has_understanding_head=True, has_generation_head=True,
@@ -329,14 +335,7 @@ def test_vlm_generates_sixteen_depths_and_reads_four(vlm_16x4, tmp_path):
 def test_a_single_pixel_depth_trains_and_generates(tmp_path):
     """pixel_depth = 1: the depth head scores one code per position from the LLM state alone (no code sums to
     feed), in the training loss as in generation."""
-    tiny_model(1, 4).save_pretrained(tmp_path / "tokenizer")
-    text_tokenizer = bpe_tokenizer(T2I_CORPUS, vocab_size=300)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(text_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    )).save_pretrained(tmp_path / "llm")  # fmt: skip
-    text_tokenizer.save_pretrained(tmp_path / "llm")
+    save_components(tmp_path, 1, 4, llm_layers=1)
     model, processor = EvoTokForConditionalGeneration.from_components(
         str(tmp_path / "tokenizer"), str(tmp_path / "llm"), has_generation_head=True, has_understanding_head=False,
         depth_head_config=DEPTH_HEAD, wrap_image_tokens=True, return_processor=True,

@@ -464,6 +464,27 @@ def generate_image_codes(
 
     codes = torch.zeros(rows, grid * grid, pixel_depth, dtype=torch.long, device=ids.device)
     feed = _StreamerFeed(streamer) if streamer is not None else None
+
+    def eager_depths(position, position_hidden):
+        """Writes one position's codes through `_sample_depths`; returns its stacked scores and logits (or Nones)."""
+        position_scores = [] if scores is not None else None
+        position_logits = [] if logits is not None else None
+        codes[:, position] = _sample_depths(
+            head, quantizer, position_hidden, processors, guided, guidance_scale, depth_config.do_sample, generator,
+            use_cache, rows, previous_codes=codes[:, :position].flatten(1), scores=position_scores,
+            logits=position_logits,
+        )  # fmt: skip
+        return [None if x is None else torch.stack(x, dim=1) for x in (position_scores, position_logits)]
+
+    def deliver(position, recorded):
+        """Keeps a position's scores / logits when they are asked for and hands its codes to the streamer."""
+        if scores is not None:
+            scores.append(recorded[0])
+        if logits is not None:
+            logits.append(recorded[1])
+        if feed is not None:
+            feed.put(codes[:, position])
+
     if generation_config.cache_implementation == "static":
         # One mask of the final length, its image columns switched on position by position: every step then has the
         # same shapes (the columns not yet written are masked, as the causal mask masks them too).
@@ -490,14 +511,7 @@ def generate_image_codes(
             next_position = positions + 1
             cache_position = torch.full((1,), prompt_length + position, dtype=torch.long, device=ids.device)
             if logits_processor:
-                position_scores = [] if scores is not None else None
-                position_logits = [] if logits is not None else None
-                codes[:, position] = _sample_depths(
-                    head, quantizer, hidden, processors, guided, guidance_scale, depth_config.do_sample, generator,
-                    True, rows, previous_codes=codes[:, :position].flatten(1), scores=position_scores,
-                    logits=position_logits,
-                )  # fmt: skip
-                recorded = [None if x is None else torch.stack(x, dim=1) for x in (position_scores, position_logits)]
+                recorded = eager_depths(position, hidden)
                 if not last:
                     next_embedding = model.model.get_generation_embeddings(
                         torch.cat([codes[:, position]] * (2 if guided else 1)), positions=position, check_codes=False
@@ -513,29 +527,12 @@ def generate_image_codes(
                     None if last else full_mask, next_position, llm_cache, cache_position, grid_position,
                 )  # fmt: skip
                 hidden = hidden if last else next_hidden
-            if scores is not None:
-                scores.append(recorded[0])
-            if logits is not None:
-                logits.append(recorded[1])
-            if feed is not None:
-                feed.put(codes[:, position])
+            deliver(position, recorded)
             positions = next_position
     else:
         hidden, llm_cache = run_llm(embeddings, mask, positions, None)
         for position in range(grid * grid):
-            position_scores = [] if scores is not None else None
-            position_logits = [] if logits is not None else None
-            codes[:, position] = _sample_depths(
-                head, quantizer, hidden, processors, guided, guidance_scale, depth_config.do_sample, generator,
-                use_cache, rows, previous_codes=codes[:, :position].flatten(1), scores=position_scores,
-                logits=position_logits,
-            )  # fmt: skip
-            if scores is not None:
-                scores.append(torch.stack(position_scores, dim=1))
-            if logits is not None:
-                logits.append(torch.stack(position_logits, dim=1))
-            if feed is not None:
-                feed.put(codes[:, position])
+            deliver(position, eager_depths(position, hidden))
             if position == grid * grid - 1:
                 break
             next_embedding = model.model.get_generation_embeddings(
