@@ -289,6 +289,8 @@ def vlm_training_rows(split, image_folder: str, seed: int = 0, max_questions_per
     os.makedirs(image_folder, exist_ok=True)
     rng = random.Random(seed)
     rows = []
+    if not write_images and "image" in getattr(split, "column_names", ()):
+        split = split.remove_columns("image")  # nothing to decode
     for index, example in enumerate(split):
         name = f"{index:06d}.png"
         if write_images:
