@@ -502,7 +502,7 @@ def generate_image_codes(
         else:
             step = _static_position_step if generation_config.disable_compile else _compiled_position_step()
         noise = None
-        if depth_config.do_sample:
+        if depth_config.do_sample and not logits_processor:  # the eager depth loop draws through torch.multinomial
             noise = torch.empty(pixel_depth, rows, vision.codebook_size, device=ids.device)
         for position in range(grid * grid):
             last = position == grid * grid - 1
