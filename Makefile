@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0
 DEMO_DIR ?= outputs/demo
 PHOTO_DEMO_DIR ?= outputs/demo-photos
+REPRODUCE_DIR ?= outputs/reproduce
 
-.PHONY: test test-fast demo demo-photos bench test-slow clean
+.PHONY: test test-fast demo demo-photos reproduce bench test-slow clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,11 @@ test-slow: $(VENV)/.installed-dev
 # scored); each stage is cached, DEMO_ARGS=--retrain trains again.
 demo: $(VENV)/.installed-demo
 	$(PY) scripts/demo_miniature.py --output-dir $(DEMO_DIR) $(DEMO_ARGS)
+
+# The paper's depth ablation (Table 4, Fig. 5b, Fig. 6) in miniature: three depth allocations x two seeds at the demo's
+# budgets (about 80 min on 2 cores); runs under outputs/reproduce (cached, resumable), results in reproduction/.
+reproduce: $(VENV)/.installed-demo
+	$(PY) scripts/reproduce_ablation.py --output-dir $(REPRODUCE_DIR) --results-dir reproduction $(REPRODUCE_ARGS)
 
 # The earlier main job: a small EvoTok trained on the photos scikit-image / scikit-learn ship.
 demo-photos: $(VENV)/.installed-demo

@@ -26,7 +26,7 @@ from evotok_hf.miniature.report import FLOORS
 from evotok_hf.miniature.siglip import _batch, shape_twins, train_mini_siglip, zero_shot_accuracy
 from evotok_hf.miniature.text import build_qwen2, describe_scene, shapes_text_corpus, train_bpe_tokenizer
 from evotok_hf.modeling.configuration_evotok import EVOTOK_PRESETS
-from evotok_hf.frozen_networks import SiglipTeacher
+from evotok_hf.frozen_networks import SiglipFeatures, SiglipTeacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "scripts", "demo_miniature.py")
@@ -161,6 +161,10 @@ def test_mini_siglip_trains_and_serves_as_teacher_and_encoder(shapes, text_token
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1
     expected = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
     torch.testing.assert_close(teacher(pixels), expected)
+    # the rFID-style features: the tower's pooled image embedding (SigLIP's attention-pooling head)
+    features = SiglipFeatures.from_pretrained(tmp_path)
+    assert features.num_features == 128
+    torch.testing.assert_close(features(pixels), model.vision_model(pixel_values=pixels).pooler_output)
     # the encoder of EvoTok starts from the same weights
     tokenizer = EvoTokModel.from_encoder_pretrained(str(tmp_path), config=None,
                                                     **{k: v for k, v in EVOTOK_PRESETS["evotok-shapes"].items()
@@ -271,6 +275,9 @@ def test_tiny_run_writes_loadable_checkpoints_and_a_complete_report(tiny_run):
     assert set(scores["per_depth"]["psnr"]) == {"1", "2", "3", "4"}
     assert set(scores["per_depth"]["semantic_cosine"]) == {str(k) for k in range(1, 17)}
     assert "psnr_mean_colour_baseline" in scores["per_depth"]
+    # rFID-style distance in the mini-SigLIP's feature space, by pixel depth, and between two sets of real scenes
+    assert set(scores["per_depth"]["rfid"]) == {"1", "2", "3", "4"}
+    assert all(v >= 0 for v in scores["per_depth"]["rfid"].values()) and scores["per_depth"]["rfid_real_vs_real"] >= 0
     assert set(scores["nmi_by_depth"]["16"]) >= {"color", "shape"}
     assert set(scores["vqa"]["per_type"]) and 0 <= scores["vqa"]["overall"] <= 1
     geneval = scores["geneval"]

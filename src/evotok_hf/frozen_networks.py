@@ -294,6 +294,35 @@ class EfficientNetLite0Features(FeatureNetwork):
         return network.extract_features(inputs).mean(dim=(2, 3))
 
 
+class SiglipFeatures(FeatureNetwork):
+    """A SigLIP vision tower's pooled image embedding (`pooler_output`, the attention-pooling head SigLIP's contrastive
+    loss trains) as rFID-style features: a Fréchet distance in the feature space of a SigLIP trained on the same domain
+    (the miniature's mini-SigLIP). Not comparable with Inception rFID; useful to compare tokenizers with each other.
+
+    The constructor wraps a `SiglipVisionModel` (downloads nothing); `from_pretrained` loads one, or the vision tower
+    of a full `SiglipModel` checkpoint. Pixels in [-1, 1] are SigLIP's input scaling; they are clamped to it and resized
+    (bilinear, antialiased) to the tower's image size when they differ."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        config = getattr(model, "config", None)
+        if not getattr(config, "vision_use_head", True) or not hasattr(config, "image_size"):
+            raise ValueError(f"SiglipFeatures needs a SiglipVisionModel with its pooling head, got {type(model).__name__}")
+        self.model = model
+        self.image_size = int(config.image_size)
+        self.num_features = int(config.hidden_size)
+        self.name = f"siglip-pooled-{self.num_features} (a SigLIP's image embedding, NOT Inception)"
+        freeze(self)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SiglipFeatures:
+        return cls(_load_siglip_vision_model(pretrained_model_name_or_path, **kwargs))
+
+    def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pixel_values = _resize_square(pixel_values.clamp(-1.0, 1.0), self.image_size).to(self.model.dtype)
+        return self.model(pixel_values=pixel_values).pooler_output
+
+
 FID_IMAGE_SIZE = 299  # the FID Inception's input size: every implementation resizes to it
 
 
@@ -533,6 +562,7 @@ __all__ = [
     "InceptionV3Features",
     "PytorchFIDInceptionFeatures",
     "SemanticTeacher",
+    "SiglipFeatures",
     "SiglipTeacher",
     "build_feature_network",
     "build_perceptual_loss",

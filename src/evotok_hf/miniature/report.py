@@ -63,8 +63,9 @@ def build_report(cache, config, timings: dict) -> dict:
 
     with open(cache.path("scores", "scores.json")) as f:
         scores = json.load(f)
-    for key in ("psnr", "ssim", "semantic_cosine"):
-        scores["per_depth"][key] = _int_keys(scores["per_depth"][key])
+    for key in ("psnr", "ssim", "semantic_cosine", "rfid"):
+        if key in scores["per_depth"]:  # rfid: not in the scores of runs before it was measured
+            scores["per_depth"][key] = _int_keys(scores["per_depth"][key])
     scores["nmi_by_depth"] = _int_keys(scores["nmi_by_depth"])
     return {
         "config": {k: v for k, v in dataclasses.asdict(config).items()},
@@ -142,9 +143,10 @@ def _fmt(value, digits: int = 3) -> str:
 def render_html(report: dict, images_folder: str) -> str:
     scores = report["scores"]
     per_depth, geneval, vqa = scores["per_depth"], scores["geneval"], scores["vqa"]
+    pixel_depth, semantic_depth = max(per_depth["psnr"]), max(per_depth["semantic_cosine"])
     sections = ["<h1>EvoTok in miniature</h1>",
                 "<p>The paper's recipe at toy size on EvoTok Shapes (64 x 64 synthetic scenes): a mini-SigLIP teacher, the "
-                "EvoTok tokenizer (pixel depth 4, semantic depth 16), and one Qwen2 VLM that both answers questions and "
+                f"EvoTok tokenizer (pixel depth {pixel_depth}, semantic depth {semantic_depth}), and one Qwen2 VLM that both answers questions and "
                 "draws, scored by an objective detector (mini-GenEval) and exact-match VQA. Every number here is measured "
                 "on this run; the paper's numbers are quoted only for orientation: <b>they come from a 7B model on real "
                 "benchmarks (GenEval, GQA, ImageNet) and are not comparable</b>.</p>"]  # fmt: skip
@@ -173,6 +175,11 @@ def render_html(report: dict, images_folder: str) -> str:
     sections += ["<h2>Per depth</h2>", f"<div>{psnr_chart} {cosine_chart} {nmi_chart}</div>",
                  "<p>PSNR is drawn from below the mean-colour baseline (dashed), cosine and NMI from 0 to 1. NMI: colour "
                  "in blue, shape in red.</p>"]  # fmt: skip
+    if "rfid" in per_depth:  # not in the scores of runs before it was measured
+        rfid_rows = [[f"first k = {k} depths", _fmt(v, 2)] for k, v in sorted(per_depth["rfid"].items())]
+        rfid_rows.append(["real vs real (other held-out scenes)", _fmt(per_depth.get("rfid_real_vs_real"), 2)])
+        sections += ["<h3>rFID-style distance in the mini-SigLIP's feature space (pooled image embedding; not "
+                     "Inception rFID)</h3>", _table(["reconstruction", "Fréchet distance"], rfid_rows)]  # fmt: skip
 
     # generation
     default_scale = geneval["default_guidance_scale"]

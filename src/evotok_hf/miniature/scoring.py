@@ -61,18 +61,33 @@ def detector_on_reconstructions(tokenizer, image_processor, prompts, seed: int =
 
 
 @torch.no_grad()
-def per_depth_scores(tokenizer, image_processor, teacher, images, folder: str) -> dict:
+def per_depth_scores(tokenizer, image_processor, teacher, images, folder: str, feature_network=None,
+                     reference_images=None) -> dict:  # fmt: skip
     """PSNR / SSIM by pixel depth 1..D_pix (with the mean-colour baseline PSNR) and semantic cosine to the teacher by
-    depth 1..D_sem, on held-out scenes; reconstructions of the first few by depth, saved for the report."""
+    depth 1..D_sem, on held-out scenes; reconstructions of the first few by depth, saved for the report.
+
+    With a `feature_network` (e.g. `SiglipFeatures` of the mini-SigLIP) also an rFID-style Fréchet distance in its
+    feature space between the scenes and their reconstructions, by pixel depth, and, with `reference_images` (other
+    real scenes, as many), the same distance between two sets of real scenes: what sampling alone gives."""
     from ..evaluation import evaluate_reconstruction, mean_colour_baseline, psnr
+    from ..evaluation.metrics import feature_statistics, fid_from_statistics
     from ..image_datasets import eval_transform
 
-    report = evaluate_reconstruction(tokenizer, images, image_processor, metrics=("psnr", "ssim", "semantic", "usage"),
-                                     teacher=teacher, progress=False, dataset_name="EvoTok Shapes",
+    metrics = ("psnr", "ssim", "semantic", "usage") + (("rfid",) if feature_network is not None else ())
+    report = evaluate_reconstruction(tokenizer, images, image_processor, metrics=metrics, teacher=teacher,
+                                     feature_network=feature_network, progress=False, dataset_name="EvoTok Shapes",
                                      split="test")  # fmt: skip
     transform = eval_transform(image_processor)
     pixel_values = torch.stack([transform(image) for image in images])
     baseline = float(psnr(mean_colour_baseline(pixel_values), pixel_values).mean())
+    extra = {}
+    if feature_network is not None:
+        extra["rfid"] = {int(k): float(v) for k, v in report.rfid.items()}
+        extra["rfid_features"] = report.feature_network
+        if reference_images is not None:
+            reference = torch.stack([transform(image) for image in reference_images])
+            extra["rfid_real_vs_real"] = fid_from_statistics(feature_statistics(pixel_values, feature_network),
+                                                             feature_statistics(reference, feature_network))  # fmt: skip
     shown = pixel_values[:REPORT_RECONSTRUCTIONS]
     codes = tokenizer.encode(shown).codes
     rows = [{"depth": 0, "images": _save_images(image_processor.postprocess(shown, return_tensors="PIL.Image.Image"),
@@ -88,6 +103,7 @@ def per_depth_scores(tokenizer, image_processor, teacher, images, folder: str) -
         "semantic_cosine": {int(k): float(v) for k, v in report.semantic_cosine.items()},
         "codebook_usage": [float(u) for u in report.codebook_usage],
         "psnr_mean_colour_baseline": baseline,
+        **extra,
         "reconstructions": rows,
     }
 
@@ -139,7 +155,7 @@ def score_miniature(cache, config, dataset, folder: str, progress: bool = True) 
 
     from ..evaluation.shapes_scoring import evaluate_vqa
     from ..pipelines import EvoTokPipeline
-    from ..frozen_networks import SiglipTeacher
+    from ..frozen_networks import SiglipFeatures, SiglipTeacher
     from .shapes import geneval_prompts
 
     start = time.perf_counter()
@@ -152,7 +168,11 @@ def score_miniature(cache, config, dataset, folder: str, progress: bool = True) 
     image_processor = AutoImageProcessor.from_pretrained(cache.path("tokenizer"))
     teacher = SiglipTeacher.from_pretrained(cache.path("siglip"), grid_size=tokenizer.config.grid_size)
     held_out = list(test.select(range(min(config.depth_eval_images, len(test))))["image"])
-    scores["per_depth"] = per_depth_scores(tokenizer, image_processor, teacher, held_out, images_folder)
+    features = SiglipFeatures.from_pretrained(cache.path("siglip"))
+    validation = dataset["validation"]
+    reference = list(validation.select(range(min(len(held_out), len(validation))))["image"])
+    scores["per_depth"] = per_depth_scores(tokenizer, image_processor, teacher, held_out, images_folder,
+                                           feature_network=features, reference_images=reference)  # fmt: skip
     scores["nmi_by_depth"] = nmi_scores(tokenizer, image_processor, test, config.nmi_images)
     scores["detector_reconstructions"] = detector_on_reconstructions(tokenizer, image_processor, prompts, config.seed)
     timings = {"tokenizer": time.perf_counter() - start}
