@@ -104,9 +104,11 @@ def plot(path: str, psnr_by_depth, baseline_psnr, cosine_by_depth, pixel_depth: 
     left.set_xticks(range(1, len(psnr_by_depth) + 1))
     left.legend()
     right.plot(range(1, len(cosine_by_depth) + 1), cosine_by_depth, marker="o", color="tab:green")
-    right.axvline(pixel_depth, color="tab:orange", linestyle=":", label="pixel depth")
+    if pixel_depth <= len(cosine_by_depth):  # a pixel depth beyond the semantic one is off this axis
+        right.axvline(pixel_depth, color="tab:orange", linestyle=":", label="pixel depth")
     right.set(xlabel="depth k", ylabel="cosine to teacher", title="Semantic features vs depth (held-out)")
-    right.legend()
+    if right.get_legend_handles_labels()[0]:
+        right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

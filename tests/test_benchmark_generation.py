@@ -49,3 +49,21 @@ def test_generation_benchmark_tiny_identical_greedy_codes(tmp_path):
     assert generation._sample_depths.__name__ == "_sample_depths"
     assert generation._llm_step.__name__ == "_llm_step"
     assert generation._compiled_position_step.__name__ == "_compiled_position_step"
+
+
+def test_few_row_linear_benchmark_checks_both_forms_against_float64(tmp_path):
+    """benchmarks/few_row_linear.py on one weight shape: both forms agree with the float64 product, every row count
+    takes the few-row form (beyond the shipped limit too), and the shipped limit is restored afterwards."""
+    from evotok_hf.modeling import generation
+
+    main = runpy.run_path(str(ROOT / "benchmarks/few_row_linear.py"), run_name="not_main")["main"]
+    shipped = generation.FEW_ROW_LINEAR_MAX_ROWS
+    results = main(["--shapes", "3", "--rows", "2,16", "--repeats", "1", "--calls", "1", "--threads",
+                    str(torch.get_num_threads()), "--json", str(tmp_path / "f.json")])  # fmt: skip
+    assert generation.FEW_ROW_LINEAR_MAX_ROWS == shipped == results["shipped_max_rows"]
+    (entry,) = results["shapes"]
+    assert entry["shape"] == [448, 448] and set(entry["rows"]) == {2, 16} and entry["read_gb_per_s"] > 0
+    for timings in entry["rows"].values():
+        for variant in ("linear", "few-row"):
+            assert timings[variant]["max_relative_error"] < 1e-5 and timings[variant]["microseconds"] > 0
+    assert json.loads((tmp_path / "f.json").read_text())["shapes"][0]["name"] == "LLM attention q / o"

@@ -387,3 +387,33 @@ def test_image_generation_ignores_sub_configs_return_dict_false(t2i_vlm, process
     sampled = [generate_codes(m, processor, do_sample=True, generator=torch.Generator().manual_seed(3))
                for m in (loaded, t2i_vlm)]  # fmt: skip
     assert torch.equal(*sampled)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 9])
+def test_few_row_linear_matches_the_float64_product_and_keeps_linear_beyond_its_rows(rows):
+    """`_FewRowLinear`, the compiled static step's F.linear over a few float32 rows on a CPU (one multiply-and-sum
+    over the weight per row): the same product as float64 to rounding, in eager mode and compiled, with a bias and
+    leading dimensions; over more rows than `FEW_ROW_LINEAR_MAX_ROWS`, and for bf16, F.linear itself."""
+    import torch.nn.functional as F
+
+    from evotok_hf.modeling.generation import FEW_ROW_LINEAR_MAX_ROWS, _FewRowLinear
+
+    generator = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(300, 40, generator=generator), torch.randn(300, generator=generator)
+    inputs = torch.randn(rows, 1, 40, generator=generator)
+    reference = F.linear(inputs.double(), weight.double(), bias.double())
+    with _FewRowLinear():
+        eager = F.linear(inputs, weight, bias)
+    def step(inputs, weight, bias):
+        with _FewRowLinear():
+            return F.linear(inputs, weight, bias)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)(inputs, weight, bias)
+    for out in (eager, compiled):
+        assert out.shape == (rows, 1, 300) and out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+    if rows > FEW_ROW_LINEAR_MAX_ROWS:
+        assert torch.equal(eager, F.linear(inputs, weight, bias))
+    with _FewRowLinear():
+        half = F.linear(inputs.bfloat16(), weight.bfloat16())
+    assert torch.equal(half, F.linear(inputs.bfloat16(), weight.bfloat16()))

@@ -95,7 +95,7 @@ def map_official_depth_head(
     problems: list[str],
 ) -> dict | None:
     """Add the official depth head's tensors to `converted` under `depth_head.*` and return its config fields (None
-    when they cannot be told). The classifiers of depths >= `pixel_depth` (the authors build one per semantic depth
+    when they cannot be told). The classifiers of depths >= `pixel_depth` (the authors build one per quantizer depth
     and train the first `pixel_depth`) are dropped and reported in the log."""
     if not head_state:
         problems.append(f"the checkpoint holds no depth head ('{prefix}*')")

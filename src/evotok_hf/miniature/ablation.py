@@ -252,8 +252,10 @@ def plot_evolution(summary: dict, path: str) -> str:
             ax.errorbar(depths, means, yerr=[low, high], marker="o", capsize=3, label=label)
     axes[0].set(xlabel="pixel depth k (first k codes decoded to pixels)", ylabel="PSNR (dB)",
                 title="Reconstruction along depth (held-out scenes)")  # fmt: skip
+    lowest = min(v for by_seed in summary["curves"].values() for c in by_seed.values()
+                 for v in c["semantic_cosine"].values())  # fmt: skip
     axes[1].set(xlabel="semantic depth k (first k codes decoded to features)", ylabel="cosine to the mini-SigLIP",
-                title="Semantic alignment along depth", ylim=(0.0, 1.0))  # fmt: skip
+                title="Semantic alignment along depth", ylim=(min(0.0, lowest - 0.05), 1.0))  # fmt: skip
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
@@ -391,16 +393,19 @@ def readme_text(summary: dict, command: str, grids: dict[str, str]) -> str:
               "cumulative latent at "
               "depth k with the colour and with the shape of the object under each position:", "",
               "![Fig. 6 analogue](fig6_nmi.png)", ""]  # fmt: skip
-    depths_shown = sorted({d for name in names for d in next(iter(summary["curves"][name].values()))["nmi_color"]})
-    shown = [d for d in (1, 2, 4, 8, 16) if d in depths_shown]
-    lines += ["| allocation | " + " | ".join(f"colour @{d}" for d in shown) + " | "
-              + " | ".join(f"shape @{d}" for d in shown) + " |", "|---|" + "---|" * (2 * len(shown))]  # fmt: skip
+    # depths every allocation has, then each allocation's deepest (the sum of all its codes)
+    common = sorted(set.intersection(*(set(next(iter(summary["curves"][n].values()))["nmi_color"]) for n in names)))
+    shown = [d for d in (1, 2, 4) if d in common]
+    headers = [f"{what} @{d}" for what in ("colour", "shape") for d in (*shown, "deepest")]
+    lines += ["| allocation | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
     for name in names:
         cells = []
         for key in ("nmi_color", "nmi_shape"):
-            for d in shown:
-                values = [c[key][d] for c in summary["curves"][name].values() if d in c[key]]
-                cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
+            curves = list(summary["curves"][name].values())
+            deepest = max(curves[0][key])
+            for column, d in enumerate((*shown, deepest)):
+                values = [c[key][d] for c in curves]
+                cells.append(f"{sum(values) / len(values):.3f}" + (f" (@{d})" if column == len(shown) else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if grids:
         lines += ["", f"The clusters themselves (seed {seeds[0]}; 8 clusters per depth, each row the patches nearest "
