@@ -490,10 +490,16 @@ def depth_head_by_batch(model, official, images: int, args) -> dict:
     return out
 
 
+def _few_row_position_codes(*args):
+    with generation_module._FewRowLinear():
+        return generation_module._position_codes(*args)
+
+
 @functools.cache
 def _compiled_position_codes():
-    """The static path's depth loop alone (`_position_codes`), compiled as the position step compiles it."""
-    return torch.compile(generation_module._position_codes, fullgraph=True, dynamic=False)
+    """The static path's depth loop alone (`_position_codes`), compiled as the position step compiles it (with
+    `_FewRowLinear`)."""
+    return torch.compile(_few_row_position_codes, fullgraph=True, dynamic=False)
 
 
 # ----------------------------------------------------------------------------- report

@@ -70,6 +70,10 @@ def test_verdicts_compare_seed_by_seed():
     result = _verdict(mixed, "a", "b", True)
     assert result["verdict"] == "unresolved" and result["differences_by_seed"] == pytest.approx({0: 0.1, 1: -0.1})
     assert _verdict({"a": {0: 0.5}, "b": {0: 0.5}}, "a", "b", True)["verdict"] == "unresolved"  # a tie
+    # the same sign in every seed, but a margin (0.1) within how far an allocation moves between seeds
+    assert _verdict(values, "a", "b", True, spread=0.14)["verdict"] == "unresolved"
+    assert _verdict(values, "b", "a", True, spread=0.14)["verdict"] == "unresolved"
+    assert _verdict(values, "a", "b", True, spread=0.05)["verdict"] == "holds"
 
 
 @pytest.mark.slow

@@ -177,7 +177,8 @@ def render_html(report: dict, images_folder: str) -> str:
                  "in blue, shape in red.</p>"]  # fmt: skip
     if "rfid" in per_depth:  # not in the scores of runs before it was measured
         rfid_rows = [[f"first k = {k} depths", _fmt(v, 2)] for k, v in sorted(per_depth["rfid"].items())]
-        rfid_rows.append(["real vs real (other held-out scenes)", _fmt(per_depth.get("rfid_real_vs_real"), 2)])
+        rfid_rows.append(["two unpaired sets of real scenes (validation vs test; sampling alone)",
+                          _fmt(per_depth.get("rfid_real_vs_real"), 2)])  # fmt: skip
         sections += ["<h3>rFID-style distance in the mini-SigLIP's feature space (pooled image embedding; not "
                      "Inception rFID)</h3>", _table(["reconstruction", "Fréchet distance"], rfid_rows)]  # fmt: skip
 

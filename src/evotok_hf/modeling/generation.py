@@ -566,8 +566,10 @@ def _llm_step(language_model, inputs_embeds, attention_mask, position_ids, cache
 
 
 # At most this many rows (images x 2 with guidance) take `_FewRowLinear` in a compiled step on a CPU. Measured on this
-# project's 2-core machine (one thread, fp32, `benchmarks/README.md`): over a 32,768 x 320 classifier 3.2x faster than
-# `F.linear` at 2 rows, 2.8x at 4, 2.2x at 8 and 0.7x at 16; over a 2,368 x 448 MLP weight 1.5x / 2.3x / 3.9x / 1.9x.
+# project's 2-core machine (2 threads, fp32): alone, each paper-ratio generation weight is read 1.3-6.8x faster than
+# by `F.linear` at 1 to 8 rows and 1.15-1.9x at 16 (`benchmarks/few_row_linear.py`), but within the compiled depth loop
+# at 16 rows (8 images per call) the step took 56 ms against 32 ms with `F.linear` (`benchmarks/generation.py`;
+# benchmarks/README.md).
 FEW_ROW_LINEAR_MAX_ROWS = 8
 
 
