@@ -239,72 +239,64 @@ def _seed_values(spread: dict, digits: int) -> str:
     return " / ".join(f"{v:.{digits}f}" for v in spread["by_seed"].values())
 
 
-def plot_evolution(summary: dict, path: str) -> str:
-    """The Fig. 5b analogue: PSNR by pixel depth and semantic cosine by semantic depth, one line per allocation (mean
-    over seeds, bars from the lowest to the highest seed)."""
+def _plot_curves(summary: dict, keys: tuple[str, str], path: str, title: str, set_axes, sharey: bool = False) -> str:
+    """Two panels of per-depth curves (`keys`), one line per allocation: the mean over seeds with bars from the
+    lowest to the highest seed, depth on a log2 axis. `set_axes(axes)` labels the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=sharey)
     for name, by_seed in summary["curves"].items():
         label = f"{name} {tuple(summary['allocations'][name].values())}"
-        for ax, key in zip(axes, ("psnr", "semantic_cosine")):
-            depths = sorted(next(iter(by_seed.values()))[key])
-            values = [[curves[key][d] for curves in by_seed.values()] for d in depths]
-            means = [sum(v) / len(v) for v in values]
-            low = [m - min(v) for m, v in zip(means, values)]
-            high = [max(v) - m for m, v in zip(means, values)]
-            ax.errorbar(depths, means, yerr=[low, high], marker="o", capsize=3, label=label)
-    axes[0].set(xlabel="pixel depth k (first k codes decoded to pixels)", ylabel="PSNR (dB)",
-                title="Reconstruction along depth (held-out scenes)")  # fmt: skip
-    lowest = min(v for by_seed in summary["curves"].values() for c in by_seed.values()
-                 for v in c["semantic_cosine"].values())  # fmt: skip
-    axes[1].set(xlabel="semantic depth k (first k codes decoded to features)", ylabel="cosine to the mini-SigLIP",
-                title="Semantic alignment along depth", ylim=(min(0.0, lowest - 0.05), 1.0))  # fmt: skip
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    figure.suptitle(f"EvoTok in miniature: Fig. 5b analogue (mean of seeds {summary['seeds']}, bars: seed range)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-def plot_nmi(summary: dict, path: str) -> str:
-    """The Fig. 6 analogue made quantitative: NMI of per-position k-means clusters of the cumulative latent with the
-    colour and with the shape labels, by depth, one line per allocation (mean over seeds, bars: seed range)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for name, by_seed in summary["curves"].items():
-        label = f"{name} {tuple(summary['allocations'][name].values())}"
-        for ax, key in zip(axes, ("nmi_color", "nmi_shape")):
+        for ax, key in zip(axes, keys):
             depths = sorted(next(iter(by_seed.values()))[key])
             values = [[curves[key][d] for curves in by_seed.values()] for d in depths]
             means = [sum(v) / len(v) for v in values]
             yerr = [[m - min(v) for m, v in zip(means, values)], [max(v) - m for m, v in zip(means, values)]]
             ax.errorbar(depths, means, yerr=yerr, marker="o", capsize=3, label=label)
-    for ax, what in zip(axes, ("colour", "shape")):
-        ax.set(xlabel="depth k (sum of the first k code embeddings)", title=f"NMI of the clusters with {what} labels",
-               ylim=(0.0, 1.0))  # fmt: skip
+    set_axes(axes)
+    for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("NMI")
-    figure.suptitle("EvoTok in miniature: Fig. 6 analogue, per-position k-means (16 clusters) of the latent by depth")
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_evolution(summary: dict, path: str) -> str:
+    """The Fig. 5b analogue: PSNR by pixel depth and semantic cosine by semantic depth, one line per allocation (mean
+    over seeds, bars from the lowest to the highest seed)."""
+    lowest = min(v for by_seed in summary["curves"].values() for c in by_seed.values()
+                 for v in c["semantic_cosine"].values())  # fmt: skip
+
+    def set_axes(axes):
+        axes[0].set(xlabel="pixel depth k (first k codes decoded to pixels)", ylabel="PSNR (dB)",
+                    title="Reconstruction along depth (held-out scenes)")  # fmt: skip
+        axes[1].set(xlabel="semantic depth k (first k codes decoded to features)", ylabel="cosine to the mini-SigLIP",
+                    title="Semantic alignment along depth", ylim=(min(0.0, lowest - 0.05), 1.0))  # fmt: skip
+
+    title = f"EvoTok in miniature: Fig. 5b analogue (mean of seeds {summary['seeds']}, bars: seed range)"
+    return _plot_curves(summary, ("psnr", "semantic_cosine"), path, title, set_axes)
+
+
+def plot_nmi(summary: dict, path: str) -> str:
+    """The Fig. 6 analogue made quantitative: NMI of per-position k-means clusters of the cumulative latent with the
+    colour and with the shape labels, by depth, one line per allocation (mean over seeds, bars: seed range)."""
+
+    def set_axes(axes):
+        for ax, what in zip(axes, ("colour", "shape")):
+            ax.set(xlabel="depth k (sum of the first k code embeddings)", ylim=(0.0, 1.0),
+                   title=f"NMI of the clusters with {what} labels")  # fmt: skip
+        axes[0].set_ylabel("NMI")
+
+    title = "EvoTok in miniature: Fig. 6 analogue, per-position k-means (16 clusters) of the latent by depth"
+    return _plot_curves(summary, ("nmi_color", "nmi_shape"), path, title, set_axes, sharey=True)
 
 
 def save_cluster_grids(output_dir: str, seed: int, allocations, results_dir: str, num_images: int = 100,
