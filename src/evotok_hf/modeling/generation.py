@@ -568,7 +568,7 @@ def _llm_step(language_model, inputs_embeds, attention_mask, position_ids, cache
 # At most this many rows (images x 2 with guidance) take `_FewRowLinear` in a compiled step on a CPU. Measured on this
 # project's 2-core machine (2 threads, fp32): alone, each paper-ratio generation weight is read 1.3-6.8x faster than
 # by `F.linear` at 1 to 8 rows and 1.15-1.9x at 16 (`benchmarks/few_row_linear.py`), but within the compiled depth loop
-# at 16 rows (8 images per call) the step took 56 ms against 32 ms with `F.linear` (`benchmarks/generation.py`;
+# at 16 rows (8 images per call) the loop took 56 ms against 36 ms with `F.linear` (`benchmarks/generation.py`;
 # benchmarks/README.md).
 FEW_ROW_LINEAR_MAX_ROWS = 8
 
@@ -579,8 +579,8 @@ class _FewRowLinear(torch.overrides.TorchFunctionMode):
     and keeps one accumulator per input row.
 
     At one or a few images per call every matmul of a position step is bound by reading its weights, and a few-row
-    fp32 GEMM reads them at a fraction of the memory bandwidth (11.5 GB/s at 2 rows here, against 43 GB/s for a plain
-    reduction). The sums run in another order than the GEMM's, so results agree to rounding, not bit for bit
+    fp32 GEMM reads them at a fraction of the memory bandwidth (the 32,768 x 320 classifier at 8 GB/s at 2 rows here,
+    against 64 GB/s for reading it alone; `benchmarks/few_row_linear.py`). The sums run in another order than the GEMM's, so results agree to rounding, not bit for bit
     (closer to float64 in the measurements). bf16 weights keep `F.linear`: its bf16 kernel is the faster one."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
