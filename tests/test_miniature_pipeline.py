@@ -23,7 +23,7 @@ from evotok_hf.miniature.pipeline import (
     vlm_training_rows,
 )
 from evotok_hf.miniature.report import FLOORS
-from evotok_hf.miniature.siglip import _batch, shape_twins, train_mini_siglip, zero_shot_accuracy
+from evotok_hf.miniature.siglip import _batch, patch_labels, shape_twins, train_mini_siglip, zero_shot_accuracy
 from evotok_hf.miniature.text import build_qwen2, describe_scene, shapes_text_corpus, train_bpe_tokenizer
 from evotok_hf.modeling.configuration_evotok import EVOTOK_PRESETS
 from evotok_hf.frozen_networks import SiglipFeatures, SiglipTeacher
@@ -173,6 +173,41 @@ def test_mini_siglip_trains_and_serves_as_teacher_and_encoder(shapes, text_token
         torch.testing.assert_close(tokenizer.encoder.state_dict()[name], value)
 
 
+def test_patch_labels_name_the_object_that_covers_each_patch():
+    # drawn by hand on the 8 x 8 grid of 8-pixel patches: a red square filling patches (1, 1)-(2, 2) exactly, a blue
+    # circle inscribed in patches (5, 5)-(6, 6) (each quarter disc covers pi / 4 = 79% of its patch) and a green
+    # triangle in patches (1, 5)-(2, 6), whose top patches it covers only 1/8 each (apex up) and its bottom ones 5/8
+    scenes = [[{"shape": "square", "color": "red", "bbox": [8, 8, 24, 24]},
+               {"shape": "circle", "color": "blue", "bbox": [40, 40, 56, 56]},
+               {"shape": "triangle", "color": "green", "bbox": [40, 8, 56, 24]}],
+              []]  # fmt: skip
+    labels = patch_labels(scenes, 8)
+    assert labels.shape == (2, 64) and labels.dtype == torch.long
+    expected = torch.zeros(2, 8, 8, dtype=torch.long)
+    # 1 + shape index (circle, square, triangle) * 6 colours + colour index (red, green, blue, ...)
+    expected[0, 1:3, 1:3] = 1 + 1 * 6 + 0
+    expected[0, 5:7, 5:7] = 1 + 0 * 6 + 2
+    expected[0, 2, 5:7] = 1 + 2 * 6 + 1
+    assert torch.equal(labels, expected.flatten(1))
+
+
+def test_mini_siglip_grounding_head_trains_on_the_teachers_target_layer(shapes, text_tokenizer):
+    encoder_config = EVOTOK_PRESETS["evotok-shapes"]["encoder_config"]
+    plain, plain_summary = train_mini_siglip(shapes["train"], text_tokenizer, encoder_config, max_steps=2,
+                                             batch_size=8, progress=False)  # fmt: skip
+    model, summary = train_mini_siglip(shapes["train"], text_tokenizer, encoder_config, max_steps=2, batch_size=8,
+                                       grounding_weight=1.0, progress=False)  # fmt: skip
+    assert "first_grounding_loss" not in plain_summary
+    assert 0 < summary["first_grounding_loss"] < float("inf") and 0 < summary["final_grounding_loss"] < float("inf")
+    assert summary["grounding_weight"] == 1.0
+    # the same first batch and initialisation: the sigmoid loss starts equal, the weights then part
+    assert summary["first_loss"] == pytest.approx(plain_summary["first_loss"], rel=1e-5)
+    assert isinstance(model, SiglipModel) and set(model.state_dict()) == set(plain.state_dict())
+    # the head reads hidden_states[-2], the output of the last layer but one: its gradient moves that layer
+    below = "vision_model.encoder.layers.{}.mlp.fc2.weight".format(encoder_config["num_hidden_layers"] - 2)
+    assert not torch.equal(model.state_dict()[below], plain.state_dict()[below])
+
+
 # ------------------------------------------------------------------------------------------------ data and caching
 def test_vlm_training_rows_read_in_user_turns_and_write_in_assistant_turns(shapes, tmp_path):
     rows = vlm_training_rows(shapes["train"], str(tmp_path), seed=0)
@@ -188,6 +223,28 @@ def test_vlm_training_rows_read_in_user_turns_and_write_in_assistant_turns(shape
         index = int(row["id"].split("-")[1])
         assert row["conversations"] == [{"from": "human", "value": shapes["train"][index]["caption"]},
                                         {"from": "gpt", "value": "<image>"}]  # fmt: skip
+
+
+def test_vlm_training_rows_open_with_a_description_naming_every_object(shapes, tmp_path):
+    plain = vlm_training_rows(shapes["train"], str(tmp_path), seed=2, max_questions_per_row=3)
+    rows = vlm_training_rows(shapes["train"], str(tmp_path), seed=2, max_questions_per_row=3, describe=True)
+    assert [r["id"] for r in rows] == [r["id"] for r in plain]
+    for row, before in zip(rows, plain):
+        turns = row["conversations"]
+        if not row["id"].startswith("vqa-"):
+            assert turns == before["conversations"]
+            continue
+        objects = shapes["train"][int(row["id"].split("-")[1])]["objects"]
+        # left to right by box centre, each object with its colour (written out here, not by describe_scene)
+        ordered = sorted(objects, key=lambda o: o["bbox"][0] + o["bbox"][2])
+        named = [f"a {o['color']} {o['shape']}" for o in ordered]
+        assert turns[0] == {"from": "human", "value": "<image>\nDescribe the image."}
+        assert turns[1]["from"] == "gpt" and turns[1]["value"].startswith("a photo of ")
+        assert [n for n in named if n in turns[1]["value"]] == named
+        assert turns[1]["value"].count(" a ") == len(named)  # no other object named
+        # then the same questions as without the description, the image still read once
+        assert turns[2]["value"] == before["conversations"][0]["value"].removeprefix("<image>\n")
+        assert turns[3:] == before["conversations"][1:]
 
 
 def test_vlm_training_rows_split_questions_evenly_and_repeat_captions(shapes, tmp_path):

@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 STAGE_MARKER = "stage.json"
 # What a question / a caption turn looks like to the model (LLaVA JSON, as the paper's data).
 IMAGE_PLACEHOLDER = "<image>"
+# the captioning turn of the VQA conversations (`vlm_training_rows(describe=True)`)
+DESCRIBE_PROMPT = "Describe the image."
 
 
 @dataclass
@@ -66,6 +68,8 @@ class MiniatureConfig:
     siglip_learning_rate: float = 1e-3
     # half of each batch in pairs of scenes only the shapes tell apart (`miniature.siglip.shape_twins`)
     siglip_hard_negatives: bool = True
+    # weight of the per-patch grounding loss (`miniature.siglip.train_mini_siglip`); 0 trains the sigmoid loss alone
+    siglip_grounding_weight: float = 0.0
     # image tokenizer (scripts/train_tokenizer.py --preset shapes; these override the preset)
     tokenizer_steps: int = 1200
     tokenizer_batch_size: int = 16
@@ -96,6 +100,8 @@ class MiniatureConfig:
     # the model then gave one answer to every existence question; with rows of whole scenes it never did (README)
     vlm_max_questions_per_row: int | None = None
     vlm_caption_repeats: int = 2
+    # each VQA conversation opens with a captioning turn naming every object (`vlm_training_rows(describe=True)`)
+    vlm_describe: bool = False
     # Batches of one task each (VQA rows or caption -> image rows), in a random order, read in that order
     # (`single_task_batches`): a batch is padded to its longest row, and beside VQA rows of 127-252 tokens the
     # 93-98-token caption -> image rows left random mixed batches 48% padding, batches of one task 12%; a stage-2 step
@@ -148,10 +154,11 @@ MINIATURE_PRESETS: dict[str, dict] = {
 STAGE_SETTINGS = {
     "data": ("num_train", "num_validation", "num_test", "seed"),
     "text": ("bpe_vocab_size",),
-    "siglip": ("siglip_steps", "siglip_batch_size", "siglip_learning_rate", "siglip_hard_negatives"),
+    "siglip": ("siglip_steps", "siglip_batch_size", "siglip_learning_rate", "siglip_hard_negatives",
+               "siglip_grounding_weight"),
     "tokenizer": ("tokenizer_steps", "tokenizer_batch_size", "tokenizer_overrides"),
     "llm": ("llm_hidden_size", "llm_layers", "llm_heads", "llm_kv_heads"),
-    "vlm": ("depth_head", "vlm_max_questions_per_row", "vlm_caption_repeats", "vlm_single_task_batches",
+    "vlm": ("depth_head", "vlm_max_questions_per_row", "vlm_caption_repeats", "vlm_describe", "vlm_single_task_batches",
             "vlm_stage1_steps",
             "vlm_stage1_learning_rate", "vlm_stage2_steps", "vlm_stage2_learning_rate", "vlm_batch_size", "vlm_bf16",
             "vlm_image_position_embeddings", "vlm_attn_implementation", "vlm_unconditional_probability",
@@ -273,7 +280,7 @@ def build_data(cache: StageCache, config: MiniatureConfig) -> dict:
 
 
 def vlm_training_rows(split, image_folder: str, seed: int = 0, max_questions_per_row: int | None = None,
-                      caption_repeats: int = 1, write_images: bool = True) -> list[dict]:
+                      caption_repeats: int = 1, write_images: bool = True, describe: bool = False) -> list[dict]:
     """LLaVA JSON rows for the joint VLM: VQA conversations (the image and one question in the first user turn, more
     of the scene's questions as later turns, in a shuffled order so every question type comes first sometimes) and
     caption -> image turns (an image in the assistant turn is an image to write), in a shuffled order.
@@ -281,11 +288,17 @@ def vlm_training_rows(split, image_folder: str, seed: int = 0, max_questions_per
     Each scene's questions are split into conversations of at most `max_questions_per_row` questions (as even as
     possible; every question kept): a batch is padded to its longest row, and a scene's 7 questions make a row twice as
     long as a caption -> image row. Each caption -> image row appears `caption_repeats` times. Images are written as
-    PNG files under `image_folder` (or, with `write_images=False`, taken to be there already)."""
+    PNG files under `image_folder` (or, with `write_images=False`, taken to be there already).
+
+    With `describe`, each VQA conversation opens with `DESCRIBE_PROMPT`, answered by `describe_scene` (every object
+    with its colour, left to right): the captioning turn of LLaVA's recipe, which names every object of the scene
+    where a question asks about one."""
     if max_questions_per_row is not None and max_questions_per_row < 1:
         raise ValueError(f"max_questions_per_row must be >= 1 or None, got {max_questions_per_row}")
     if caption_repeats < 1:
         raise ValueError(f"caption_repeats must be >= 1, got {caption_repeats}")
+    from .text import describe_scene
+
     os.makedirs(image_folder, exist_ok=True)
     rng = random.Random(seed)
     rows = []
@@ -301,7 +314,10 @@ def vlm_training_rows(split, image_folder: str, seed: int = 0, max_questions_per
         num_rows = -(-len(questions) // per_row)
         for part in range(num_rows):
             conversation = []
-            for turn, qa in enumerate(questions[part::num_rows]):
+            turns = questions[part::num_rows]
+            if describe:
+                turns = [{"question": DESCRIBE_PROMPT, "answer": describe_scene(example["objects"])}, *turns]
+            for turn, qa in enumerate(turns):
                 prefix = f"{IMAGE_PLACEHOLDER}\n" if turn == 0 else ""
                 conversation.append({"from": "human", "value": prefix + qa["question"]})
                 conversation.append({"from": "gpt", "value": qa["answer"]})
@@ -371,8 +387,8 @@ def build_siglip(cache: StageCache, config: MiniatureConfig, dataset, progress: 
     encoder_config = EVOTOK_PRESETS[TRAINING_PRESETS["shapes"]["model_preset"]]["encoder_config"]
     model, summary = train_mini_siglip(
         dataset["train"], tokenizer, encoder_config, max_steps=config.siglip_steps, batch_size=config.siglip_batch_size,
-        learning_rate=config.siglip_learning_rate, hard_negatives=config.siglip_hard_negatives, seed=config.seed,
-        progress=progress,
+        learning_rate=config.siglip_learning_rate, hard_negatives=config.siglip_hard_negatives,
+        grounding_weight=config.siglip_grounding_weight, seed=config.seed, progress=progress,
     )  # fmt: skip
     summary["zero_shot_test"] = zero_shot_accuracy(model, tokenizer, dataset["test"])
     save_mini_siglip(model, tokenizer, folder)
@@ -459,7 +475,8 @@ def build_vlm(cache: StageCache, config: MiniatureConfig, dataset, scripts_dir: 
     def rows_of_pass(index: int) -> list[dict]:
         return vlm_training_rows(dataset["train"], cache.path("data", "vlm_images"), seed=config.seed + index,
                                  max_questions_per_row=config.vlm_max_questions_per_row,
-                                 caption_repeats=config.vlm_caption_repeats, write_images=False)  # fmt: skip
+                                 caption_repeats=config.vlm_caption_repeats, write_images=False,
+                                 describe=config.vlm_describe)  # fmt: skip
 
     rows = rows_of_pass(0)
     counts = {"vqa": sum(r["id"].startswith("vqa-") for r in rows), "t2i": sum(r["id"].startswith("t2i-") for r in rows)}

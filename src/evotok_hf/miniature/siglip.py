@@ -110,6 +110,20 @@ def shape_twins(objects_per_scene) -> dict[int, list[int]]:
     return twins
 
 
+def patch_labels(objects_per_scene, grid_size: int) -> torch.LongTensor:
+    """The grounding targets of each scene's patch grid, `(num_scenes, grid_size**2)` in row-major order: 0 where no
+    object covers at least half of the patch, else 1 + shape index * len(COLORS) + colour index of the object that
+    covers most of it (`evaluation.shapes_scoring.position_labels`)."""
+    from ..evaluation.shapes_scoring import position_labels
+
+    colours, shapes, covered = position_labels(objects_per_scene, grid_size)
+    colour_index = {name: i for i, name in enumerate(COLORS)}
+    shape_index = {name: i for i, name in enumerate(SHAPES)}
+    labels = [1 + shape_index[s] * len(COLORS) + colour_index[c] if hit else 0
+              for c, s, hit in zip(colours, shapes, covered)]  # fmt: skip
+    return torch.tensor(labels, dtype=torch.long).view(len(objects_per_scene), grid_size * grid_size)
+
+
 def train_mini_siglip(
     dataset,
     tokenizer,
@@ -120,6 +134,7 @@ def train_mini_siglip(
     warmup_steps: int = 20,
     weight_decay: float = 1e-4,
     hard_negatives: bool = True,
+    grounding_weight: float = 0.0,
     bf16: bool = True,
     attn_implementation: str = "eager",
     seed: int = 0,
@@ -129,7 +144,14 @@ def train_mini_siglip(
     `(model, summary)`; the model is in eval mode.
 
     `bf16` trains under bfloat16 autocast (fp32 weights and optimiser) and `attn_implementation` picks the attention:
-    eager + bf16 is the fastest pair on a CPU with bf16 instructions (benchmarks/miniature_attention.py)."""
+    eager + bf16 is the fastest pair on a CPU with bf16 instructions (benchmarks/miniature_attention.py).
+
+    With `grounding_weight > 0` a linear head on the vision tower's `hidden_states[-2]` (the tokenizer's semantic
+    target) learns each patch's object, colour and shape (`patch_labels`), its cross-entropy added to the sigmoid
+    loss with that weight. SigLIP2 owes its local patch features to such dense objectives (LocCa's grounded captions
+    and referring expressions, self-distillation, masked prediction); the sigmoid loss alone leaves the mini
+    teacher's patches describing the whole scene, where no patch says what lies at it (README). The head is dropped
+    after training: the teacher is a plain `SiglipModel`."""
     from tqdm.auto import tqdm
     from transformers import SiglipModel
 
@@ -146,7 +168,14 @@ def train_mini_siglip(
     objects = list(dataset["objects"])
     descriptions = [describe_scene(scene) for scene in objects]
     twins = shape_twins(objects) if hard_negatives else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    parameters = list(model.parameters())
+    grounding_head = labels = None
+    if grounding_weight > 0:
+        grid_size = encoder_config["image_size"] // encoder_config["patch_size"]
+        labels = patch_labels(objects, grid_size)
+        grounding_head = torch.nn.Linear(encoder_config["hidden_size"], 1 + len(SHAPES) * len(COLORS))
+        parameters += list(grounding_head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
 
     def schedule(step: int) -> float:
         if step < warmup_steps:
@@ -156,15 +185,23 @@ def train_mini_siglip(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     rng = np.random.default_rng(seed)
     model.train()
-    losses = []
+    losses, grounding_losses = [], []
     start = time.perf_counter()
     for step in tqdm(range(max_steps), desc="mini-SigLIP", disable=not progress):
         indices, texts = _batch(rng, captions, descriptions, batch_size, twins)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             output = model(input_ids=encode_texts(tokenizer, texts), pixel_values=to_pixel_values(images[indices]),
-                           return_loss=True)  # fmt: skip
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                           return_loss=True, output_hidden_states=grounding_head is not None)  # fmt: skip
+            loss = output.loss
+            if grounding_head is not None:
+                patches = output.vision_model_output.hidden_states[-2]
+                grounding = torch.nn.functional.cross_entropy(
+                    grounding_head(patches).flatten(0, 1).float(), labels[indices].flatten()
+                )
+                loss = loss + grounding_weight * grounding
+                grounding_losses.append(float(grounding.detach()))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -172,6 +209,9 @@ def train_mini_siglip(
     model.eval()
     summary = {"steps": max_steps, "batch_size": batch_size, "train_seconds": time.perf_counter() - start,
                "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:]))}  # fmt: skip
+    if grounding_head is not None:
+        summary.update(grounding_weight=grounding_weight, first_grounding_loss=grounding_losses[0],
+                       final_grounding_loss=float(np.mean(grounding_losses[-10:])))  # fmt: skip
     return model, summary
 
 
@@ -215,4 +255,4 @@ def save_mini_siglip(model, tokenizer, folder: str | os.PathLike) -> str:
     return str(folder)
 
 
-__all__ = ["mini_siglip_config", "save_mini_siglip", "shape_twins", "train_mini_siglip", "zero_shot_accuracy"]
+__all__ = ["mini_siglip_config", "patch_labels", "save_mini_siglip", "shape_twins", "train_mini_siglip", "zero_shot_accuracy"]
