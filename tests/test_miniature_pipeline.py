@@ -337,6 +337,11 @@ def test_tiny_run_writes_loadable_checkpoints_and_a_complete_report(tiny_run):
     assert all(v >= 0 for v in scores["per_depth"]["rfid"].values()) and scores["per_depth"]["rfid_real_vs_real"] >= 0
     assert set(scores["nmi_by_depth"]["16"]) >= {"color", "shape"}
     assert set(scores["vqa"]["per_type"]) and 0 <= scores["vqa"]["overall"] <= 1
+    # the same questions by the number of objects in their scene
+    by_objects = scores["vqa"]["per_type_by_num_objects"]
+    assert set(by_objects) == set(scores["vqa"]["per_type"])
+    assert sum(e["num_questions"] for per in by_objects.values() for e in per.values()) == scores["vqa"]["num_questions"]
+    assert all(set(per) <= {"1", "2", "3", "4"} for per in by_objects.values())
     geneval = scores["geneval"]
     assert set(geneval["by_guidance_scale"]) == {"1.0", "7.5"}
     assert {"overall", "per_category", "control", "heldout", "object_counts"} <= set(geneval["default"])
@@ -358,6 +363,7 @@ def test_tiny_run_writes_loadable_checkpoints_and_a_complete_report(tiny_run):
     assert "data:image/png;base64," in html and "<svg" in html and "not comparable" in html
     assert "src=\"http" not in html  # self-contained
     assert "Objects detected per image" in html
+    assert "By the number of objects in the scene" in html
 
     # one folder with both heads, through the public loaders
     vlm = AutoModelForImageTextToText.from_pretrained(tiny_run / "vlm")

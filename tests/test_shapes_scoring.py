@@ -199,13 +199,23 @@ def test_vqa_accuracy_per_question_type():
     result = vqa_accuracy(records)
     assert result["per_type"] == {"color": 0.5, "count": 1.0, "existence": 0.0}
     assert result["overall"] == 0.5 and result["num_questions"] == 4
+    assert "per_type_by_num_objects" not in result
     assert normalize_answer(" Four!? ") == "four"
+    # with the scenes' object counts: the same hits, split by how many objects the scene holds
+    counted = [{**r, "num_objects": n} for r, n in zip(records, [1, 2, 3, 2])]
+    result = vqa_accuracy(counted)
+    assert result["per_type"] == {"color": 0.5, "count": 1.0, "existence": 0.0}
+    assert result["per_type_by_num_objects"] == {
+        "color": {1: {"accuracy": 1.0, "num_questions": 1}, 2: {"accuracy": 0.0, "num_questions": 1}},
+        "count": {3: {"accuracy": 1.0, "num_questions": 1}},
+        "existence": {2: {"accuracy": 0.0, "num_questions": 1}},
+    }
 
 
 @pytest.fixture(scope="module")
 def shapes_rows():
     scenes = generate_scenes(3, "test", seed=0)
-    return [{"image": s["image"], "questions": s["questions"][:3]} for s in scenes]
+    return [{"image": s["image"], "questions": s["questions"][:3], "objects": s["objects"]} for s in scenes]
 
 
 def test_evaluate_vqa_batches_match_one_question_at_a_time(shapes_rows):
@@ -228,6 +238,13 @@ def test_evaluate_vqa_batches_match_one_question_at_a_time(shapes_rows):
         assert example["prediction"] == alone
         assert example["correct"] == exact_match(alone, example["answer"])
     assert result["overall"] == pytest.approx(np.mean([e["correct"] for e in result["examples"]]))
+    # every question is an example here: the breakdown by the scene's object count, recounted from them
+    for example in result["examples"]:
+        assert example["num_objects"] == len(shapes_rows[example["row"]]["objects"])
+    for kind, by_count in result["per_type_by_num_objects"].items():
+        for count, entry in by_count.items():
+            mine = [e["correct"] for e in result["examples"] if e["question_type"] == kind and e["num_objects"] == count]
+            assert entry == {"accuracy": pytest.approx(np.mean(mine)), "num_questions": len(mine)}
 
 
 def test_evaluate_geneval_mini_generates_through_the_pipeline_reproducibly():

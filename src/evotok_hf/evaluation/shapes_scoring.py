@@ -386,18 +386,33 @@ def exact_match(prediction: str, answer: str) -> bool:
 
 
 def vqa_accuracy(records: Iterable[Mapping]) -> dict:
-    """Exact-match accuracy of records ({"question_type", "answer", "prediction"}): "overall" over all questions,
-    "per_type" per question type (in `QUESTION_TYPES` order, then any other), "num_questions"."""
+    """Exact-match accuracy of records ({"question_type", "answer", "prediction"}, optionally "num_objects"):
+    "overall" over all questions, "per_type" per question type (in `QUESTION_TYPES` order, then any other),
+    "num_questions", and where every record has "num_objects", "per_type_by_num_objects": {type: {number of objects in
+    the scene: {"accuracy", "num_questions"}}}. A colour question on a one-object scene only asks to read a colour; on
+    a two-object scene it asks which object has the shape, which the per-type figure alone does not tell apart."""
+    records = list(records)
     hits: dict[str, list[bool]] = defaultdict(list)
+    by_objects: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
-        hits[record["question_type"]].append(exact_match(record["prediction"], record["answer"]))
+        hit = exact_match(record["prediction"], record["answer"])
+        hits[record["question_type"]].append(hit)
+        if "num_objects" in record:
+            by_objects[record["question_type"]][int(record["num_objects"])].append(hit)
     types = [t for t in QUESTION_TYPES if t in hits] + sorted(set(hits) - set(QUESTION_TYPES))
     every = [hit for t in types for hit in hits[t]]
-    return {
+    result = {
         "overall": float(np.mean(every)) if every else float("nan"),
         "per_type": {t: float(np.mean(hits[t])) for t in types},
         "num_questions": len(every),
     }
+    if records and all("num_objects" in record for record in records):
+        result["per_type_by_num_objects"] = {
+            t: {n: {"accuracy": float(np.mean(by_objects[t][n])), "num_questions": len(by_objects[t][n])}
+                for n in sorted(by_objects[t])}
+            for t in types
+        }  # fmt: skip
+    return result
 
 
 def evaluate_vqa(
@@ -413,11 +428,12 @@ def evaluate_vqa(
     Each question is one user turn (the image, then the question) through `processor.apply_chat_template`, answered
     by greedy `model.generate` in left-padded batches. Returns `vqa_accuracy`'s dict plus "examples": the first
     `num_examples` questions of each type with {"row", "question", "question_type", "answer", "prediction",
-    "correct"}.
+    "correct"} (and "num_objects" where the rows have "objects", which adds "per_type_by_num_objects").
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}.")
-    items = [(row_index, row["image"], qa) for row_index, row in enumerate(dataset_split) for qa in row["questions"]]
+    items = [(row_index, row["image"], qa, len(row["objects"]) if "objects" in row else None)
+             for row_index, row in enumerate(dataset_split) for qa in row["questions"]]  # fmt: skip
     if not items:
         raise ValueError("evaluate_vqa: the split holds no questions.")
     records = []
@@ -429,7 +445,7 @@ def evaluate_vqa(
             conversations = [
                 [{"role": "user", "content": [{"type": "image", "image": image},
                                               {"type": "text", "text": qa["question"]}]}]  # fmt: skip
-                for _, image, qa in batch
+                for _, image, qa, _ in batch
             ]
             inputs = processor.apply_chat_template(
                 conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
@@ -438,9 +454,12 @@ def evaluate_vqa(
             with torch.no_grad():
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             predictions = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for (row_index, _, qa), prediction in zip(batch, predictions):
-                records.append({"row": row_index, "question": qa["question"], "question_type": qa["question_type"],
-                                "answer": qa["answer"], "prediction": prediction})  # fmt: skip
+            for (row_index, _, qa, num_objects), prediction in zip(batch, predictions):
+                record = {"row": row_index, "question": qa["question"], "question_type": qa["question_type"],
+                          "answer": qa["answer"], "prediction": prediction}  # fmt: skip
+                if num_objects is not None:
+                    record["num_objects"] = num_objects
+                records.append(record)
     finally:
         model.train(was_training)
     result = vqa_accuracy(records)

@@ -136,6 +136,18 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _accuracy_by_objects(by_objects: dict) -> tuple[list[int], list[list[str]]]:
+    """The object counts present and one row per question type of `vqa_accuracy`'s "per_type_by_num_objects" (its
+    keys are strings once the report has been written as JSON and read back)."""
+    counts = sorted({int(n) for per_count in by_objects.values() for n in per_count})
+    rows = []
+    for kind, per_count in by_objects.items():
+        cells = {int(n): entry for n, entry in per_count.items()}
+        rows.append([html.escape(kind)] + [f"{_fmt(cells[c]['accuracy'])} ({cells[c]['num_questions']})"
+                                           if c in cells else "" for c in counts])  # fmt: skip
+    return counts, rows
+
+
 def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else html.escape(str(value))
 
@@ -224,6 +236,12 @@ def render_html(report: dict, images_folder: str) -> str:
     sections += ["<h2>VQA (exact match, test split)</h2>", _table(["question type", "accuracy"], type_rows),
                  "<p>Paper (GQA with a 7B LLM; <b>different benchmark and scale</b>): "
                  f"{PAPER_NUMBERS['understanding']['GQA']}.</p>"]  # fmt: skip
+    by_objects = vqa.get("per_type_by_num_objects")
+    if by_objects:
+        counts, rows = _accuracy_by_objects(by_objects)
+        sections += ["<p>By the number of objects in the scene (questions in brackets): with one object a colour "
+                     "question only asks to read a colour, with two it asks which object has the shape.</p>",
+                     _table(["question type", *(f"{c} object{'s' if c > 1 else ''}" for c in counts)], rows)]
     example_rows = [[_img(images_folder, e["image"], 72), html.escape(e["question"]), html.escape(e["answer"]),
                      html.escape(e["prediction"]), "&#10004;" if e["correct"] else "&#10008;"] for e in vqa["examples"]]  # fmt: skip
     sections.append(_table(["image", "question", "answer", "model", ""], example_rows))
